@@ -1,1 +1,13 @@
-//! placeholder
+//! The dynamo-rs data plane: the OpenAI-compatible [`frontend`] with its [`router`], the worker
+//! [`sidecar`] that fronts an engine over gRPC ([`proto`]), and [`serve`], which runs a
+//! DynamoGraphDeployment [`manifest`] as local processes. The `dynamo` binary wires these up.
+
+pub mod cli;
+pub mod frontend;
+pub mod manifest;
+pub mod net;
+pub mod proto;
+pub mod router;
+pub mod run;
+pub mod serve;
+pub mod sidecar;

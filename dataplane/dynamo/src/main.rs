@@ -1,1 +1,37 @@
-fn main() {}
+//! `dynamo`: wires the CLI to the data-plane subsystems. All logic lives in the library.
+
+use clap::Parser;
+use dynamo_dataplane::{
+    cli::{Cli, Command},
+    run, serve,
+};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn,dynamo_dataplane=info",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DYN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        // The frontend parses, tokenizes and streams for many clients: use every core.
+        Command::Frontend(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(run::frontend(args)),
+        // A sidecar drives one engine loop: one thread is enough and cheapest.
+        Command::Sidecar(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(run::sidecar(args)),
+        Command::Serve(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(serve::run(args)),
+    }
+}

@@ -1,0 +1,203 @@
+//! Command-line interface of the `dynamo` binary: one `clap` parser, one subcommand per process
+//! kind. Every flag also reads a `DYN_*` environment variable, so the same settings work from a
+//! manifest's `envs` and from a shell. Validation into immutable configs happens here, once.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use dynamo_mocker::{MockerConfig, TimingModel};
+use dynamo_model::Model;
+
+use crate::router::RouterMode;
+
+#[derive(Debug, Parser)]
+#[command(name = "dynamo", version, about = "dynamo-rs: distributed LLM inference (frontend, router, worker sidecar)")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a DynamoGraphDeployment manifest as local processes on the built-in engine.
+    Serve(ServeArgs),
+    /// The OpenAI-compatible HTTP frontend with its router.
+    Frontend(FrontendArgs),
+    /// A worker sidecar with its engine (today: the built-in mocker).
+    Sidecar(SidecarArgs),
+}
+
+/// Which model to serve: a Hugging Face directory, or the built-in tiny model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face model directory (tokenizer.json, tokenizer_config.json, config.json).
+    /// Without it, the built-in tiny byte-level BPE model is served.
+    #[arg(long, env = "DYN_MODEL_PATH")]
+    pub model_path: Option<PathBuf>,
+    /// Name the model is served under (default: the directory's name, or "tiny").
+    #[arg(long, env = "DYN_MODEL_NAME")]
+    pub model_name: Option<String>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<Arc<Model>> {
+        let model = match &self.model_path {
+            Some(dir) => Model::from_dir(dir, self.model_name.as_deref())
+                .with_context(|| format!("could not load the model in {}", dir.display()))?,
+            None => {
+                let m = Model::builtin();
+                match &self.model_name {
+                    Some(name) => m.with_name(name),
+                    None => m,
+                }
+            }
+        };
+        Ok(Arc::new(model))
+    }
+
+    /// The flags that hand this choice on to a child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(p) = &self.model_path {
+            out.extend(["--model-path".into(), p.display().to_string()]);
+        }
+        if let Some(n) = &self.model_name {
+            out.extend(["--model-name".into(), n.clone()]);
+        }
+        out
+    }
+}
+
+/// Process-lifecycle flags shared by the frontend and the sidecar.
+#[derive(Debug, Clone, Args)]
+pub struct ProcessArgs {
+    /// Longest time to let in-flight streams finish on shutdown.
+    #[arg(long, env = "DYN_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+    /// Print one JSON line `{"ready": {"addr": ...}}` on stdout once serving (used by `dynamo serve`).
+    #[arg(long, hide = true)]
+    pub ready_stdout: bool,
+    /// Shut down when stdin reaches end-of-file (used by `dynamo serve`, so children never outlive it).
+    #[arg(long, hide = true)]
+    pub exit_on_stdin_eof: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(args_override_self = true)]
+pub struct FrontendArgs {
+    /// Address for the HTTP API.
+    #[arg(long, env = "DYN_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    pub listen: SocketAddr,
+    /// A worker sidecar's gRPC URL, e.g. http://10.0.0.7:9000 (repeat, or comma-separate).
+    #[arg(long = "worker", env = "DYN_WORKERS", value_delimiter = ',', required = true)]
+    pub workers: Vec<String>,
+    /// How requests are spread over workers.
+    #[arg(long, env = "DYN_ROUTER_MODE", value_enum, default_value = "round-robin")]
+    pub router_mode: RouterMode,
+    /// Largest accepted request body; larger ones get 413.
+    #[arg(long, env = "DYN_MAX_BODY_BYTES", default_value_t = 32 << 20)]
+    pub max_body_bytes: usize,
+    /// How often workers are probed for liveness.
+    #[arg(long, env = "DYN_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+/// The mocker engine's settings (names follow vLLM's and Dynamo's mocker flags).
+#[derive(Debug, Clone, Args)]
+pub struct MockerArgs {
+    #[arg(long, env = "DYN_NUM_GPU_BLOCKS", default_value_t = 16384)]
+    pub num_gpu_blocks: usize,
+    #[arg(long, env = "DYN_BLOCK_SIZE", default_value_t = 64)]
+    pub block_size: usize,
+    #[arg(long, env = "DYN_MAX_NUM_SEQS", default_value_t = 256)]
+    pub max_num_seqs: usize,
+    #[arg(long, env = "DYN_MAX_NUM_BATCHED_TOKENS", default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    #[arg(long, env = "DYN_ENABLE_PREFIX_CACHING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_prefix_caching: bool,
+    #[arg(long, env = "DYN_ENABLE_CHUNKED_PREFILL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enable_chunked_prefill: bool,
+    /// Admit a request only if this fraction of KV blocks stays free.
+    #[arg(long, env = "DYN_WATERMARK", default_value_t = 0.01)]
+    pub watermark: f64,
+    /// Simulated time runs this many times faster than real time.
+    #[arg(long, alias = "speedup", env = "DYN_SPEEDUP_RATIO", default_value_t = 1.0)]
+    pub speedup_ratio: f64,
+    /// Without ignore_eos, a request ends after this many tokens on average (0: only at max_tokens).
+    #[arg(long, env = "DYN_MEAN_OUTPUT_TOKENS", default_value_t = 128)]
+    pub mean_output_tokens: u32,
+    #[arg(long, env = "DYN_MOCKER_SEED", default_value_t = 0)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+#[command(args_override_self = true)]
+pub struct SidecarArgs {
+    /// Address for the worker's gRPC request/event plane and /metrics.
+    #[arg(long, env = "DYN_SIDECAR_ADDR", default_value = "0.0.0.0:9000")]
+    pub listen: SocketAddr,
+    /// This worker's id (default: hostname-port).
+    #[arg(long, env = "DYN_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// The engine behind the sidecar.
+    #[arg(long, env = "DYN_ENGINE", default_value = "mocker", value_parser = ["mocker"])]
+    pub engine: String,
+    #[command(flatten)]
+    pub mocker: MockerArgs,
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub process: ProcessArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// A DynamoGraphDeployment manifest (the YAML you would `kubectl apply`).
+    pub manifest: PathBuf,
+    /// HTTP port of the frontend.
+    #[arg(long, env = "DYN_HTTP_PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Interface the frontend binds.
+    #[arg(long, env = "DYN_HTTP_HOST", default_value = "0.0.0.0")]
+    pub host: std::net::IpAddr,
+    /// Override the router mode set in the manifest.
+    #[arg(long, value_enum)]
+    pub router_mode: Option<RouterMode>,
+    /// Override the mocker's speedup ratio set in the manifest.
+    #[arg(long, alias = "speedup")]
+    pub speedup_ratio: Option<f64>,
+    /// Override every worker service's replica count.
+    #[arg(long)]
+    pub workers: Option<u32>,
+    #[command(flatten)]
+    pub model: ModelArgs,
+}
+
+impl MockerArgs {
+    pub fn to_config(&self, model: &Model) -> anyhow::Result<MockerConfig> {
+        let card = model.card();
+        let config = MockerConfig {
+            num_gpu_blocks: self.num_gpu_blocks,
+            block_size: self.block_size,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            enable_prefix_caching: self.enable_prefix_caching,
+            enable_chunked_prefill: self.enable_chunked_prefill,
+            watermark: self.watermark,
+            speedup: self.speedup_ratio,
+            vocab_size: card.vocab_size,
+            eos_token_ids: card.eos_token_ids.clone(),
+            special_token_ids: card.special_token_ids.clone(),
+            mean_output_tokens: self.mean_output_tokens,
+            seed: self.seed,
+            timing: TimingModel::default(),
+        };
+        config.validate().context("invalid mocker settings")?;
+        Ok(config)
+    }
+}

@@ -1,0 +1,115 @@
+//! The frontend's Prometheus metrics, named as NVIDIA Dynamo names them so existing dashboards work:
+//! `dynamo_frontend_requests_total`, `..._time_to_first_token_seconds`, `..._inter_token_latency_seconds`,
+//! `..._request_duration_seconds`, `..._inflight_requests`, `..._input_sequence_tokens`,
+//! `..._output_sequence_tokens`, `..._cached_tokens`, each with a `model` label.
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub endpoint: &'static str,
+    pub request_type: &'static str,
+    pub status: &'static str,
+}
+
+type HistFamily = Family<ModelLabel, Histogram, fn() -> Histogram>;
+
+pub struct FrontendMetrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    model: ModelLabel,
+    /// Per-model handles, created once (the frontend serves one model).
+    pub inflight: Gauge,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub duration: Histogram,
+    pub isl: Histogram,
+    pub osl: Histogram,
+    pub cached: Histogram,
+    pub tokenize: Histogram,
+}
+
+fn exp(start: f64, factor: f64, n: u16) -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(start, factor, n)
+}
+
+impl FrontendMetrics {
+    pub fn new(model: &str) -> FrontendMetrics {
+        let mut registry = Registry::with_prefix("dynamo_frontend");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Requests handled, by endpoint, type and status", requests.clone());
+        let label = ModelLabel { model: model.to_owned() };
+        let inflight = Family::<ModelLabel, Gauge>::default();
+        registry.register("inflight_requests", "Requests in flight", inflight.clone());
+        let mut hist = |name: &str, help: &str, make: fn() -> Histogram| {
+            let fam: HistFamily = Family::new_with_constructor(make);
+            registry.register(name, help, fam.clone());
+            fam.get_or_create(&label).clone()
+        };
+        let ttft = hist("time_to_first_token_seconds", "Time to first token", || Histogram::new(exp(0.001, 2.0, 17)));
+        let itl = hist("inter_token_latency_seconds", "Time between tokens of a response", || Histogram::new(exp(0.0001, 2.0, 16)));
+        let duration = hist("request_duration_seconds", "Request duration", || Histogram::new(exp(0.001, 2.0, 20)));
+        let isl = hist("input_sequence_tokens", "Prompt length in tokens", || Histogram::new(exp(1.0, 2.0, 19)));
+        let osl = hist("output_sequence_tokens", "Generated tokens per request", || Histogram::new(exp(1.0, 2.0, 17)));
+        let cached = hist("cached_tokens", "Prompt tokens served from the prefix cache", || Histogram::new(exp(1.0, 2.0, 19)));
+        let tokenize = hist("tokenize_seconds", "Chat template rendering and tokenization time", || Histogram::new(exp(0.00001, 2.0, 18)));
+        let inflight = inflight.get_or_create(&label).clone();
+        FrontendMetrics { registry, requests, model: label, inflight, ttft, itl, duration, isl, osl, cached, tokenize }
+    }
+
+    pub fn count_request(&self, endpoint: &'static str, stream: bool, ok: bool) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                model: self.model.model.clone(),
+                endpoint,
+                request_type: if stream { "stream" } else { "unary" },
+                status: if ok { "success" } else { "error" },
+            })
+            .inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(error) = encode(&mut out, &self.registry) {
+            tracing::warn!(%error, "could not encode metrics");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_names_match_dynamo() {
+        let m = FrontendMetrics::new("tiny");
+        m.count_request("chat_completions", true, true);
+        m.ttft.observe(0.01);
+        m.inflight.inc();
+        let text = m.encode();
+        for name in [
+            "dynamo_frontend_requests_total{",
+            "dynamo_frontend_time_to_first_token_seconds_bucket{",
+            "dynamo_frontend_inter_token_latency_seconds_sum{",
+            "dynamo_frontend_request_duration_seconds_count{",
+            "dynamo_frontend_inflight_requests{model=\"tiny\"} 1",
+            "dynamo_frontend_input_sequence_tokens_sum{",
+            "dynamo_frontend_output_sequence_tokens_sum{",
+            "dynamo_frontend_cached_tokens_sum{",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        assert!(text.contains("status=\"success\""));
+    }
+}

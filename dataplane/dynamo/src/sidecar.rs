@@ -1,0 +1,488 @@
+//! The worker sidecar: one per engine. It serves the request plane (`Generate`, a server stream of
+//! token ids), the event plane (`SubscribeKvEvents`, numbered KV events with replay from a ring
+//! buffer), `Info`/`Load` for the router, and Prometheus `/metrics` — all on one port.
+//!
+//! It owns the engine adapter (today the built-in mocker); it does not route or tokenize.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{Arc, Mutex},
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use axum::{extract::State, http::header, response::IntoResponse, routing::get};
+use dynamo_mocker::{Engine, FinishReason, KvEvent, MockerConfig, Output, SubmitError};
+use futures::Stream;
+use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use crate::proto::{self, worker_server::WorkerServer};
+
+/// How many numbered KV events the sidecar keeps for subscribers that reconnect after a gap.
+const EVENT_RING: usize = 8192;
+
+/// Settings of one sidecar process.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    pub listen: SocketAddr,
+    pub worker_id: String,
+    pub model_name: String,
+    pub context_length: u32,
+    pub mocker: MockerConfig,
+    pub drain: Duration,
+}
+
+/// A running sidecar: its address and the handles to stop it.
+pub struct Sidecar {
+    pub addr: SocketAddr,
+    stop_accepting: CancellationToken,
+    engine_stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    engine_task: tokio::task::JoinHandle<()>,
+    draining: CancellationToken,
+}
+
+impl Sidecar {
+    /// Binds, starts the engine and the server. Returns once the port accepts connections.
+    pub async fn start(config: SidecarConfig) -> anyhow::Result<Sidecar> {
+        let engine_stop = CancellationToken::new();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (engine, engine_task) =
+            Engine::start(config.mocker.clone(), events_tx, engine_stop.clone())?;
+        let events = EventLog::new(EVENT_RING);
+        tokio::spawn(events.clone().pump(events_rx));
+
+        let draining = CancellationToken::new();
+        let service = WorkerService {
+            engine: engine.clone(),
+            events,
+            info: proto::WorkerInfo {
+                worker_id: config.worker_id.clone(),
+                model: config.model_name.clone(),
+                engine: "mocker".into(),
+                block_size: u32::try_from(config.mocker.block_size).unwrap_or(u32::MAX),
+                kv_blocks_total: config.mocker.num_gpu_blocks as u64,
+                context_length: config.context_length,
+            },
+            draining: draining.clone(),
+        };
+        let metrics = Arc::new(WorkerMetrics::new(&config.worker_id, &config.model_name));
+        let grpc = tonic::service::Routes::new(
+            WorkerServer::new(service)
+                .max_decoding_message_size(64 << 20)
+                .max_encoding_message_size(64 << 20),
+        )
+        .into_axum_router();
+        let http = axum::Router::new()
+            .route("/metrics", get(worker_metrics))
+            .route("/live", get(|| async { "ok" }))
+            .with_state((engine, metrics));
+        let app = grpc.merge(http);
+
+        let (listener, addr) = crate::net::bind(config.listen).await?;
+        let stop_accepting = CancellationToken::new();
+        let server = tokio::spawn(crate::net::serve(
+            listener,
+            app,
+            stop_accepting.clone(),
+            config.drain,
+        ));
+        Ok(Sidecar {
+            addr,
+            stop_accepting,
+            engine_stop,
+            server,
+            engine_task,
+            draining,
+        })
+    }
+
+    /// Drains: refuses new requests, lets in-flight streams finish (bounded by the drain deadline),
+    /// then stops the engine.
+    pub async fn shutdown(self) {
+        self.draining.cancel();
+        self.stop_accepting.cancel();
+        if let Err(error) = self.server.await {
+            tracing::warn!(%error, "sidecar server task failed");
+        }
+        self.engine_stop.cancel();
+        if let Err(error) = self.engine_task.await {
+            tracing::warn!(%error, "engine task failed");
+        }
+    }
+}
+
+// === impl WorkerService ===
+
+struct WorkerService {
+    engine: Engine,
+    events: EventLog,
+    info: proto::WorkerInfo,
+    draining: CancellationToken,
+}
+
+#[tonic::async_trait]
+impl proto::worker_server::Worker for WorkerService {
+    type GenerateStream = GenerateStream;
+    type SubscribeKvEventsStream =
+        Pin<Box<dyn Stream<Item = Result<proto::KvEventBatch, Status>> + Send + 'static>>;
+
+    async fn generate(
+        &self,
+        request: Request<proto::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        if self.draining.is_cancelled() {
+            return Err(Status::unavailable("worker is draining"));
+        }
+        let req = request.into_inner();
+        let rx = self
+            .engine
+            .submit(dynamo_mocker::Request {
+                token_ids: req.token_ids,
+                max_tokens: req.max_tokens,
+                ignore_eos: req.ignore_eos,
+                stop_token_ids: req.stop_token_ids,
+                seed: req.seed,
+            })
+            .map_err(|error| match error {
+                SubmitError::Stopped => Status::unavailable(error.to_string()),
+                SubmitError::TooLarge { .. } => Status::resource_exhausted(error.to_string()),
+                SubmitError::EmptyPrompt | SubmitError::ZeroMaxTokens => {
+                    Status::invalid_argument(error.to_string())
+                }
+            })?;
+        Ok(Response::new(GenerateStream { rx, done: false }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<proto::InfoRequest>,
+    ) -> Result<Response<proto::WorkerInfo>, Status> {
+        if self.draining.is_cancelled() {
+            return Err(Status::unavailable("worker is draining"));
+        }
+        Ok(Response::new(self.info.clone()))
+    }
+
+    async fn load(
+        &self,
+        _request: Request<proto::LoadRequest>,
+    ) -> Result<Response<proto::WorkerLoad>, Status> {
+        let l = self.engine.load();
+        Ok(Response::new(proto::WorkerLoad {
+            kv_blocks_used: l.kv_blocks_used as u64,
+            kv_blocks_total: l.kv_blocks_total as u64,
+            running: u32::try_from(l.running).unwrap_or(u32::MAX),
+            waiting: u32::try_from(l.waiting).unwrap_or(u32::MAX),
+            prompt_tokens_total: l.prompt_tokens_total,
+            cached_tokens_total: l.cached_tokens_total,
+        }))
+    }
+
+    async fn subscribe_kv_events(
+        &self,
+        request: Request<proto::SubscribeKvEventsRequest>,
+    ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
+        let after = request.into_inner().after_seq;
+        let block_size = self.info.block_size;
+        // Subscribe before reading the backlog so nothing falls between the two.
+        let mut live = self.events.live.subscribe();
+        let backlog = self.events.since(after)?;
+        let mut last = backlog.last().map_or(after, |e| e.seq);
+        let stream = async_stream_batches(block_size, backlog, move || {
+            let next = live.recv();
+            async move { next.await }
+        });
+        let stream = futures::StreamExt::filter_map(stream, move |item| {
+            let out = match item {
+                Ok(mut batch) => {
+                    // Drop anything already sent from the backlog.
+                    batch.events.retain(|e| e.seq > last);
+                    if let Some(e) = batch.events.last() {
+                        last = e.seq;
+                    }
+                    (!batch.events.is_empty()).then_some(Ok(batch))
+                }
+                Err(status) => Some(Err(status)),
+            };
+            std::future::ready(out)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Turns the backlog plus the live broadcast into a stream of batches; a lagging subscriber gets a
+/// `DATA_LOSS` status naming the gap so it can resubscribe with `after_seq`.
+fn async_stream_batches<F, Fut>(
+    block_size: u32,
+    backlog: Vec<proto::KvEvent>,
+    mut next: F,
+) -> impl Stream<Item = Result<proto::KvEventBatch, Status>> + Send + 'static
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Arc<Vec<proto::KvEvent>>, broadcast::error::RecvError>>
+        + Send,
+{
+    let first = (!backlog.is_empty()).then(|| {
+        Ok(proto::KvEventBatch {
+            block_size,
+            events: backlog,
+        })
+    });
+    let head = futures::stream::iter(first);
+    let tail = futures::stream::unfold((), move |()| {
+        let fut = next();
+        async move {
+            match fut.await {
+                Ok(events) => Some((
+                    Ok(proto::KvEventBatch {
+                        block_size,
+                        events: events.as_ref().clone(),
+                    }),
+                    (),
+                )),
+                Err(broadcast::error::RecvError::Lagged(n)) => Some((
+                    Err(Status::data_loss(format!(
+                        "subscriber fell {n} event batches behind; resubscribe with after_seq"
+                    ))),
+                    (),
+                )),
+                Err(broadcast::error::RecvError::Closed) => None,
+            }
+        }
+    });
+    futures::StreamExt::chain(head, tail)
+}
+
+/// The engine's output for one request as gRPC messages: everything already produced is packed into
+/// one message, so a fast engine costs one frame per poll rather than one per token.
+pub struct GenerateStream {
+    rx: mpsc::UnboundedReceiver<Output>,
+    done: bool,
+}
+
+impl Stream for GenerateStream {
+    type Item = Result<proto::GenerateResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                self.done = true;
+                return Poll::Ready(Some(Err(Status::aborted(
+                    "engine stopped before the request finished",
+                ))));
+            }
+            Poll::Ready(Some(output)) => output,
+        };
+        let mut msg = proto::GenerateResponse::default();
+        let mut next = Some(first);
+        while let Some(output) = next.take() {
+            match output {
+                Output::Scheduled { cached_tokens } => msg.cached_tokens = Some(cached_tokens),
+                Output::Token(id) => msg.token_ids.push(id),
+                Output::Finished(reason) => {
+                    msg.finish_reason = match reason {
+                        FinishReason::Length => proto::FinishReason::Length,
+                        FinishReason::Stop => proto::FinishReason::Stop,
+                    } as i32;
+                    self.done = true;
+                    break;
+                }
+            }
+            next = self.rx.try_recv().ok();
+        }
+        Poll::Ready(Some(Ok(msg)))
+    }
+}
+
+// === impl EventLog ===
+
+/// Numbers the engine's KV events and keeps the last `cap` for replay.
+#[derive(Clone)]
+struct EventLog {
+    inner: Arc<Mutex<Ring>>,
+    live: broadcast::Sender<Arc<Vec<proto::KvEvent>>>,
+}
+
+struct Ring {
+    next_seq: u64,
+    events: VecDeque<proto::KvEvent>,
+    cap: usize,
+}
+
+impl EventLog {
+    fn new(cap: usize) -> EventLog {
+        let (live, _) = broadcast::channel(1024);
+        EventLog {
+            inner: Arc::new(Mutex::new(Ring {
+                next_seq: 1,
+                events: VecDeque::with_capacity(cap),
+                cap,
+            })),
+            live,
+        }
+    }
+
+    async fn pump(self, mut rx: mpsc::UnboundedReceiver<KvEvent>) {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.recv().await {
+            let mut next = Some(first);
+            {
+                let mut ring = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+                while let Some(event) = next.take() {
+                    let seq = ring.next_seq;
+                    ring.next_seq += 1;
+                    let e = to_proto(seq, event);
+                    if ring.events.len() == ring.cap {
+                        ring.events.pop_front();
+                    }
+                    ring.events.push_back(e.clone());
+                    batch.push(e);
+                    next = rx.try_recv().ok();
+                }
+            }
+            // No subscriber is fine: the ring still holds the events.
+            let _ = self.live.send(Arc::new(std::mem::take(&mut batch)));
+        }
+    }
+
+    /// Events after `after` (exclusive); `after == 0` means "from now on".
+    fn since(&self, after: u64) -> Result<Vec<proto::KvEvent>, Status> {
+        if after == 0 {
+            return Ok(Vec::new());
+        }
+        let ring = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = ring.events.front().map_or(ring.next_seq, |e| e.seq);
+        if after + 1 < oldest {
+            return Err(Status::out_of_range(format!(
+                "events after {after} are no longer buffered (oldest is {oldest}); take a snapshot"
+            )));
+        }
+        Ok(ring.events.iter().filter(|e| e.seq > after).cloned().collect())
+    }
+}
+
+fn to_proto(seq: u64, event: KvEvent) -> proto::KvEvent {
+    use proto::kv_event::Kind;
+    let kind = match event {
+        KvEvent::Stored {
+            parent_hash,
+            blocks,
+        } => Kind::Stored(proto::KvStored {
+            parent_hash,
+            blocks: blocks
+                .into_iter()
+                .map(|b| proto::StoredBlock {
+                    block_hash: b.block_hash,
+                    tokens_hash: b.tokens_hash,
+                })
+                .collect(),
+        }),
+        KvEvent::Removed { block_hashes } => Kind::Removed(proto::KvRemoved { block_hashes }),
+        KvEvent::Cleared => Kind::Cleared(proto::KvCleared {}),
+    };
+    proto::KvEvent {
+        seq,
+        kind: Some(kind),
+    }
+}
+
+// === worker metrics ===
+
+struct WorkerMetrics {
+    registry: Registry,
+    blocks_used: Gauge,
+    blocks_total: Gauge,
+    running: Gauge,
+    waiting: Gauge,
+    usage: Gauge<f64, std::sync::atomic::AtomicU64>,
+    hit_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+}
+
+impl WorkerMetrics {
+    fn new(worker_id: &str, model: &str) -> WorkerMetrics {
+        let mut registry = Registry::with_prefix_and_labels(
+            "dynamo_component",
+            [
+                ("worker_id".into(), worker_id.to_owned().into()),
+                ("model".into(), model.to_owned().into()),
+            ]
+            .into_iter(),
+        );
+        let m = WorkerMetrics {
+            blocks_used: Gauge::default(),
+            blocks_total: Gauge::default(),
+            running: Gauge::default(),
+            waiting: Gauge::default(),
+            usage: Gauge::default(),
+            hit_rate: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "kvstats_active_blocks",
+            "KV blocks held by running requests",
+            m.blocks_used.clone(),
+        );
+        registry.register(
+            "kvstats_total_blocks",
+            "KV blocks in the engine",
+            m.blocks_total.clone(),
+        );
+        registry.register(
+            "kvstats_gpu_cache_usage_percent",
+            "Fraction of KV blocks in use (0-1)",
+            m.usage.clone(),
+        );
+        registry.register(
+            "kvstats_gpu_prefix_cache_hit_rate",
+            "Prompt tokens served from the prefix cache / prompt tokens, since start",
+            m.hit_rate.clone(),
+        );
+        registry.register(
+            "requests_running",
+            "Requests in the running batch",
+            m.running.clone(),
+        );
+        registry.register(
+            "requests_waiting",
+            "Requests queued for admission",
+            m.waiting.clone(),
+        );
+        WorkerMetrics { registry, ..m }
+    }
+}
+
+async fn worker_metrics(State((engine, m)): State<(Engine, Arc<WorkerMetrics>)>) -> impl IntoResponse {
+    let l = engine.load();
+    m.blocks_used.set(l.kv_blocks_used as i64);
+    m.blocks_total.set(l.kv_blocks_total as i64);
+    m.running.set(l.running as i64);
+    m.waiting.set(l.waiting as i64);
+    m.usage
+        .set(l.kv_blocks_used as f64 / l.kv_blocks_total.max(1) as f64);
+    m.hit_rate.set(if l.prompt_tokens_total == 0 {
+        0.0
+    } else {
+        l.cached_tokens_total as f64 / l.prompt_tokens_total as f64
+    });
+    let mut body = String::new();
+    if let Err(error) = encode(&mut body, &m.registry) {
+        tracing::warn!(%error, "could not encode worker metrics");
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        body,
+    )
+}

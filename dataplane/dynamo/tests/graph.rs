@@ -1,0 +1,396 @@
+//! The whole local graph in one process, on ephemeral ports: real sidecars (gRPC, mocker engine)
+//! behind a real frontend, driven over real HTTP. Each test states the behaviour it checks.
+
+use std::{sync::Arc, time::Duration};
+
+use dynamo_dataplane::{
+    frontend::{Frontend, FrontendConfig},
+    proto::{LoadRequest, worker_client::WorkerClient},
+    router::RouterMode,
+    sidecar::{Sidecar, SidecarConfig},
+};
+use dynamo_mocker::MockerConfig;
+use dynamo_model::Model;
+use serde_json::{Value, json};
+
+struct Graph {
+    base: String,
+    frontend: Option<Frontend>,
+    workers: Vec<Option<Sidecar>>,
+    worker_urls: Vec<String>,
+    model: Arc<Model>,
+}
+
+fn mocker(model: &Model, speedup: f64) -> MockerConfig {
+    let card = model.card();
+    MockerConfig {
+        vocab_size: card.vocab_size,
+        eos_token_ids: card.eos_token_ids.clone(),
+        special_token_ids: card.special_token_ids.clone(),
+        speedup,
+        num_gpu_blocks: 4096,
+        ..MockerConfig::default()
+    }
+}
+
+impl Graph {
+    async fn start(n: usize, speedup: f64) -> Graph {
+        Graph::start_with(n, speedup, 1 << 20, RouterMode::RoundRobin).await
+    }
+
+    async fn start_with(n: usize, speedup: f64, max_body_bytes: usize, mode: RouterMode) -> Graph {
+        let model = Arc::new(Model::builtin());
+        let mut workers = Vec::new();
+        let mut worker_urls = Vec::new();
+        for i in 0..n {
+            let sc = Sidecar::start(SidecarConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                worker_id: format!("w{i}"),
+                model_name: model.card().name.clone(),
+                context_length: model.card().context_length,
+                mocker: mocker(&model, speedup),
+                drain: Duration::from_secs(5),
+            })
+            .await
+            .expect("sidecar starts");
+            worker_urls.push(format!("http://{}", sc.addr));
+            workers.push(Some(sc));
+        }
+        let frontend = Frontend::start(
+            FrontendConfig {
+                listen: "127.0.0.1:0".parse().expect("addr"),
+                workers: if worker_urls.is_empty() {
+                    vec!["http://127.0.0.1:1".into()]
+                } else {
+                    worker_urls.clone()
+                },
+                router_mode: mode,
+                max_body_bytes,
+                health_interval: Duration::from_millis(200),
+                drain: Duration::from_secs(5),
+            },
+            model.clone(),
+        )
+        .await
+        .expect("frontend starts");
+        Graph {
+            base: format!("http://{}", frontend.addr),
+            frontend: Some(frontend),
+            workers,
+            worker_urls,
+            model,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("json error body"))
+    }
+
+    async fn stop(mut self) {
+        if let Some(f) = self.frontend.take() {
+            f.shutdown(Duration::ZERO).await;
+        }
+        for w in self.workers.iter_mut().filter_map(Option::take) {
+            w.shutdown().await;
+        }
+    }
+}
+
+fn chat(content: &str, max_tokens: u32) -> Value {
+    json!({"model": "tiny", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "ignore_eos": true})
+}
+
+/// Parses an SSE body into its `data:` payloads.
+fn sse_events(body: &str) -> Vec<String> {
+    assert!(body.ends_with("\n\n"), "SSE body ends with a blank line: {body:?}");
+    body.split("\n\n")
+        .filter(|e| !e.is_empty())
+        .map(|e| e.strip_prefix("data: ").expect("every event is a data line").to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn chat_completion_returns_exactly_max_tokens_with_usage() {
+    let g = Graph::start(2, 1000.0).await;
+    let (status, body) = g.post("/v1/chat/completions", chat("Hello there", 12)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(body["model"], "tiny");
+    assert_eq!(body["choices"][0]["message"]["role"], "assistant");
+    assert!(!body["choices"][0]["message"]["content"].as_str().unwrap_or("").is_empty());
+    assert_eq!(body["choices"][0]["finish_reason"], "length");
+    assert_eq!(body["usage"]["completion_tokens"], 12);
+    let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+    let expected = g
+        .model
+        .encode("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n", false)
+        .expect("encodes")
+        .len() as u64;
+    assert_eq!(prompt, expected, "prompt tokens are the rendered ChatML template's");
+    assert_eq!(body["usage"]["total_tokens"], prompt + 12);
+    assert!(body["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn streamed_chat_is_framed_like_openai_with_usage_and_done() {
+    let g = Graph::start(1, 1000.0).await;
+    let mut req = chat("Stream please", 9);
+    req["stream"] = json!(true);
+    req["stream_options"] = json!({"include_usage": true});
+    let r = reqwest::Client::new()
+        .post(g.url("/v1/chat/completions"))
+        .json(&req)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let events = sse_events(&r.text().await.expect("body"));
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk is JSON"))
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let ids: std::collections::HashSet<_> = chunks.iter().map(|c| c["id"].clone()).collect();
+    assert_eq!(ids.len(), 1, "one id for the whole stream");
+    let finish = &chunks[chunks.len() - 2];
+    assert_eq!(finish["choices"][0]["finish_reason"], "length");
+    let usage = &chunks[chunks.len() - 1];
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"]["completion_tokens"], 9);
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert!(!text.is_empty());
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn completions_stream_and_unary_agree_for_the_same_seed() {
+    let g = Graph::start(1, 1000.0).await;
+    let req = json!({"model": "tiny", "prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": true, "seed": 42});
+    let (status, unary) = g.post("/v1/completions", req.clone()).await;
+    assert_eq!(status, 200, "{unary}");
+    assert_eq!(unary["object"], "text_completion");
+    let mut sreq = req.clone();
+    sreq["stream"] = json!(true);
+    let body = reqwest::Client::new()
+        .post(g.url("/v1/completions"))
+        .json(&sreq)
+        .send()
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("body");
+    let events = sse_events(&body);
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).expect("json"))
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(streamed, unary["choices"][0]["text"].as_str().unwrap_or(""));
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn stop_string_truncates_output_and_reports_stop() {
+    let g = Graph::start(1, 1000.0).await;
+    let req = json!({"model": "tiny", "prompt": "abc", "max_tokens": 40, "ignore_eos": true, "seed": 7});
+    let (_, full) = g.post("/v1/completions", req.clone()).await;
+    let text = full["choices"][0]["text"].as_str().unwrap_or("").to_owned();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() > 12, "need some output to cut: {text:?}");
+    let stop: String = chars[8..11].iter().collect();
+    let expected = &text[..text.find(&stop).unwrap_or(0)];
+    let mut sreq = req;
+    sreq["stop"] = json!([stop]);
+    let (status, cut) = g.post("/v1/completions", sreq).await;
+    assert_eq!(status, 200);
+    assert_eq!(cut["choices"][0]["text"], expected);
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn repeated_prompt_reports_cached_tokens_from_the_prefix_cache() {
+    let g = Graph::start(1, 1000.0).await;
+    let long = "The quick brown fox jumps over the lazy dog. ".repeat(60);
+    let (_, first) = g.post("/v1/chat/completions", chat(&long, 2)).await;
+    let (_, second) = g.post("/v1/chat/completions", chat(&long, 2)).await;
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert!(prompt > 256, "long prompt: {prompt}");
+    assert_eq!(cached, (prompt - 1) / 64 * 64, "all full blocks but the last token are reused");
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_openai_errors_with_the_right_status() {
+    let g = Graph::start_with(1, 1000.0, 4096, RouterMode::RoundRobin).await;
+    let (s, b) = g.post_raw("/v1/chat/completions", "{not json").await;
+    assert_eq!(s, 400);
+    assert!(b["error"]["message"].as_str().unwrap_or("").contains("not valid JSON"), "{b}");
+    assert_eq!(b["error"]["type"], "invalid_request_error");
+
+    let (s, b) = g.post_raw("/v1/chat/completions", r#"{"model":"tiny","messages":[{"role":"user","content":"x"}],"max_tokens":"lots"}"#).await;
+    assert_eq!(s, 400);
+    assert!(b["error"]["message"].as_str().unwrap_or("").contains("max_tokens"), "{b}");
+
+    let (s, b) = g.post_raw("/v1/chat/completions", r#"{"model":"tiny"}"#).await;
+    assert_eq!(s, 400);
+    assert!(b["error"]["message"].as_str().unwrap_or("").contains("messages"), "{b}");
+
+    let mut req = chat("x", 4);
+    req["n"] = json!(3);
+    let (s, b) = g.post("/v1/chat/completions", req).await;
+    assert_eq!((s, b["error"]["param"].as_str()), (400, Some("n")), "{b}");
+
+    let mut req = chat("x", 4);
+    req["model"] = json!("gpt-4");
+    let (s, b) = g.post("/v1/chat/completions", req).await;
+    assert_eq!(s, 404);
+    assert_eq!(b["error"]["code"], "model_not_found");
+
+    let (s, b) = g.post("/v1/completions", json!({"model":"tiny","prompt":"hi","max_tokens":200000})).await;
+    assert_eq!(s, 400);
+    let msg = b["error"]["message"].as_str().unwrap_or("");
+    let ctx = g.model.card().context_length.to_string();
+    assert!(msg.contains(&ctx) && msg.contains("200000"), "both numbers named: {msg}");
+    assert_eq!(b["error"]["code"], "context_length_exceeded");
+
+    let big = "y".repeat(10_000);
+    let (s, b) = g.post("/v1/chat/completions", chat(&big, 4)).await;
+    assert_eq!(s, 413, "{b}");
+    assert!(b["error"]["message"].as_str().unwrap_or("").contains("4096"));
+
+    let r = reqwest::get(g.url("/v1/nothing")).await.expect("sent");
+    assert_eq!(r.status(), 404);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn no_live_worker_answers_503() {
+    let g = Graph::start(0, 1000.0).await;
+    let (s, b) = g.post("/v1/chat/completions", chat("x", 4)).await;
+    assert_eq!(s, 503, "{b}");
+    assert_eq!(b["error"]["code"], "no_live_worker");
+    let r = reqwest::get(g.url("/health")).await.expect("sent");
+    assert_eq!(r.status(), 503);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_worker_is_routed_around() {
+    let mut g = Graph::start(2, 1000.0).await;
+    let dead = g.workers[0].take().expect("worker 0");
+    dead.shutdown().await;
+    for _ in 0..6 {
+        let (s, b) = g.post("/v1/chat/completions", chat("still there?", 3)).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn round_robin_spreads_requests_over_every_worker() {
+    let g = Graph::start(2, 1000.0).await;
+    for _ in 0..4 {
+        let (s, _) = g.post("/v1/chat/completions", chat("spread", 2)).await;
+        assert_eq!(s, 200);
+    }
+    for url in &g.worker_urls {
+        let mut c = WorkerClient::connect(url.clone()).await.expect("connect");
+        let load = c.load(LoadRequest {}).await.expect("load").into_inner();
+        assert!(load.prompt_tokens_total > 0, "worker {url} got no request");
+    }
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn dropping_a_stream_frees_the_engine_slot() {
+    // speedup 1: a 2,000-token answer takes seconds, so it is surely still running when dropped.
+    let g = Graph::start(1, 1.0).await;
+    let mut req = chat("a long answer please", 2000);
+    req["stream"] = json!(true);
+    let mut r = reqwest::Client::new()
+        .post(g.url("/v1/chat/completions"))
+        .json(&req)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.expect("read").expect("a first chunk");
+    assert!(first.starts_with(b"data: "));
+    let mut c = WorkerClient::connect(g.worker_urls[0].clone()).await.expect("connect");
+    assert_eq!(c.load(LoadRequest {}).await.expect("load").into_inner().running, 1);
+    drop(r);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let load = c.load(LoadRequest {}).await.expect("load").into_inner();
+        if load.running == 0 && load.kv_blocks_used == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "slot still held: {load:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn models_health_metrics_and_openapi_are_served() {
+    let g = Graph::start(1, 1000.0).await;
+    let models: Value = reqwest::get(g.url("/v1/models")).await.expect("sent").json().await.expect("json");
+    assert_eq!(models["data"][0]["id"], "tiny");
+    let health = reqwest::get(g.url("/health")).await.expect("sent");
+    assert_eq!(health.status(), 200);
+    let h: Value = health.json().await.expect("json");
+    assert_eq!(h["live_workers"], 1);
+    assert_eq!(reqwest::get(g.url("/live")).await.expect("sent").status(), 200);
+    let (s, _) = g.post("/v1/chat/completions", chat("count me", 5)).await;
+    assert_eq!(s, 200);
+    let metrics = reqwest::get(g.url("/metrics")).await.expect("sent").text().await.expect("text");
+    for line in [
+        "dynamo_frontend_requests_total{model=\"tiny\",endpoint=\"chat_completions\",request_type=\"unary\",status=\"success\"} 1",
+        "dynamo_frontend_output_sequence_tokens_sum{model=\"tiny\"} 5",
+        "dynamo_frontend_time_to_first_token_seconds_count{model=\"tiny\"} 1",
+        "dynamo_frontend_inflight_requests{model=\"tiny\"} 0",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    let spec: Value = reqwest::get(g.url("/openapi.json")).await.expect("sent").json().await.expect("json");
+    for path in ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"] {
+        assert!(spec["paths"].get(path).is_some(), "{path} documented");
+    }
+    let worker_metrics = reqwest::get(format!("{}/metrics", g.worker_urls[0])).await.expect("sent").text().await.expect("text");
+    assert!(worker_metrics.contains("dynamo_component_kvstats_total_blocks"), "{worker_metrics}");
+    g.stop().await;
+}
