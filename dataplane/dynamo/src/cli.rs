@@ -12,7 +12,11 @@ use dynamo_model::Model;
 use crate::router::RouterMode;
 
 #[derive(Debug, Parser)]
-#[command(name = "dynamo", version, about = "dynamo-rs: distributed LLM inference (frontend, router, worker sidecar)")]
+#[command(
+    name = "dynamo",
+    version,
+    about = "dynamo-rs: distributed LLM inference (frontend, router, worker sidecar)"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -90,10 +94,20 @@ pub struct FrontendArgs {
     #[arg(long, env = "DYN_HTTP_ADDR", default_value = "0.0.0.0:8000")]
     pub listen: SocketAddr,
     /// A worker sidecar's gRPC URL, e.g. http://10.0.0.7:9000 (repeat, or comma-separate).
-    #[arg(long = "worker", env = "DYN_WORKERS", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "worker",
+        env = "DYN_WORKERS",
+        value_delimiter = ',',
+        required = true
+    )]
     pub workers: Vec<String>,
     /// How requests are spread over workers.
-    #[arg(long, env = "DYN_ROUTER_MODE", value_enum, default_value = "round-robin")]
+    #[arg(
+        long,
+        env = "DYN_ROUTER_MODE",
+        value_enum,
+        default_value = "round-robin"
+    )]
     pub router_mode: RouterMode,
     /// Largest accepted request body; larger ones get 413.
     #[arg(long, env = "DYN_MAX_BODY_BYTES", default_value_t = 32 << 20)]
@@ -126,7 +140,12 @@ pub struct MockerArgs {
     #[arg(long, env = "DYN_WATERMARK", default_value_t = 0.01)]
     pub watermark: f64,
     /// Simulated time runs this many times faster than real time.
-    #[arg(long, alias = "speedup", env = "DYN_SPEEDUP_RATIO", default_value_t = 1.0)]
+    #[arg(
+        long,
+        alias = "speedup",
+        env = "DYN_SPEEDUP_RATIO",
+        default_value_t = 1.0
+    )]
     pub speedup_ratio: f64,
     /// Without ignore_eos, a request ends after this many tokens on average (0: only at max_tokens).
     #[arg(long, env = "DYN_MEAN_OUTPUT_TOKENS", default_value_t = 128)]

@@ -150,7 +150,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 // === handlers ===
 
-async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Body) -> Response {
+async fn chat_completions(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     match chat_inner(&s, &headers, body).await {
         Ok(r) => r,
         Err(e) => {
@@ -160,7 +164,11 @@ async fn chat_completions(State(s): State<Arc<AppState>>, headers: HeaderMap, bo
     }
 }
 
-async fn chat_inner(s: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn chat_inner(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req: ChatCompletionRequest = read_json(headers, body, s.max_body_bytes).await?;
     s.check_model(&req.model)?;
     let params = req.validate()?;
@@ -171,10 +179,15 @@ async fn chat_inner(s: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Resul
     let render_and_encode = move || -> Result<Vec<u32>, ApiError> {
         let text = model
             .render_chat(&messages, true, extra.as_ref())
-            .map_err(|e| ApiError::invalid(format!("Could not apply the chat template: {e}"), "messages"))?;
-        model
-            .encode(&text, false)
-            .map_err(|e| ApiError::invalid(format!("Could not tokenize the prompt: {e}"), "messages"))
+            .map_err(|e| {
+                ApiError::invalid(
+                    format!("Could not apply the chat template: {e}"),
+                    "messages",
+                )
+            })?;
+        model.encode(&text, false).map_err(|e| {
+            ApiError::invalid(format!("Could not tokenize the prompt: {e}"), "messages")
+        })
     };
     let size: usize = req
         .messages
@@ -205,7 +218,11 @@ async fn completions(State(s): State<Arc<AppState>>, headers: HeaderMap, body: B
     }
 }
 
-async fn completions_inner(s: &Arc<AppState>, headers: &HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn completions_inner(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let req: CompletionRequest = read_json(headers, body, s.max_body_bytes).await?;
     s.check_model(&req.model)?;
     let params = req.validate()?;
@@ -233,9 +250,9 @@ async fn completions_inner(s: &Arc<AppState>, headers: &HeaderMap, body: Body) -
             let big = text.len() > BLOCKING_TOKENIZE_BYTES;
             let model = s.model.clone();
             let encode = move || {
-                model
-                    .encode(&text, true)
-                    .map_err(|e| ApiError::invalid(format!("Could not tokenize the prompt: {e}"), "prompt"))
+                model.encode(&text, true).map_err(|e| {
+                    ApiError::invalid(format!("Could not tokenize the prompt: {e}"), "prompt")
+                })
             };
             if big {
                 tokio::task::spawn_blocking(encode)
@@ -309,7 +326,10 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         s.metrics.encode(),
     )
         .into_response()
@@ -325,7 +345,11 @@ async fn openapi() -> Response {
 
 /// Reads the whole body (refusing more than `limit` bytes with 413) and decodes JSON, naming the
 /// offending field on a type error.
-async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body, limit: usize) -> Result<T, ApiError> {
+async fn read_json<T: DeserializeOwned>(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<T, ApiError> {
     if let Some(len) = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -337,7 +361,8 @@ async fn read_json<T: DeserializeOwned>(headers: &HeaderMap, body: Body, limit: 
     let mut body = body;
     let mut buf = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ApiError::malformed(format!("Could not read the request body: {e}")))?;
+        let frame = frame
+            .map_err(|e| ApiError::malformed(format!("Could not read the request body: {e}")))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
                 return Err(ApiError::too_large(limit));
@@ -394,11 +419,19 @@ impl AppState {
         }
         let max_tokens = match params.max_tokens {
             Some(m) if u64::from(prompt_len) + u64::from(m) > u64::from(card.context_length) => {
-                return Err(ApiError::context_too_long(card.context_length, prompt_len, Some(m)));
+                return Err(ApiError::context_too_long(
+                    card.context_length,
+                    prompt_len,
+                    Some(m),
+                ));
             }
             Some(m) => m,
             None if prompt_len >= card.context_length => {
-                return Err(ApiError::context_too_long(card.context_length, prompt_len, None));
+                return Err(ApiError::context_too_long(
+                    card.context_length,
+                    prompt_len,
+                    None,
+                ));
             }
             None => card.context_length - prompt_len,
         };
@@ -454,16 +487,23 @@ impl AppState {
                 let mut stream = client.generate(request.clone()).await?.into_inner();
                 match stream.message().await? {
                     Some(first) => Ok((first, stream)),
-                    None => Err(tonic::Status::unavailable("worker closed the stream before answering")),
+                    None => Err(tonic::Status::unavailable(
+                        "worker closed the stream before answering",
+                    )),
                 }
             };
             match attempt.await {
                 Ok((first, stream)) => return Ok((lease, first, stream)),
                 Err(status) => match status.code() {
-                    Code::InvalidArgument => return Err(ApiError::invalid(status.message().to_owned(), "prompt")),
+                    Code::InvalidArgument => {
+                        return Err(ApiError::invalid(status.message().to_owned(), "prompt"));
+                    }
                     Code::ResourceExhausted => {
                         return Err(ApiError::invalid(
-                            format!("The request does not fit the worker's KV cache: {}", status.message()),
+                            format!(
+                                "The request does not fit the worker's KV cache: {}",
+                                status.message()
+                            ),
                             "max_tokens",
                         ));
                     }
@@ -491,7 +531,9 @@ struct InflightGuard {
 impl InflightGuard {
     fn new(state: &Arc<AppState>) -> InflightGuard {
         state.metrics.inflight.inc();
-        InflightGuard { state: state.clone() }
+        InflightGuard {
+            state: state.clone(),
+        }
     }
 }
 
@@ -542,7 +584,8 @@ impl TokenRun {
         let m = &self.state.metrics;
         match self.last_token {
             None => {
-                m.ttft.observe(now.duration_since(self.started).as_secs_f64());
+                m.ttft
+                    .observe(now.duration_since(self.started).as_secs_f64());
                 // Tokens that arrive together share the time since the previous message.
                 for _ in 1..n {
                     m.itl.observe(0.0);
@@ -569,10 +612,14 @@ impl TokenRun {
     ) -> Step {
         self.observe_tokens(u32::try_from(msg.token_ids.len()).unwrap_or(u32::MAX));
         for &id in &msg.token_ids {
-            let piece = decoder.push(id);
-            if piece.is_empty() {
-                continue;
-            }
+            let piece = match decoder.push(id) {
+                Ok(p) if !p.is_empty() => p,
+                Ok(_) => continue,
+                Err(error) => {
+                    tracing::debug!(%error, id, "token could not be decoded; skipped");
+                    continue;
+                }
+            };
             let (emit, stopped) = stops.push(piece);
             text.push_str(&emit);
             if stopped {
@@ -597,7 +644,11 @@ impl TokenRun {
     }
 
     fn usage(&self) -> Usage {
-        Usage::new(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+        Usage::new(
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+        )
     }
 
     fn finish_metrics(&self, ok: bool) {
@@ -627,7 +678,9 @@ impl TokenRun {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     self.finish_metrics(false);
-                    return Err(ApiError::upstream("the worker ended the stream without finishing the request"));
+                    return Err(ApiError::upstream(
+                        "the worker ended the stream without finishing the request",
+                    ));
                 }
                 Err(status) => {
                     self.finish_metrics(false);
@@ -696,9 +749,20 @@ impl TokenRun {
             .unwrap_or_else(|_| ApiError::upstream("could not build the response").into_response())
     }
 
-    async fn pump(mut self, first: GenerateResponse, mut upstream: Streaming<GenerateResponse>, tx: mpsc::Sender<Bytes>) {
+    async fn pump(
+        mut self,
+        first: GenerateResponse,
+        mut upstream: Streaming<GenerateResponse>,
+        tx: mpsc::Sender<Bytes>,
+    ) {
         let model = self.state.model.clone();
-        let writer = ChunkWriter::new(self.kind, &self.id, self.created, &model.card().name, self.params.include_usage);
+        let writer = ChunkWriter::new(
+            self.kind,
+            &self.id,
+            self.created,
+            &model.card().name,
+            self.params.include_usage,
+        );
         let mut decoder = model.decoder(true);
         let mut stops = StopMatcher::new(self.params.stop.clone());
         let mut out = BytesMut::with_capacity(1024);
@@ -729,10 +793,17 @@ impl TokenRun {
             };
             msg = match next {
                 Ok(Some(m)) => m,
-                Ok(None) => break Err(ApiError::upstream("the worker ended the stream without finishing the request")),
+                Ok(None) => {
+                    break Err(ApiError::upstream(
+                        "the worker ended the stream without finishing the request",
+                    ));
+                }
                 Err(status) => {
                     self._lease.worker.mark_dead(status.message());
-                    break Err(ApiError::upstream(format!("the worker failed mid-request: {}", status.message())));
+                    break Err(ApiError::upstream(format!(
+                        "the worker failed mid-request: {}",
+                        status.message()
+                    )));
                 }
             };
         };

@@ -1,5 +1,7 @@
 //! `dynamo`: wires the CLI to the data-plane subsystems. All logic lives in the library.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use dynamo_dataplane::{
     cli::{Cli, Command},
@@ -17,6 +19,7 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         // The frontend parses, tokenizes and streams for many clients: use every core.

@@ -141,7 +141,8 @@ impl Manifest {
         }
         if m.spec.services.is_empty() {
             return Err(invalid(
-                "spec.services is empty; add a frontend service and at least one worker service".into(),
+                "spec.services is empty; add a frontend service and at least one worker service"
+                    .into(),
             ));
         }
         Ok(m)
@@ -167,7 +168,10 @@ impl Manifest {
                     invalid(format!("spec.services.{name}.replicas is too large ({r})"))
                 })?,
             };
-            let role = match (svc.component_type.as_str(), svc.sub_component_type.as_deref()) {
+            let role = match (
+                svc.component_type.as_str(),
+                svc.sub_component_type.as_deref(),
+            ) {
                 ("frontend", _) => Role::Frontend,
                 ("worker" | "decode", None | Some("decode")) | ("main", _) => Role::Worker,
                 ("prefill", _) | ("worker", Some("prefill")) => {
@@ -209,11 +213,14 @@ impl Manifest {
             }
         }
         let frontend = frontend.ok_or_else(|| {
-            invalid("no service has componentType: frontend; add one (see manifests/agg.yaml)".into())
+            invalid(
+                "no service has componentType: frontend; add one (see manifests/agg.yaml)".into(),
+            )
         })?;
         if workers.iter().all(|w| w.replicas == 0) {
             return Err(invalid(
-                "no worker replicas: add a service with componentType: worker and replicas >= 1".into(),
+                "no worker replicas: add a service with componentType: worker and replicas >= 1"
+                    .into(),
             ));
         }
         Ok(LocalGraph {
@@ -234,7 +241,12 @@ fn container_args(name: &str, spec: Option<&ExtraPodSpec>, role: &Role) -> Vec<S
         Role::Frontend => "frontend",
         Role::Worker => "sidecar",
     };
-    let mut words: Vec<&str> = c.command.iter().chain(&c.args).map(String::as_str).collect();
+    let mut words: Vec<&str> = c
+        .command
+        .iter()
+        .chain(&c.args)
+        .map(String::as_str)
+        .collect();
     if words.first().is_some_and(|w| w.ends_with("dynamo")) {
         words.remove(0);
     }
@@ -242,7 +254,10 @@ fn container_args(name: &str, spec: Option<&ExtraPodSpec>, role: &Role) -> Vec<S
         Some(w) if *w == sub => words[1..].iter().map(|s| (*s).to_owned()).collect(),
         None => Vec::new(),
         Some(_) => {
-            tracing::warn!(service = name, "container does not run `dynamo {sub}`; its arguments are ignored locally");
+            tracing::warn!(
+                service = name,
+                "container does not run `dynamo {sub}`; its arguments are ignored locally"
+            );
             Vec::new()
         }
     }
@@ -286,7 +301,10 @@ spec:
         assert_eq!(g.workers.len(), 1);
         assert_eq!(g.workers[0].replicas, 2);
         assert_eq!(g.workers[0].args, ["--speedup-ratio", "5"]);
-        assert_eq!(g.workers[0].env, [("DYN_LOG".to_string(), "info".to_string())]);
+        assert_eq!(
+            g.workers[0].env,
+            [("DYN_LOG".to_string(), "info".to_string())]
+        );
     }
 
     #[test]
@@ -305,12 +323,18 @@ spec:
             .local_graph("x.yaml")
             .expect_err("refused")
             .to_string();
-        assert!(e.contains("\"wrker\"") && e.contains("expected one of"), "{e}");
+        assert!(
+            e.contains("\"wrker\"") && e.contains("expected one of"),
+            "{e}"
+        );
     }
 
     #[test]
     fn two_frontends_are_refused() {
-        let bad = AGG.replace("    Worker:\n      componentType: worker", "    Worker:\n      componentType: frontend");
+        let bad = AGG.replace(
+            "    Worker:\n      componentType: worker",
+            "    Worker:\n      componentType: frontend",
+        );
         let e = Manifest::parse("x.yaml", &bad)
             .expect("parses")
             .local_graph("x.yaml")
@@ -321,11 +345,16 @@ spec:
 
     #[test]
     fn wrong_kind_and_broken_yaml_are_refused() {
-        let e = Manifest::parse("x.yaml", &AGG.replace("kind: DynamoGraphDeployment", "kind: Deployment"))
+        let e = Manifest::parse(
+            "x.yaml",
+            &AGG.replace("kind: DynamoGraphDeployment", "kind: Deployment"),
+        )
+        .expect_err("refused")
+        .to_string();
+        assert!(e.contains("kind is \"Deployment\""), "{e}");
+        let e = Manifest::parse("x.yaml", "spec: [")
             .expect_err("refused")
             .to_string();
-        assert!(e.contains("kind is \"Deployment\""), "{e}");
-        let e = Manifest::parse("x.yaml", "spec: [").expect_err("refused").to_string();
         assert!(e.contains("not a valid DynamoGraphDeployment"), "{e}");
     }
 

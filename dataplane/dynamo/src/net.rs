@@ -4,7 +4,7 @@
 //! wait on Nagle + the client's delayed ACK), HTTP/2 prior knowledge for tonic clients on the same port,
 //! and a drain with a deadline. This module owns exactly that and nothing about what is served.
 
-use std::{future::Future, io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
 use hyper_util::{
     rt::{TokioExecutor, TokioIo},
@@ -70,8 +70,8 @@ pub async fn serve(
 ///
 /// `dynamo serve` starts its children with a pipe on stdin and closes it to ask them to stop: a child
 /// therefore also stops when its parent dies, whatever killed it, and never lingers as an orphan.
-pub fn shutdown_signal(watch_stdin: bool) -> impl Future<Output = &'static str> {
-    async move {
+pub async fn shutdown_signal(watch_stdin: bool) -> &'static str {
+    {
         let stdin_eof = async {
             if watch_stdin {
                 use tokio::io::AsyncReadExt;

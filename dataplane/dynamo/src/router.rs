@@ -191,7 +191,12 @@ impl WorkerPool {
 
     /// Probes every worker with `Info` each `interval` until `shutdown`; a worker is live while it
     /// answers within `timeout`. The first round runs immediately.
-    pub async fn run_health(self: Arc<Self>, interval: Duration, timeout: Duration, shutdown: CancellationToken) {
+    pub async fn run_health(
+        self: Arc<Self>,
+        interval: Duration,
+        timeout: Duration,
+        shutdown: CancellationToken,
+    ) {
         loop {
             self.probe_all(timeout).await;
             tokio::select! {
@@ -239,7 +244,10 @@ mod tests {
     #[test]
     fn least_loaded_picks_the_minimum_and_rotates_ties() {
         let mut rng = SmallRng::seed_from_u64(1);
-        assert_eq!(select(RouterMode::LeastLoaded, &[5, 2, 9], 0, &mut rng), Some(1));
+        assert_eq!(
+            select(RouterMode::LeastLoaded, &[5, 2, 9], 0, &mut rng),
+            Some(1)
+        );
         let ties: Vec<_> = (0..3)
             .map(|t| select(RouterMode::LeastLoaded, &[1, 1, 1], t, &mut rng))
             .collect();

@@ -15,7 +15,10 @@ const SETTLE: Duration = Duration::from_millis(500);
 
 fn announce_ready(enabled: bool, addr: std::net::SocketAddr) {
     if enabled {
-        println!("{}", serde_json::json!({"ready": {"addr": addr.to_string()}}));
+        println!(
+            "{}",
+            serde_json::json!({"ready": {"addr": addr.to_string()}})
+        );
     }
 }
 
@@ -34,7 +37,11 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
     announce_ready(args.process.ready_stdout, fe.addr);
     let why = shutdown_signal(args.process.exit_on_stdin_eof).await;
     tracing::info!(why, "frontend draining");
-    let settle = if args.process.exit_on_stdin_eof { Duration::ZERO } else { SETTLE };
+    let settle = if args.process.exit_on_stdin_eof {
+        Duration::ZERO
+    } else {
+        SETTLE
+    };
     fe.shutdown(settle).await;
     Ok(())
 }

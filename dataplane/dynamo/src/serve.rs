@@ -6,11 +6,7 @@
 //! them in order: frontend first, so in-flight streams drain, then the workers). Each child's stdin
 //! is a pipe that `serve` closes to stop it; a child whose parent dies therefore exits too.
 
-use std::{
-    path::Path,
-    process::Stdio,
-    time::Duration,
-};
+use std::{path::Path, process::Stdio, time::Duration};
 
 use anyhow::{Context, bail};
 use tokio::{
@@ -33,6 +29,9 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(40);
 struct Proc {
     name: String,
     child: Child,
+    /// Held apart from `child`: tokio's `Child::wait` closes a stdin it still owns, and closing it
+    /// is how we ask the child to stop.
+    stdin: Option<tokio::process::ChildStdin>,
     addr: String,
 }
 
@@ -158,7 +157,13 @@ fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
 }
 
 /// Starts `dynamo <sub> <manifest args> <extra>` and waits for its ready line.
-async fn spawn(exe: &Path, sub: &str, svc: &LocalService, name: &str, extra: &[String]) -> anyhow::Result<Proc> {
+async fn spawn(
+    exe: &Path,
+    sub: &str,
+    svc: &LocalService,
+    name: &str,
+    extra: &[String],
+) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(exe);
     cmd.arg(sub)
         .args(&svc.args)
@@ -175,6 +180,7 @@ async fn spawn(exe: &Path, sub: &str, svc: &LocalService, name: &str, extra: &[S
         .spawn()
         .with_context(|| format!("could not start {name} ({} {sub})", exe.display()))?;
     forward_logs(name, child.stderr.take());
+    let stdin = child.stdin.take();
     let stdout = child.stdout.take().context("child stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let ready = tokio::time::timeout(READY_TIMEOUT, async {
@@ -190,7 +196,10 @@ async fn spawn(exe: &Path, sub: &str, svc: &LocalService, name: &str, extra: &[S
         Ok(Some(addr)) => addr,
         Ok(None) => {
             let status = child.wait().await;
-            bail!("{name} exited before it was ready ({}); see its log lines above", describe(status));
+            bail!(
+                "{name} exited before it was ready ({}); see its log lines above",
+                describe(status)
+            );
         }
         Err(_) => {
             let _ = child.start_kill();
@@ -202,6 +211,7 @@ async fn spawn(exe: &Path, sub: &str, svc: &LocalService, name: &str, extra: &[S
     Ok(Proc {
         name: name.to_owned(),
         child,
+        stdin,
         addr,
     })
 }
@@ -225,11 +235,14 @@ fn forward_logs(name: &str, stderr: Option<tokio::process::ChildStderr>) {
 
 /// Asks a child to stop (closes its stdin) and waits, killing it after the deadline.
 async fn stop(p: &mut Proc) {
-    drop(p.child.stdin.take());
+    drop(p.stdin.take());
     match tokio::time::timeout(STOP_TIMEOUT, p.child.wait()).await {
         Ok(_) => {}
         Err(_) => {
-            eprintln!("dynamo serve: {} did not stop within {STOP_TIMEOUT:?}; killing it", p.name);
+            eprintln!(
+                "dynamo serve: {} did not stop within {STOP_TIMEOUT:?}; killing it",
+                p.name
+            );
             let _ = p.child.kill().await;
         }
     }
@@ -237,7 +250,7 @@ async fn stop(p: &mut Proc) {
 
 async fn stop_all(procs: &mut [Proc]) {
     for p in procs.iter_mut() {
-        drop(p.child.stdin.take());
+        drop(p.stdin.take());
     }
     futures::future::join_all(procs.iter_mut().map(stop)).await;
 }

@@ -191,72 +191,43 @@ impl proto::worker_server::Worker for WorkerService {
         let after = request.into_inner().after_seq;
         let block_size = self.info.block_size;
         // Subscribe before reading the backlog so nothing falls between the two.
-        let mut live = self.events.live.subscribe();
+        let live = self.events.live.subscribe();
         let backlog = self.events.since(after)?;
-        let mut last = backlog.last().map_or(after, |e| e.seq);
-        let stream = async_stream_batches(block_size, backlog, move || {
-            let next = live.recv();
-            async move { next.await }
-        });
-        let stream = futures::StreamExt::filter_map(stream, move |item| {
-            let out = match item {
-                Ok(mut batch) => {
-                    // Drop anything already sent from the backlog.
-                    batch.events.retain(|e| e.seq > last);
-                    if let Some(e) = batch.events.last() {
-                        last = e.seq;
+        let last = backlog.last().map_or(after, |e| e.seq);
+        let head = futures::stream::iter((!backlog.is_empty()).then(|| {
+            Ok(proto::KvEventBatch {
+                block_size,
+                events: backlog,
+            })
+        }));
+        let tail = futures::stream::unfold((live, last), move |(mut live, mut last)| async move {
+            loop {
+                match live.recv().await {
+                    Ok(events) => {
+                        // Skip what the backlog already delivered.
+                        let events: Vec<_> =
+                            events.iter().filter(|e| e.seq > last).cloned().collect();
+                        let Some(newest) = events.last() else {
+                            continue;
+                        };
+                        last = newest.seq;
+                        let batch = proto::KvEventBatch { block_size, events };
+                        return Some((Ok(batch), (live, last)));
                     }
-                    (!batch.events.is_empty()).then_some(Ok(batch))
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let status = Status::data_loss(format!(
+                            "subscriber fell {n} event batches behind after seq {last}; resubscribe with after_seq = {last}"
+                        ));
+                        return Some((Err(status), (live, last)));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-                Err(status) => Some(Err(status)),
-            };
-            std::future::ready(out)
-        });
-        Ok(Response::new(Box::pin(stream)))
-    }
-}
-
-/// Turns the backlog plus the live broadcast into a stream of batches; a lagging subscriber gets a
-/// `DATA_LOSS` status naming the gap so it can resubscribe with `after_seq`.
-fn async_stream_batches<F, Fut>(
-    block_size: u32,
-    backlog: Vec<proto::KvEvent>,
-    mut next: F,
-) -> impl Stream<Item = Result<proto::KvEventBatch, Status>> + Send + 'static
-where
-    F: FnMut() -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = Result<Arc<Vec<proto::KvEvent>>, broadcast::error::RecvError>>
-        + Send,
-{
-    let first = (!backlog.is_empty()).then(|| {
-        Ok(proto::KvEventBatch {
-            block_size,
-            events: backlog,
-        })
-    });
-    let head = futures::stream::iter(first);
-    let tail = futures::stream::unfold((), move |()| {
-        let fut = next();
-        async move {
-            match fut.await {
-                Ok(events) => Some((
-                    Ok(proto::KvEventBatch {
-                        block_size,
-                        events: events.as_ref().clone(),
-                    }),
-                    (),
-                )),
-                Err(broadcast::error::RecvError::Lagged(n)) => Some((
-                    Err(Status::data_loss(format!(
-                        "subscriber fell {n} event batches behind; resubscribe with after_seq"
-                    ))),
-                    (),
-                )),
-                Err(broadcast::error::RecvError::Closed) => None,
             }
-        }
-    });
-    futures::StreamExt::chain(head, tail)
+        });
+        Ok(Response::new(Box::pin(futures::StreamExt::chain(
+            head, tail,
+        ))))
+    }
 }
 
 /// The engine's output for one request as gRPC messages: everything already produced is packed into
@@ -367,7 +338,12 @@ impl EventLog {
                 "events after {after} are no longer buffered (oldest is {oldest}); take a snapshot"
             )));
         }
-        Ok(ring.events.iter().filter(|e| e.seq > after).cloned().collect())
+        Ok(ring
+            .events
+            .iter()
+            .filter(|e| e.seq > after)
+            .cloned()
+            .collect())
     }
 }
 
@@ -461,7 +437,9 @@ impl WorkerMetrics {
     }
 }
 
-async fn worker_metrics(State((engine, m)): State<(Engine, Arc<WorkerMetrics>)>) -> impl IntoResponse {
+async fn worker_metrics(
+    State((engine, m)): State<(Engine, Arc<WorkerMetrics>)>,
+) -> impl IntoResponse {
     let l = engine.load();
     m.blocks_used.set(l.kv_blocks_used as i64);
     m.blocks_total.set(l.kv_blocks_total as i64);

@@ -95,7 +95,10 @@ impl Graph {
             .expect("request sent");
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
@@ -126,31 +129,51 @@ fn chat(content: &str, max_tokens: u32) -> Value {
 
 /// Parses an SSE body into its `data:` payloads.
 fn sse_events(body: &str) -> Vec<String> {
-    assert!(body.ends_with("\n\n"), "SSE body ends with a blank line: {body:?}");
+    assert!(
+        body.ends_with("\n\n"),
+        "SSE body ends with a blank line: {body:?}"
+    );
     body.split("\n\n")
         .filter(|e| !e.is_empty())
-        .map(|e| e.strip_prefix("data: ").expect("every event is a data line").to_owned())
+        .map(|e| {
+            e.strip_prefix("data: ")
+                .expect("every event is a data line")
+                .to_owned()
+        })
         .collect()
 }
 
 #[tokio::test]
 async fn chat_completion_returns_exactly_max_tokens_with_usage() {
     let g = Graph::start(2, 1000.0).await;
-    let (status, body) = g.post("/v1/chat/completions", chat("Hello there", 12)).await;
+    let (status, body) = g
+        .post("/v1/chat/completions", chat("Hello there", 12))
+        .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], "tiny");
     assert_eq!(body["choices"][0]["message"]["role"], "assistant");
-    assert!(!body["choices"][0]["message"]["content"].as_str().unwrap_or("").is_empty());
+    assert!(
+        !body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .is_empty()
+    );
     assert_eq!(body["choices"][0]["finish_reason"], "length");
     assert_eq!(body["usage"]["completion_tokens"], 12);
     let prompt = body["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
     let expected = g
         .model
-        .encode("<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n", false)
+        .encode(
+            "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n",
+            false,
+        )
         .expect("encodes")
         .len() as u64;
-    assert_eq!(prompt, expected, "prompt tokens are the rendered ChatML template's");
+    assert_eq!(
+        prompt, expected,
+        "prompt tokens are the rendered ChatML template's"
+    );
     assert_eq!(body["usage"]["total_tokens"], prompt + 12);
     assert!(body["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64());
     g.stop().await;
@@ -223,7 +246,8 @@ async fn completions_stream_and_unary_agree_for_the_same_seed() {
 #[tokio::test]
 async fn stop_string_truncates_output_and_reports_stop() {
     let g = Graph::start(1, 1000.0).await;
-    let req = json!({"model": "tiny", "prompt": "abc", "max_tokens": 40, "ignore_eos": true, "seed": 7});
+    let req =
+        json!({"model": "tiny", "prompt": "abc", "max_tokens": 40, "ignore_eos": true, "seed": 7});
     let (_, full) = g.post("/v1/completions", req.clone()).await;
     let text = full["choices"][0]["text"].as_str().unwrap_or("").to_owned();
     let chars: Vec<char> = text.chars().collect();
@@ -246,10 +270,16 @@ async fn repeated_prompt_reports_cached_tokens_from_the_prefix_cache() {
     let (_, first) = g.post("/v1/chat/completions", chat(&long, 2)).await;
     let (_, second) = g.post("/v1/chat/completions", chat(&long, 2)).await;
     let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
-    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
     assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
     assert!(prompt > 256, "long prompt: {prompt}");
-    assert_eq!(cached, (prompt - 1) / 64 * 64, "all full blocks but the last token are reused");
+    assert_eq!(
+        cached,
+        (prompt - 1) / 64 * 64,
+        "all full blocks but the last token are reused"
+    );
     g.stop().await;
 }
 
@@ -258,16 +288,41 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
     let g = Graph::start_with(1, 1000.0, 4096, RouterMode::RoundRobin).await;
     let (s, b) = g.post_raw("/v1/chat/completions", "{not json").await;
     assert_eq!(s, 400);
-    assert!(b["error"]["message"].as_str().unwrap_or("").contains("not valid JSON"), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not valid JSON"),
+        "{b}"
+    );
     assert_eq!(b["error"]["type"], "invalid_request_error");
 
-    let (s, b) = g.post_raw("/v1/chat/completions", r#"{"model":"tiny","messages":[{"role":"user","content":"x"}],"max_tokens":"lots"}"#).await;
+    let (s, b) = g
+        .post_raw(
+            "/v1/chat/completions",
+            r#"{"model":"tiny","messages":[{"role":"user","content":"x"}],"max_tokens":"lots"}"#,
+        )
+        .await;
     assert_eq!(s, 400);
-    assert!(b["error"]["message"].as_str().unwrap_or("").contains("max_tokens"), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("max_tokens"),
+        "{b}"
+    );
 
-    let (s, b) = g.post_raw("/v1/chat/completions", r#"{"model":"tiny"}"#).await;
+    let (s, b) = g
+        .post_raw("/v1/chat/completions", r#"{"model":"tiny"}"#)
+        .await;
     assert_eq!(s, 400);
-    assert!(b["error"]["message"].as_str().unwrap_or("").contains("messages"), "{b}");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("messages"),
+        "{b}"
+    );
 
     let mut req = chat("x", 4);
     req["n"] = json!(3);
@@ -280,17 +335,30 @@ async fn bad_requests_get_openai_errors_with_the_right_status() {
     assert_eq!(s, 404);
     assert_eq!(b["error"]["code"], "model_not_found");
 
-    let (s, b) = g.post("/v1/completions", json!({"model":"tiny","prompt":"hi","max_tokens":200000})).await;
+    let (s, b) = g
+        .post(
+            "/v1/completions",
+            json!({"model":"tiny","prompt":"hi","max_tokens":200000}),
+        )
+        .await;
     assert_eq!(s, 400);
     let msg = b["error"]["message"].as_str().unwrap_or("");
     let ctx = g.model.card().context_length.to_string();
-    assert!(msg.contains(&ctx) && msg.contains("200000"), "both numbers named: {msg}");
+    assert!(
+        msg.contains(&ctx) && msg.contains("200000"),
+        "both numbers named: {msg}"
+    );
     assert_eq!(b["error"]["code"], "context_length_exceeded");
 
     let big = "y".repeat(10_000);
     let (s, b) = g.post("/v1/chat/completions", chat(&big, 4)).await;
     assert_eq!(s, 413, "{b}");
-    assert!(b["error"]["message"].as_str().unwrap_or("").contains("4096"));
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("4096")
+    );
 
     let r = reqwest::get(g.url("/v1/nothing")).await.expect("sent");
     assert_eq!(r.status(), 404);
@@ -314,7 +382,9 @@ async fn a_dead_worker_is_routed_around() {
     let dead = g.workers[0].take().expect("worker 0");
     dead.shutdown().await;
     for _ in 0..6 {
-        let (s, b) = g.post("/v1/chat/completions", chat("still there?", 3)).await;
+        let (s, b) = g
+            .post("/v1/chat/completions", chat("still there?", 3))
+            .await;
         assert_eq!(s, 200, "{b}");
     }
     g.stop().await;
@@ -350,8 +420,17 @@ async fn dropping_a_stream_frees_the_engine_slot() {
     assert_eq!(r.status(), 200);
     let first = r.chunk().await.expect("read").expect("a first chunk");
     assert!(first.starts_with(b"data: "));
-    let mut c = WorkerClient::connect(g.worker_urls[0].clone()).await.expect("connect");
-    assert_eq!(c.load(LoadRequest {}).await.expect("load").into_inner().running, 1);
+    let mut c = WorkerClient::connect(g.worker_urls[0].clone())
+        .await
+        .expect("connect");
+    assert_eq!(
+        c.load(LoadRequest {})
+            .await
+            .expect("load")
+            .into_inner()
+            .running,
+        1
+    );
     drop(r);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
@@ -359,7 +438,10 @@ async fn dropping_a_stream_frees_the_engine_slot() {
         if load.running == 0 && load.kv_blocks_used == 0 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "slot still held: {load:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "slot still held: {load:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     g.stop().await;
@@ -368,16 +450,29 @@ async fn dropping_a_stream_frees_the_engine_slot() {
 #[tokio::test]
 async fn models_health_metrics_and_openapi_are_served() {
     let g = Graph::start(1, 1000.0).await;
-    let models: Value = reqwest::get(g.url("/v1/models")).await.expect("sent").json().await.expect("json");
+    let models: Value = reqwest::get(g.url("/v1/models"))
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
     assert_eq!(models["data"][0]["id"], "tiny");
     let health = reqwest::get(g.url("/health")).await.expect("sent");
     assert_eq!(health.status(), 200);
     let h: Value = health.json().await.expect("json");
     assert_eq!(h["live_workers"], 1);
-    assert_eq!(reqwest::get(g.url("/live")).await.expect("sent").status(), 200);
+    assert_eq!(
+        reqwest::get(g.url("/live")).await.expect("sent").status(),
+        200
+    );
     let (s, _) = g.post("/v1/chat/completions", chat("count me", 5)).await;
     assert_eq!(s, 200);
-    let metrics = reqwest::get(g.url("/metrics")).await.expect("sent").text().await.expect("text");
+    let metrics = reqwest::get(g.url("/metrics"))
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
     for line in [
         "dynamo_frontend_requests_total{model=\"tiny\",endpoint=\"chat_completions\",request_type=\"unary\",status=\"success\"} 1",
         "dynamo_frontend_output_sequence_tokens_sum{model=\"tiny\"} 5",
@@ -386,11 +481,30 @@ async fn models_health_metrics_and_openapi_are_served() {
     ] {
         assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
     }
-    let spec: Value = reqwest::get(g.url("/openapi.json")).await.expect("sent").json().await.expect("json");
-    for path in ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"] {
+    let spec: Value = reqwest::get(g.url("/openapi.json"))
+        .await
+        .expect("sent")
+        .json()
+        .await
+        .expect("json");
+    for path in [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+    ] {
         assert!(spec["paths"].get(path).is_some(), "{path} documented");
     }
-    let worker_metrics = reqwest::get(format!("{}/metrics", g.worker_urls[0])).await.expect("sent").text().await.expect("text");
-    assert!(worker_metrics.contains("dynamo_component_kvstats_total_blocks"), "{worker_metrics}");
+    let worker_metrics = reqwest::get(format!("{}/metrics", g.worker_urls[0]))
+        .await
+        .expect("sent")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        worker_metrics.contains("dynamo_component_kvstats_total_blocks"),
+        "{worker_metrics}"
+    );
     g.stop().await;
 }

@@ -47,8 +47,14 @@ impl FrontendMetrics {
     pub fn new(model: &str) -> FrontendMetrics {
         let mut registry = Registry::with_prefix("dynamo_frontend");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests handled, by endpoint, type and status", requests.clone());
-        let label = ModelLabel { model: model.to_owned() };
+        registry.register(
+            "requests",
+            "Requests handled, by endpoint, type and status",
+            requests.clone(),
+        );
+        let label = ModelLabel {
+            model: model.to_owned(),
+        };
         let inflight = Family::<ModelLabel, Gauge>::default();
         registry.register("inflight_requests", "Requests in flight", inflight.clone());
         let mut hist = |name: &str, help: &str, make: fn() -> Histogram| {
@@ -56,15 +62,49 @@ impl FrontendMetrics {
             registry.register(name, help, fam.clone());
             fam.get_or_create(&label).clone()
         };
-        let ttft = hist("time_to_first_token_seconds", "Time to first token", || Histogram::new(exp(0.001, 2.0, 17)));
-        let itl = hist("inter_token_latency_seconds", "Time between tokens of a response", || Histogram::new(exp(0.0001, 2.0, 16)));
-        let duration = hist("request_duration_seconds", "Request duration", || Histogram::new(exp(0.001, 2.0, 20)));
-        let isl = hist("input_sequence_tokens", "Prompt length in tokens", || Histogram::new(exp(1.0, 2.0, 19)));
-        let osl = hist("output_sequence_tokens", "Generated tokens per request", || Histogram::new(exp(1.0, 2.0, 17)));
-        let cached = hist("cached_tokens", "Prompt tokens served from the prefix cache", || Histogram::new(exp(1.0, 2.0, 19)));
-        let tokenize = hist("tokenize_seconds", "Chat template rendering and tokenization time", || Histogram::new(exp(0.00001, 2.0, 18)));
+        let ttft = hist("time_to_first_token_seconds", "Time to first token", || {
+            Histogram::new(exp(0.001, 2.0, 17))
+        });
+        let itl = hist(
+            "inter_token_latency_seconds",
+            "Time between tokens of a response",
+            || Histogram::new(exp(0.0001, 2.0, 16)),
+        );
+        let duration = hist("request_duration_seconds", "Request duration", || {
+            Histogram::new(exp(0.001, 2.0, 20))
+        });
+        let isl = hist("input_sequence_tokens", "Prompt length in tokens", || {
+            Histogram::new(exp(1.0, 2.0, 19))
+        });
+        let osl = hist(
+            "output_sequence_tokens",
+            "Generated tokens per request",
+            || Histogram::new(exp(1.0, 2.0, 17)),
+        );
+        let cached = hist(
+            "cached_tokens",
+            "Prompt tokens served from the prefix cache",
+            || Histogram::new(exp(1.0, 2.0, 19)),
+        );
+        let tokenize = hist(
+            "tokenize_seconds",
+            "Chat template rendering and tokenization time",
+            || Histogram::new(exp(0.00001, 2.0, 18)),
+        );
         let inflight = inflight.get_or_create(&label).clone();
-        FrontendMetrics { registry, requests, model: label, inflight, ttft, itl, duration, isl, osl, cached, tokenize }
+        FrontendMetrics {
+            registry,
+            requests,
+            model: label,
+            inflight,
+            ttft,
+            itl,
+            duration,
+            isl,
+            osl,
+            cached,
+            tokenize,
+        }
     }
 
     pub fn count_request(&self, endpoint: &'static str, stream: bool, ok: bool) {

@@ -31,9 +31,8 @@ pub struct NvExt {
 }
 
 /// Sampling and length fields shared by both endpoints.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct CommonParams {
-    #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub max_tokens: Option<u32>,
@@ -48,16 +47,59 @@ pub struct CommonParams {
     pub nvext: Option<NvExt>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct ChatCompletionRequest {
-    pub model: String,
-    pub messages: Vec<ChatMessage>,
-    pub max_completion_tokens: Option<u32>,
-    pub logprobs: Option<bool>,
-    pub tools: Option<Value>,
-    pub tool_choice: Option<Value>,
-    #[serde(flatten)]
-    pub common: CommonParams,
+/// Declares a request struct with the [`CommonParams`] fields inline (not `#[serde(flatten)]`,
+/// which would lose the field path in type errors: "invalid type for max_tokens" must name it).
+macro_rules! request_with_common_params {
+    ($(#[$meta:meta])* pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            #[serde(default)]
+            pub stream: bool,
+            pub stream_options: Option<StreamOptions>,
+            pub max_tokens: Option<u32>,
+            pub stop: Option<Stop>,
+            pub ignore_eos: Option<bool>,
+            pub temperature: Option<f32>,
+            pub top_p: Option<f32>,
+            pub seed: Option<i64>,
+            pub n: Option<u32>,
+            pub presence_penalty: Option<f32>,
+            pub frequency_penalty: Option<f32>,
+            pub nvext: Option<NvExt>,
+        }
+
+        impl $name {
+            pub fn common(&self) -> CommonParams {
+                CommonParams {
+                    stream: self.stream,
+                    stream_options: self.stream_options.clone(),
+                    max_tokens: self.max_tokens,
+                    stop: self.stop.clone(),
+                    ignore_eos: self.ignore_eos,
+                    temperature: self.temperature,
+                    top_p: self.top_p,
+                    seed: self.seed,
+                    n: self.n,
+                    presence_penalty: self.presence_penalty,
+                    frequency_penalty: self.frequency_penalty,
+                    nvext: self.nvext.clone(),
+                }
+            }
+        }
+    };
+}
+
+request_with_common_params! {
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct ChatCompletionRequest {
+        pub model: String,
+        pub messages: Vec<ChatMessage>,
+        pub max_completion_tokens: Option<u32>,
+        pub logprobs: Option<bool>,
+        pub tools: Option<Value>,
+        pub tool_choice: Option<Value>,
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -84,16 +126,16 @@ pub struct ContentPart {
     pub text: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-pub struct CompletionRequest {
-    pub model: String,
-    pub prompt: Prompt,
-    pub echo: Option<bool>,
-    pub suffix: Option<String>,
-    pub best_of: Option<u32>,
-    pub logprobs: Option<u32>,
-    #[serde(flatten)]
-    pub common: CommonParams,
+request_with_common_params! {
+    #[derive(Debug, Clone, Deserialize)]
+    pub struct CompletionRequest {
+        pub model: String,
+        pub prompt: Prompt,
+        pub echo: Option<bool>,
+        pub suffix: Option<String>,
+        pub best_of: Option<u32>,
+        pub logprobs: Option<u32>,
+    }
 }
 
 /// `prompt`: text, token ids, or a batch of either (only a batch of one is supported).
@@ -127,7 +169,9 @@ impl CommonParams {
             && n != 1
         {
             return Err(ApiError::invalid(
-                format!("n = {n} is not supported: this server returns exactly one choice per request; send n = 1 (or omit it) and issue parallel requests instead"),
+                format!(
+                    "n = {n} is not supported: this server returns exactly one choice per request; send n = 1 (or omit it) and issue parallel requests instead"
+                ),
                 "n",
             ));
         }
@@ -211,8 +255,8 @@ impl ChatCompletionRequest {
                 "messages",
             ));
         }
-        self.common
-            .validate(self.max_completion_tokens.or(self.common.max_tokens))
+        self.common()
+            .validate(self.max_completion_tokens.or(self.max_tokens))
     }
 
     /// The messages as the chat template sees them: `content` flattened to a string.
@@ -264,10 +308,16 @@ impl ChatCompletionRequest {
 impl CompletionRequest {
     pub fn validate(&self) -> Result<GenParams, ApiError> {
         if self.echo == Some(true) {
-            return Err(ApiError::invalid("echo is not supported by this server", "echo"));
+            return Err(ApiError::invalid(
+                "echo is not supported by this server",
+                "echo",
+            ));
         }
         if self.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
-            return Err(ApiError::invalid("suffix is not supported by this server", "suffix"));
+            return Err(ApiError::invalid(
+                "suffix is not supported by this server",
+                "suffix",
+            ));
         }
         if let Some(b) = self.best_of
             && b != 1
@@ -283,7 +333,7 @@ impl CompletionRequest {
                 "logprobs",
             ));
         }
-        self.common.validate(self.common.max_tokens)
+        self.common().validate(self.max_tokens)
     }
 }
 
@@ -382,7 +432,9 @@ mod tests {
 
     #[test]
     fn max_completion_tokens_wins_over_max_tokens() {
-        let r = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"max_completion_tokens":7}"#);
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":5,"max_completion_tokens":7}"#,
+        );
         assert_eq!(r.validate().map(|p| p.max_tokens).ok(), Some(Some(7)));
     }
 
@@ -396,8 +448,12 @@ mod tests {
 
     #[test]
     fn temperature_out_of_range_is_refused() {
-        let r = chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":3.5}"#);
-        assert_eq!(r.validate().expect_err("refused").param, Some("temperature"));
+        let r =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":3.5}"#);
+        assert_eq!(
+            r.validate().expect_err("refused").param,
+            Some("temperature")
+        );
     }
 
     #[test]
@@ -408,13 +464,17 @@ mod tests {
 
     #[test]
     fn more_than_four_stops_are_refused() {
-        let r = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#);
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":["a","b","c","d","e"]}"#,
+        );
         assert_eq!(r.validate().expect_err("refused").param, Some("stop"));
     }
 
     #[test]
     fn stop_string_or_list_and_ignore_eos_via_nvext() {
-        let r = chat(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":"END","nvext":{"ignore_eos":true},"stream":true,"stream_options":{"include_usage":true}}"#);
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stop":"END","nvext":{"ignore_eos":true},"stream":true,"stream_options":{"include_usage":true}}"#,
+        );
         let p = r.validate().expect("valid");
         assert_eq!(p.stop, vec!["END".to_string()]);
         assert!(p.ignore_eos && p.stream && p.include_usage);
@@ -422,12 +482,21 @@ mod tests {
 
     #[test]
     fn content_parts_are_flattened_and_images_refused() {
-        let r = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}],"name":"bob"}]}"#);
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"a"},{"type":"text","text":"b"}],"name":"bob"}]}"#,
+        );
         let msgs = r.template_messages().expect("text parts are fine");
         assert_eq!(msgs[0]["content"], "ab");
         assert_eq!(msgs[0]["name"], "bob");
-        let r = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#);
-        assert!(r.template_messages().expect_err("images refused").message.contains("image_url"));
+        let r = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"x"}}]}]}"#,
+        );
+        assert!(
+            r.template_messages()
+                .expect_err("images refused")
+                .message
+                .contains("image_url")
+        );
     }
 
     #[test]
@@ -439,15 +508,21 @@ mod tests {
             (r#"{"model":"m","prompt":[[1,2]]}"#, true),
             (r#"{"model":"m","prompt":{"x":1}}"#, false),
         ] {
-            assert_eq!(serde_json::from_str::<CompletionRequest>(json).is_ok(), ok, "{json}");
+            assert_eq!(
+                serde_json::from_str::<CompletionRequest>(json).is_ok(),
+                ok,
+                "{json}"
+            );
         }
     }
 
     #[test]
     fn echo_and_logprobs_on_completions_are_refused() {
-        let r: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":"x","echo":true}"#).expect("parses");
+        let r: CompletionRequest =
+            serde_json::from_str(r#"{"model":"m","prompt":"x","echo":true}"#).expect("parses");
         assert_eq!(r.validate().expect_err("refused").param, Some("echo"));
-        let r: CompletionRequest = serde_json::from_str(r#"{"model":"m","prompt":"x","logprobs":2}"#).expect("parses");
+        let r: CompletionRequest =
+            serde_json::from_str(r#"{"model":"m","prompt":"x","logprobs":2}"#).expect("parses");
         assert_eq!(r.validate().expect_err("refused").param, Some("logprobs"));
     }
 }

@@ -27,7 +27,13 @@ pub struct ChunkWriter {
 }
 
 impl ChunkWriter {
-    pub fn new(kind: Kind, id: &str, created: u64, model: &str, include_usage: bool) -> ChunkWriter {
+    pub fn new(
+        kind: Kind,
+        id: &str,
+        created: u64,
+        model: &str,
+        include_usage: bool,
+    ) -> ChunkWriter {
         let object = match kind {
             Kind::Chat => "chat.completion.chunk",
             Kind::Completion => "text_completion",
@@ -152,7 +158,10 @@ mod tests {
         assert_eq!(first["object"], "chat.completion.chunk");
         assert_eq!(first["choices"][0]["delta"]["role"], "assistant");
         assert!(first["usage"].is_null() && first.get("usage").is_some());
-        assert_eq!(parse(&ev[1])["choices"][0]["delta"]["content"], "he said \"hi\"\n");
+        assert_eq!(
+            parse(&ev[1])["choices"][0]["delta"]["content"],
+            "he said \"hi\"\n"
+        );
         assert!(parse(&ev[1])["choices"][0]["finish_reason"].is_null());
         let fin = parse(&ev[2]);
         assert_eq!(fin["choices"][0]["finish_reason"], "length");
