@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Frontend + router overhead, ours vs NVIDIA Dynamo 1.6.1, same client (the peer harness's wrk
+# scripts), same machine, same session: engine ~instant (speedup 100000), ~128-token prompts,
+# 16 generated tokens, closed loop at each concurrency, streamed (wrk) and not (wrk-nostream).
+#
+# usage: hack/bench-overhead.sh [ROUTER_MODE=round-robin]
+# env: CONCURRENCIES="1 8 32 128" DURATION=10 LOADGENS="wrk wrk-nostream" SKIP_PEER=0
+# output: $RESULTS/{dynamo-rs,dynamo}_overhead_<mode>/overhead.csv (+ rss_kb), and a comparison
+#         table in docs/results/overhead_<mode>.md + .json
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+source "$ROOT/hack/bench-lib.sh"
+MODE="${1:-round-robin}"
+export CONCURRENCIES="${CONCURRENCIES:-1 8 32 128}" DURATION="${DURATION:-10}" LOADGENS="${LOADGENS:-wrk wrk-nostream}"
+"$PEER_DIR/setup.sh" > /dev/null
+build_release
+
+OURS="dynamo-rs_overhead_${MODE}"; PEERL="dynamo_overhead_${MODE}"
+trap 'stop_ours; kill ${RSSW:-} 2>/dev/null || true' EXIT
+
+echo "== dynamo-rs ($MODE)"
+start_ours "$MODE" 4 100000
+rss_watch "$FRONTEND_PID" "$RUN_DIR/rss_ours" & RSSW=$!
+EXTERNAL=1 LABEL="$OURS" "$PEER_DIR/bench_overhead.sh" "$MODE"
+kill "$RSSW"; cp "$RUN_DIR/rss_ours" "$RESULTS/$OURS/rss_kb"
+stop_ours
+
+if [ "${SKIP_PEER:-0}" != 1 ]; then
+  echo "== NVIDIA Dynamo 1.6.1 ($MODE)"
+  # The harness reads FRONTEND_PID/ENGINE_PID before its own pid files: drop ours.
+  unset FRONTEND_PID ENGINE_PID
+  rm -f "$RUN_DIR/frontend.pid"
+  rss_watch "$RUN_DIR/frontend.pid" "$RUN_DIR/rss_peer" & RSSW=$!
+  LABEL="$PEERL" "$PEER_DIR/bench_overhead.sh" "$MODE"
+  kill "$RSSW"; cp "$RUN_DIR/rss_peer" "$RESULTS/$PEERL/rss_kb"
+fi
+python3 "$ROOT/hack/bench_compare.py" overhead "$RESULTS/$OURS" "$RESULTS/$PEERL" "$ROOT/docs/results/overhead_${MODE}"
