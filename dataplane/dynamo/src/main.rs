@@ -28,7 +28,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         // The frontend parses, tokenizes and streams for many clients: use every core.
+        // Long prompts are tokenized on the blocking pool; more tokenizer threads than cores only
+        // adds per-thread allocator heaps (peak RSS), not throughput.
         Command::Frontend(args) => tokio::runtime::Builder::new_multi_thread()
+            .max_blocking_threads(
+                std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
+            )
             .enable_all()
             .build()?
             .block_on(run::frontend(args)),
