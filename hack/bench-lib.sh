@@ -45,3 +45,26 @@ rss_watch() {
     sleep 0.5
   done
 }
+
+# run_pair HARNESS MODE WORKERS SPEEDUP OURS_LABEL PEER_LABEL: runs the peer harness script
+# (bench_overhead.sh or bench_trace.sh) against `dynamo serve`, then (unless SKIP_PEER=1) against
+# Dynamo itself, recording each frontend's peak RSS next to the harness's results.
+run_pair() {
+  local harness="$1" mode="$2" workers="$3" speedup="$4" ours="$5" peer="$6"
+  trap 'stop_ours; kill ${RSSW:-} 2>/dev/null || true' EXIT
+  echo "== dynamo-rs ($mode)"
+  start_ours "$mode" "$workers" "$speedup"
+  rss_watch "$FRONTEND_PID" "$RUN_DIR/rss_ours" & RSSW=$!
+  EXTERNAL=1 LABEL="$ours" "$PEER_DIR/$harness" "$mode"
+  kill "$RSSW"; cp "$RUN_DIR/rss_ours" "$RESULTS/$ours/rss_kb"
+  stop_ours
+  if [ "${SKIP_PEER:-0}" != 1 ]; then
+    echo "== NVIDIA Dynamo 1.6.1 ($mode)"
+    # The harness reads FRONTEND_PID/ENGINE_PID before its own pid files: drop ours.
+    unset FRONTEND_PID ENGINE_PID
+    rm -f "$RUN_DIR/frontend.pid"
+    rss_watch "$RUN_DIR/frontend.pid" "$RUN_DIR/rss_peer" & RSSW=$!
+    LABEL="$peer" "$PEER_DIR/$harness" "$mode"
+    kill "$RSSW"; cp "$RUN_DIR/rss_peer" "$RESULTS/$peer/rss_kb"
+  fi
+}

@@ -16,22 +16,5 @@ export CONCURRENCIES="${CONCURRENCIES:-1 8 32 128}" DURATION="${DURATION:-10}" L
 build_release
 
 OURS="dynamo-rs_overhead_${MODE}"; PEERL="dynamo_overhead_${MODE}"
-trap 'stop_ours; kill ${RSSW:-} 2>/dev/null || true' EXIT
-
-echo "== dynamo-rs ($MODE)"
-start_ours "$MODE" 4 100000
-rss_watch "$FRONTEND_PID" "$RUN_DIR/rss_ours" & RSSW=$!
-EXTERNAL=1 LABEL="$OURS" "$PEER_DIR/bench_overhead.sh" "$MODE"
-kill "$RSSW"; cp "$RUN_DIR/rss_ours" "$RESULTS/$OURS/rss_kb"
-stop_ours
-
-if [ "${SKIP_PEER:-0}" != 1 ]; then
-  echo "== NVIDIA Dynamo 1.6.1 ($MODE)"
-  # The harness reads FRONTEND_PID/ENGINE_PID before its own pid files: drop ours.
-  unset FRONTEND_PID ENGINE_PID
-  rm -f "$RUN_DIR/frontend.pid"
-  rss_watch "$RUN_DIR/frontend.pid" "$RUN_DIR/rss_peer" & RSSW=$!
-  LABEL="$PEERL" "$PEER_DIR/bench_overhead.sh" "$MODE"
-  kill "$RSSW"; cp "$RUN_DIR/rss_peer" "$RESULTS/$PEERL/rss_kb"
-fi
+run_pair bench_overhead.sh "$MODE" 4 100000 "$OURS" "$PEERL"
 python3 "$ROOT/hack/bench_compare.py" overhead "$RESULTS/$OURS" "$RESULTS/$PEERL" "$ROOT/docs/results/overhead_${MODE}"

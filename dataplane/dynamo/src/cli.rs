@@ -115,6 +115,10 @@ pub struct FrontendArgs {
     /// How often workers are probed for liveness.
     #[arg(long, env = "DYN_HEALTH_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub health_interval: Duration,
+    /// Runtime threads serving HTTP and gRPC (0: one per core; 1: a single-threaded runtime, which
+    /// avoids cross-thread wake-ups per streamed token). Long prompts are tokenized off these threads.
+    #[arg(long, env = "DYN_FRONTEND_THREADS", default_value_t = 0)]
+    pub threads: usize,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]

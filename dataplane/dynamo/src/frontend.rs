@@ -29,7 +29,7 @@ use bytes::{Bytes, BytesMut};
 use dynamo_model::{Model, StopMatcher};
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Streaming};
 
@@ -197,13 +197,7 @@ async fn chat_inner(
             _ => 64,
         })
         .sum();
-    let tokens = if size > BLOCKING_TOKENIZE_BYTES {
-        tokio::task::spawn_blocking(render_and_encode)
-            .await
-            .map_err(|_| ApiError::upstream("tokenizer task failed"))??
-    } else {
-        render_and_encode()?
-    };
+    let tokens = tokenize(size > BLOCKING_TOKENIZE_BYTES, render_and_encode).await?;
     s.metrics.tokenize.observe(started.elapsed().as_secs_f64());
     s.generate(Kind::Chat, tokens, params, started).await
 }
@@ -254,17 +248,27 @@ async fn completions_inner(
                     ApiError::invalid(format!("Could not tokenize the prompt: {e}"), "prompt")
                 })
             };
-            if big {
-                tokio::task::spawn_blocking(encode)
-                    .await
-                    .map_err(|_| ApiError::upstream("tokenizer task failed"))??
-            } else {
-                encode()?
-            }
+            tokenize(big, encode).await?
         }
     };
     s.metrics.tokenize.observe(started.elapsed().as_secs_f64());
     s.generate(Kind::Completion, tokens, params, started).await
+}
+
+/// Runs template rendering + tokenization inline for short prompts and on the blocking pool for
+/// long ones (`big`), so a long prompt does not hold up other requests' streams.
+async fn tokenize<T, F>(big: bool, work: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, ApiError> + Send + 'static,
+{
+    if big {
+        tokio::task::spawn_blocking(work)
+            .await
+            .map_err(|_| ApiError::upstream("tokenizer task failed"))?
+    } else {
+        work()
+    }
 }
 
 fn batch_error(n: usize) -> ApiError {
@@ -459,6 +463,7 @@ impl AppState {
             started,
             last_token: None,
             params,
+            recorded: false,
             _lease: lease,
             _inflight: inflight,
         };
@@ -557,6 +562,8 @@ struct TokenRun {
     started: Instant,
     last_token: Option<Instant>,
     params: GenParams,
+    /// Whether the outcome is already in the metrics.
+    recorded: bool,
     _lease: Lease,
     _inflight: InflightGuard,
 }
@@ -620,6 +627,10 @@ impl TokenRun {
                     continue;
                 }
             };
+            if self.params.stop.is_empty() {
+                text.push_str(piece);
+                continue;
+            }
             let (emit, stopped) = stops.push(piece);
             text.push_str(&emit);
             if stopped {
@@ -651,7 +662,8 @@ impl TokenRun {
         )
     }
 
-    fn finish_metrics(&self, ok: bool) {
+    fn finish_metrics(&mut self, ok: bool) {
+        self.recorded = true;
         let m = &self.state.metrics;
         m.count_request(self.endpoint(), self.params.stream, ok);
         m.duration.observe(self.started.elapsed().as_secs_f64());
@@ -732,99 +744,78 @@ impl TokenRun {
         Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
     }
 
-    /// Streams SSE. The response is produced by a task that owns the upstream gRPC stream; when the
-    /// client goes away the body is dropped, the task sees its channel close, and dropping the
-    /// upstream stream cancels the request on the worker (freeing its engine slot).
-    fn stream(self, first: GenerateResponse, upstream: Streaming<GenerateResponse>) -> Response {
-        let (tx, rx) = mpsc::channel::<Bytes>(16);
-        tokio::spawn(self.pump(first, upstream, tx));
-        let body = Body::from_stream(futures::StreamExt::map(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            Ok::<_, std::convert::Infallible>,
-        ));
-        Response::builder()
-            .header(header::CONTENT_TYPE, "text/event-stream")
-            .header(header::CACHE_CONTROL, "no-cache")
-            .body(body)
-            .unwrap_or_else(|_| ApiError::upstream("could not build the response").into_response())
-    }
-
-    async fn pump(
+    /// Streams SSE. The body is a generator polled by hyper that owns the upstream gRPC stream:
+    /// no task or channel sits between a worker's token and the client's socket. When the client
+    /// goes away hyper drops the body, which drops the upstream stream and so cancels the request
+    /// on the worker (freeing its engine slot); the `Drop` of [`TokenRun`] records the failure.
+    fn stream(
         mut self,
         first: GenerateResponse,
         mut upstream: Streaming<GenerateResponse>,
-        tx: mpsc::Sender<Bytes>,
-    ) {
-        let model = self.state.model.clone();
-        let writer = ChunkWriter::new(
-            self.kind,
-            &self.id,
-            self.created,
-            &model.card().name,
-            self.params.include_usage,
-        );
-        let mut decoder = model.decoder(true);
-        let mut stops = StopMatcher::new(self.params.stop.clone());
-        let mut out = BytesMut::with_capacity(1024);
-        let mut text = String::new();
-        writer.start(&mut out);
-        let mut msg = first;
-        let outcome: Result<&'static str, ApiError> = loop {
-            let step = self.absorb(&msg, &mut decoder, &mut stops, &mut text);
-            if let Step::Finished(reason) = step {
-                break Ok(reason);
-            }
-            if !text.is_empty() {
-                writer.delta(&mut out, &text);
-                text.clear();
-            }
-            if !out.is_empty() && tx.send(out.split().freeze()).await.is_err() {
-                // Client gone: dropping `upstream` cancels the request on the worker.
-                self.finish_metrics(false);
-                return;
-            }
-            let next = tokio::select! {
-                biased;
-                () = tx.closed() => {
-                    self.finish_metrics(false);
-                    return;
+    ) -> Response {
+        let body = async_stream::stream! {
+            let model = self.state.model.clone();
+            let writer = ChunkWriter::new(self.kind, &self.id, self.created, &model.card().name, self.params.include_usage);
+            let mut decoder = model.decoder(true);
+            let mut stops = StopMatcher::new(self.params.stop.clone());
+            let mut out = BytesMut::with_capacity(1024);
+            let mut text = String::new();
+            writer.start(&mut out);
+            let mut msg = first;
+            let outcome: Result<&'static str, ApiError> = loop {
+                if let Step::Finished(reason) = self.absorb(&msg, &mut decoder, &mut stops, &mut text) {
+                    break Ok(reason);
                 }
-                next = upstream.message() => next,
-            };
-            msg = match next {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    break Err(ApiError::upstream(
-                        "the worker ended the stream without finishing the request",
-                    ));
-                }
-                Err(status) => {
-                    self._lease.worker.mark_dead(status.message());
-                    break Err(ApiError::upstream(format!(
-                        "the worker failed mid-request: {}",
-                        status.message()
-                    )));
-                }
-            };
-        };
-        drop(upstream);
-        match outcome {
-            Ok(reason) => {
-                Self::flush(&mut decoder, &mut stops, &mut text);
                 if !text.is_empty() {
                     writer.delta(&mut out, &text);
+                    text.clear();
                 }
-                writer.finish(&mut out, reason);
-                writer.usage(&mut out, &self.usage());
-                ChunkWriter::done(&mut out);
-                self.finish_metrics(true);
+                if !out.is_empty() {
+                    yield Ok::<Bytes, std::convert::Infallible>(out.split().freeze());
+                }
+                msg = match upstream.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break Err(ApiError::upstream("the worker ended the stream without finishing the request")),
+                    Err(status) => {
+                        self._lease.worker.mark_dead(status.message());
+                        break Err(ApiError::upstream(format!("the worker failed mid-request: {}", status.message())));
+                    }
+                };
+            };
+            drop(upstream);
+            match outcome {
+                Ok(reason) => {
+                    Self::flush(&mut decoder, &mut stops, &mut text);
+                    if !text.is_empty() {
+                        writer.delta(&mut out, &text);
+                    }
+                    writer.finish(&mut out, reason);
+                    writer.usage(&mut out, &self.usage());
+                    ChunkWriter::done(&mut out);
+                    self.finish_metrics(true);
+                }
+                Err(e) => {
+                    ChunkWriter::error(&mut out, &e.to_json());
+                    self.finish_metrics(false);
+                }
             }
-            Err(e) => {
-                ChunkWriter::error(&mut out, &e.to_json());
-                self.finish_metrics(false);
-            }
+            yield Ok(out.freeze());
+        };
+        Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(body))
+            .unwrap_or_else(|_| ApiError::upstream("could not build the response").into_response())
+    }
+}
+
+impl Drop for TokenRun {
+    /// A run dropped before it recorded its outcome (client disconnected, handler cancelled) counts
+    /// as a failed request.
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.finish_metrics(false);
         }
-        let _ = tx.send(out.freeze()).await;
     }
 }
 

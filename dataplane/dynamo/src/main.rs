@@ -30,13 +30,22 @@ fn main() -> anyhow::Result<()> {
         // The frontend parses, tokenizes and streams for many clients: use every core.
         // Long prompts are tokenized on the blocking pool; more tokenizer threads than cores only
         // adds per-thread allocator heaps (peak RSS), not throughput.
-        Command::Frontend(args) => tokio::runtime::Builder::new_multi_thread()
-            .max_blocking_threads(
-                std::thread::available_parallelism().map_or(2, |n| n.get().max(2)),
-            )
-            .enable_all()
-            .build()?
-            .block_on(run::frontend(args)),
+        Command::Frontend(args) => {
+            let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let mut builder = match args.threads {
+                1 => tokio::runtime::Builder::new_current_thread(),
+                n => {
+                    let mut b = tokio::runtime::Builder::new_multi_thread();
+                    b.worker_threads(if n == 0 { cores } else { n });
+                    b
+                }
+            };
+            builder
+                .max_blocking_threads(cores.max(2))
+                .enable_all()
+                .build()?
+                .block_on(run::frontend(args))
+        }
         // A sidecar drives one engine loop: one thread is enough and cheapest.
         Command::Sidecar(args) => tokio::runtime::Builder::new_current_thread()
             .enable_all()

@@ -403,16 +403,31 @@ impl WorkerMetrics {
             hit_rate: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "kvstats_active_blocks",
-            "KV blocks held by running requests",
-            m.blocks_used.clone(),
-        );
-        registry.register(
-            "kvstats_total_blocks",
-            "KV blocks in the engine",
-            m.blocks_total.clone(),
-        );
+        let counts: [(&str, &str, &Gauge); 4] = [
+            (
+                "kvstats_active_blocks",
+                "KV blocks held by running requests",
+                &m.blocks_used,
+            ),
+            (
+                "kvstats_total_blocks",
+                "KV blocks in the engine",
+                &m.blocks_total,
+            ),
+            (
+                "requests_running",
+                "Requests in the running batch",
+                &m.running,
+            ),
+            (
+                "requests_waiting",
+                "Requests queued for admission",
+                &m.waiting,
+            ),
+        ];
+        for (name, help, gauge) in counts {
+            registry.register(name, help, gauge.clone());
+        }
         registry.register(
             "kvstats_gpu_cache_usage_percent",
             "Fraction of KV blocks in use (0-1)",
@@ -422,16 +437,6 @@ impl WorkerMetrics {
             "kvstats_gpu_prefix_cache_hit_rate",
             "Prompt tokens served from the prefix cache / prompt tokens, since start",
             m.hit_rate.clone(),
-        );
-        registry.register(
-            "requests_running",
-            "Requests in the running batch",
-            m.running.clone(),
-        );
-        registry.register(
-            "requests_waiting",
-            "Requests queued for admission",
-            m.waiting.clone(),
         );
         WorkerMetrics { registry, ..m }
     }

@@ -129,7 +129,7 @@ fn is_byte_level(decoder: &DecoderWrapper) -> bool {
 }
 
 /// GPT-2's `bytes_to_unicode`, inverted: `table[char as usize] == Some(byte)`.
-fn byte_decoder() -> Vec<Option<u8>> {
+pub(crate) fn byte_decoder() -> Vec<Option<u8>> {
     let mut table = vec![None; 256 + 256];
     let mut extra = 0usize;
     for b in 0..=255u8 {

@@ -17,6 +17,7 @@
 mod card;
 mod detok;
 mod error;
+mod fast_bpe;
 mod stop;
 mod template;
 
@@ -32,6 +33,7 @@ pub use stop::StopMatcher;
 
 use card::{CardSources, JsonFile};
 use detok::ByteTable;
+use fast_bpe::FastBpe;
 use template::ChatTemplate;
 
 /// Served name of the built-in tiny model.
@@ -56,6 +58,8 @@ pub struct Model {
     template_origin: String,
     /// Fast-path detokenizer table; `None` when the tokenizer is not byte-level.
     byte_table: Option<ByteTable>,
+    /// Fast-path encoder; `None` when the tokenizer is not a plain byte-level BPE (see [`fast_bpe`]).
+    fast_bpe: Option<FastBpe>,
 }
 
 impl std::fmt::Debug for Model {
@@ -64,6 +68,7 @@ impl std::fmt::Debug for Model {
             .field("card", &self.card)
             .field("chat_template", &self.template.is_some())
             .field("byte_level", &self.byte_table.is_some())
+            .field("fast_encode", &self.fast_bpe.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -188,6 +193,7 @@ impl Model {
             template,
             template_origin: format!("tokenizer_config.json in {}", dir.display()),
             byte_table: ByteTable::build(&tokenizer),
+            fast_bpe: FastBpe::build(&tokenizer),
             tokenizer,
         })
     }
@@ -226,7 +232,26 @@ impl Model {
     /// Tokenizes `text`. `add_special_tokens`: true for `/v1/completions` prompts (the post-processor may add
     /// BOS), false for rendered chat templates (the template already holds them). Special tokens typed in the
     /// text (`<|im_end|>`) are parsed as special tokens, as Hugging Face does.
+    ///
+    /// Byte-level BPE tokenizers (GPT-2 style) take a dedicated fast path with the same ids; others, and calls
+    /// where the post-processor may add tokens, go through the `tokenizers` crate.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, ModelError> {
+        if let Some(ids) = self
+            .fast_bpe
+            .as_ref()
+            .and_then(|fast| fast.encode(text, add_special_tokens))
+        {
+            return Ok(ids);
+        }
+        self.encode_with_tokenizers(text, add_special_tokens)
+    }
+
+    /// [`Model::encode`] through the `tokenizers` crate only.
+    fn encode_with_tokenizers(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<Vec<u32>, ModelError> {
         let encoding = self
             .tokenizer
             .encode_fast(text, add_special_tokens)
@@ -289,6 +314,11 @@ impl Model {
     #[cfg(test)]
     pub(crate) fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fast_bpe(&self) -> Option<&FastBpe> {
+        self.fast_bpe.as_ref()
     }
 
     #[cfg(test)]
