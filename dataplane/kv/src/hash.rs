@@ -102,6 +102,20 @@ pub fn extend_block_hashes(out: &mut Vec<BlockHash>, tokens: &[u32], block_size:
 
 #[cfg(test)]
 mod tests {
+    /// Values computed by NVIDIA Dynamo 1.6.1 itself (`dynamo._core.compute_block_hash_for_seq` from the
+    /// `ai-dynamo-runtime` wheel), so our local block hashes are interchangeable with Dynamo's.
+    #[test]
+    fn local_hashes_match_dynamo_1_6_1() {
+        let tokens: Vec<u32> = (1..=128).collect();
+        let ours: Vec<u64> = block_hashes(&tokens, 64).iter().map(|b| b.local).collect();
+        assert_eq!(ours, [17732852320395450624, 16977986247603081716]);
+        let ours: Vec<u64> = block_hashes(&[1, 2, 3, 4], 2)
+            .iter()
+            .map(|b| b.local)
+            .collect();
+        assert_eq!(ours, [10773075109927122010, 2662118915037317746]);
+    }
+
     use super::*;
     use proptest::prelude::*;
 
