@@ -109,6 +109,12 @@ pub struct FrontendArgs {
         default_value = "round-robin"
     )]
     pub router_mode: RouterMode,
+    /// kv mode: weight of prefill work (uncached prompt blocks) against decode load.
+    #[arg(long, env = "DYN_KV_OVERLAP_WEIGHT", default_value_t = 1.0)]
+    pub kv_overlap_weight: f64,
+    /// kv mode: 0 picks the cheapest worker; > 0 samples workers by softmax over cost (in blocks).
+    #[arg(long, env = "DYN_KV_TEMPERATURE", default_value_t = 0.0)]
+    pub kv_temperature: f64,
     /// Largest accepted request body; larger ones get 413.
     #[arg(long, env = "DYN_MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub max_body_bytes: usize,

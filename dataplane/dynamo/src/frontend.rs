@@ -40,6 +40,7 @@ use self::{
     sse::{ChunkWriter, Kind},
 };
 use crate::{
+    kv_router::KvRouterConfig,
     proto::{self, GenerateResponse},
     router::{Lease, RouterMode, WorkerPool},
 };
@@ -56,6 +57,7 @@ pub struct FrontendConfig {
     pub listen: SocketAddr,
     pub workers: Vec<String>,
     pub router_mode: RouterMode,
+    pub kv: KvRouterConfig,
     pub max_body_bytes: usize,
     pub health_interval: Duration,
     pub drain: Duration,
@@ -85,10 +87,15 @@ impl Frontend {
     /// Binds the port, starts worker health probing, and serves. Returns once the port is bound and
     /// a first probe round has run (so a worker that is up is already routable).
     pub async fn start(config: FrontendConfig, model: Arc<Model>) -> anyhow::Result<Frontend> {
-        let pool = Arc::new(WorkerPool::new(&config.workers, config.router_mode)?);
+        let pool = Arc::new(WorkerPool::new(
+            &config.workers,
+            config.router_mode,
+            config.kv,
+        )?);
         let probe_timeout = Duration::from_secs(1);
         pool.probe_all(probe_timeout).await;
         let health_stop = CancellationToken::new();
+        pool.follow_kv_events(&health_stop);
         tokio::spawn(pool.clone().run_health(
             config.health_interval,
             probe_timeout,
@@ -387,6 +394,11 @@ async fn read_json<T: DeserializeOwned>(
 // === impl AppState ===
 
 impl AppState {
+    /// The worker pool (and, in kv mode, its index).
+    pub fn pool(&self) -> &Arc<WorkerPool> {
+        &self.pool
+    }
+
     fn check_model(&self, requested: &str) -> Result<(), ApiError> {
         if self.draining.is_cancelled() {
             return Err(ApiError::draining());
@@ -483,7 +495,7 @@ impl AppState {
     ) -> Result<(Lease, GenerateResponse, Streaming<GenerateResponse>), ApiError> {
         let mut tried = Vec::with_capacity(MAX_ATTEMPTS);
         loop {
-            let Some(lease) = self.pool.pick(&tried) else {
+            let Some(mut lease) = self.pool.pick(&request.token_ids, &tried) else {
                 return Err(ApiError::no_worker(&self.model.card().name));
             };
             tried.push(lease.index);
@@ -498,7 +510,10 @@ impl AppState {
                 }
             };
             match attempt.await {
-                Ok((first, stream)) => return Ok((lease, first, stream)),
+                Ok((first, stream)) => {
+                    lease.first_token();
+                    return Ok((lease, first, stream));
+                }
                 Err(status) => match status.code() {
                     Code::InvalidArgument => {
                         return Err(ApiError::invalid(status.message().to_owned(), "prompt"));

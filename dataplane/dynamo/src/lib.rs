@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod frontend;
+pub mod kv_router;
 pub mod manifest;
 pub mod net;
 pub mod proto;

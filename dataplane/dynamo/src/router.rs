@@ -17,7 +17,10 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::proto::{self, worker_client::WorkerClient};
+use crate::{
+    kv_router::{KvClaim, KvRouter, KvRouterConfig},
+    proto::{self, worker_client::WorkerClient},
+};
 
 /// How the frontend spreads requests over workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
@@ -31,6 +34,9 @@ pub enum RouterMode {
     LeastLoaded,
     /// Two random live workers; the one with fewer requests in flight.
     PowerOfTwo,
+    /// The worker where the request is cheapest: prefix-cache overlap from KV events against load
+    /// (see [`crate::kv_router`]).
+    Kv,
 }
 
 impl RouterMode {
@@ -40,6 +46,7 @@ impl RouterMode {
             RouterMode::Random => "random",
             RouterMode::LeastLoaded => "least-loaded",
             RouterMode::PowerOfTwo => "power-of-two",
+            RouterMode::Kv => "kv",
         }
     }
 }
@@ -59,7 +66,8 @@ pub fn select<R: Rng + ?Sized>(
     Some(match mode {
         RouterMode::RoundRobin => tick % n,
         RouterMode::Random => rng.random_range(0..n),
-        RouterMode::LeastLoaded => {
+        // Without prompt tokens (see `WorkerPool::pick`) the kv policy degrades to least-loaded.
+        RouterMode::LeastLoaded | RouterMode::Kv => {
             // Start the scan at a rotating offset so ties do not always favour worker 0.
             let start = tick % n;
             (0..n)
@@ -111,6 +119,17 @@ pub struct Lease {
     /// Position of the worker in the pool (to exclude it on a retry).
     pub index: usize,
     pub worker: Arc<WorkerEntry>,
+    /// The kv policy's booking of this request's prefill and decode load.
+    pub kv: Option<KvClaim>,
+}
+
+impl Lease {
+    /// The first token arrived (the prompt is prefilled).
+    pub fn first_token(&mut self) {
+        if let Some(kv) = &mut self.kv {
+            kv.prefill_done();
+        }
+    }
 }
 
 impl Drop for Lease {
@@ -124,12 +143,17 @@ pub struct WorkerPool {
     workers: Vec<Arc<WorkerEntry>>,
     mode: RouterMode,
     tick: AtomicUsize,
+    kv: Option<Arc<KvRouter>>,
 }
 
 impl WorkerPool {
     /// Creates lazily connecting channels to `urls` (e.g. `http://127.0.0.1:4501`). Workers count as
     /// dead until their first successful probe.
-    pub fn new(urls: &[String], mode: RouterMode) -> anyhow::Result<WorkerPool> {
+    pub fn new(
+        urls: &[String],
+        mode: RouterMode,
+        kv_config: KvRouterConfig,
+    ) -> anyhow::Result<WorkerPool> {
         let mut workers = Vec::with_capacity(urls.len());
         for url in urls {
             let endpoint = Endpoint::from_shared(url.clone())
@@ -151,10 +175,13 @@ impl WorkerPool {
                 info: RwLock::new(None),
             }));
         }
+        let kv =
+            (mode == RouterMode::Kv).then(|| Arc::new(KvRouter::new(workers.len(), kv_config)));
         Ok(WorkerPool {
             workers,
             mode,
             tick: AtomicUsize::new(0),
+            kv,
         })
     }
 
@@ -170,8 +197,14 @@ impl WorkerPool {
         self.workers.iter().filter(|w| w.is_live()).count()
     }
 
-    /// Picks a live worker whose index is not in `exclude` and leases it. `None`: no live worker left.
-    pub fn pick(&self, exclude: &[usize]) -> Option<Lease> {
+    /// The kv policy's state, when the pool routes by KV overlap.
+    pub fn kv(&self) -> Option<&Arc<KvRouter>> {
+        self.kv.as_ref()
+    }
+
+    /// Picks a live worker whose index is not in `exclude` for a prompt of `tokens`, and leases
+    /// it. `None`: no live worker left.
+    pub fn pick(&self, tokens: &[u32], exclude: &[usize]) -> Option<Lease> {
         let (index, loads): (Vec<usize>, Vec<u32>) = self
             .workers
             .iter()
@@ -180,13 +213,33 @@ impl WorkerPool {
             .map(|(i, w)| (i, w.inflight()))
             .unzip();
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let chosen = index[select(self.mode, &loads, tick, &mut rand::rng())?];
+        let (chosen, kv) = match &self.kv {
+            Some(kv) => {
+                let choice = kv.choose(tokens, &index, tick, &mut rand::rng())?;
+                let chosen = index[choice.candidate];
+                (chosen, Some(kv.claim(chosen, tokens.len() as u64, &choice)))
+            }
+            None => (
+                index[select(self.mode, &loads, tick, &mut rand::rng())?],
+                None,
+            ),
+        };
         let worker = self.workers[chosen].clone();
         worker.inflight.fetch_add(1, Ordering::Relaxed);
         Some(Lease {
             index: chosen,
             worker,
+            kv,
         })
+    }
+
+    /// Starts following every worker's KV events (kv mode only) until `shutdown`.
+    pub fn follow_kv_events(&self, shutdown: &CancellationToken) {
+        if let Some(kv) = &self.kv {
+            for (i, w) in self.workers.iter().enumerate() {
+                tokio::spawn(kv.clone().follow(i, w.client.clone(), shutdown.clone()));
+            }
+        }
     }
 
     /// Probes every worker with `Info` each `interval` until `shutdown`; a worker is live while it

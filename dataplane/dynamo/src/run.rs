@@ -28,6 +28,10 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         listen: args.listen,
         workers: args.workers.clone(),
         router_mode: args.router_mode,
+        kv: crate::kv_router::KvRouterConfig {
+            overlap_weight: args.kv_overlap_weight,
+            temperature: args.kv_temperature,
+        },
         max_body_bytes: args.max_body_bytes,
         health_interval: args.health_interval,
         drain: args.process.drain_timeout,

@@ -190,6 +190,7 @@ impl proto::worker_server::Worker for WorkerService {
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
         let after = request.into_inner().after_seq;
         let block_size = self.info.block_size;
+        let instance = self.events.instance;
         // Subscribe before reading the backlog so nothing falls between the two.
         let live = self.events.live.subscribe();
         let backlog = self.events.since(after)?;
@@ -198,6 +199,7 @@ impl proto::worker_server::Worker for WorkerService {
             Ok(proto::KvEventBatch {
                 block_size,
                 events: backlog,
+                instance,
             })
         }));
         let tail = futures::stream::unfold((live, last), move |(mut live, mut last)| async move {
@@ -211,7 +213,11 @@ impl proto::worker_server::Worker for WorkerService {
                             continue;
                         };
                         last = newest.seq;
-                        let batch = proto::KvEventBatch { block_size, events };
+                        let batch = proto::KvEventBatch {
+                            block_size,
+                            events,
+                            instance,
+                        };
                         return Some((Ok(batch), (live, last)));
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -280,6 +286,8 @@ impl Stream for GenerateStream {
 /// Numbers the engine's KV events and keeps the last `cap` for replay.
 #[derive(Clone)]
 struct EventLog {
+    /// Random per process, sent with every batch (see `KvEventBatch.instance`).
+    instance: u64,
     inner: Arc<Mutex<Ring>>,
     live: broadcast::Sender<Arc<Vec<proto::KvEvent>>>,
 }
@@ -294,6 +302,7 @@ impl EventLog {
     fn new(cap: usize) -> EventLog {
         let (live, _) = broadcast::channel(1024);
         EventLog {
+            instance: rand::random(),
             inner: Arc::new(Mutex::new(Ring {
                 next_seq: 1,
                 events: VecDeque::with_capacity(cap),
@@ -332,6 +341,13 @@ impl EventLog {
             return Ok(Vec::new());
         }
         let ring = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if after >= ring.next_seq {
+            // A subscriber of an earlier incarnation of this worker (it restarted): its view is stale.
+            return Err(Status::out_of_range(format!(
+                "after_seq {after} is ahead of this worker's newest event ({}); the worker restarted: drop its blocks and subscribe from now (after_seq = 0)",
+                ring.next_seq - 1
+            )));
+        }
         let oldest = ring.events.front().map_or(ring.next_seq, |e| e.seq);
         if after + 1 < oldest {
             return Err(Status::out_of_range(format!(

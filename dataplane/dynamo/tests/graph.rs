@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use dynamo_dataplane::{
     frontend::{Frontend, FrontendConfig},
+    kv_router::KvRouterConfig,
     proto::{LoadRequest, worker_client::WorkerClient},
     router::RouterMode,
     sidecar::{Sidecar, SidecarConfig},
@@ -65,6 +66,7 @@ impl Graph {
                     worker_urls.clone()
                 },
                 router_mode: mode,
+                kv: KvRouterConfig::default(),
                 max_body_bytes,
                 health_interval: Duration::from_millis(200),
                 drain: Duration::from_secs(5),
@@ -506,5 +508,44 @@ async fn models_health_metrics_and_openapi_are_served() {
         worker_metrics.contains("dynamo_component_kvstats_total_blocks"),
         "{worker_metrics}"
     );
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn kv_mode_sends_a_repeated_prefix_back_to_the_worker_that_cached_it() {
+    let g = Graph::start_with(4, 1000.0, 1 << 20, RouterMode::Kv).await;
+    let shared =
+        "A long shared system prompt that every turn of this conversation repeats. ".repeat(40);
+    let (s, first) = g.post("/v1/chat/completions", chat(&shared, 2)).await;
+    assert_eq!(s, 200, "{first}");
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    // Wait until the worker's Stored events reach the router's index.
+    let kv = g
+        .frontend
+        .as_ref()
+        .and_then(|f| f.state.pool().kv().cloned())
+        .expect("kv router");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while kv.indexer().stats().blocks == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no KV events reached the router"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Round-robin would spread these over 4 workers (3 of 4 cold); kv sends each to the cache.
+    for turn in 0..4 {
+        let (s, r) = g
+            .post(
+                "/v1/chat/completions",
+                chat(&format!("{shared} turn {turn}"), 2),
+            )
+            .await;
+        assert_eq!(s, 200, "{r}");
+        let cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0);
+        assert!(cached >= 256, "turn {turn} missed the cache: {r}");
+    }
     g.stop().await;
 }

@@ -1,0 +1,419 @@
+//! The `kv` routing policy: send a request where it is cheapest to serve, counting the prompt blocks
+//! a worker would still have to prefill (those not already in its prefix cache) and the decode load
+//! it already carries:
+//!
+//! `cost = overlap_weight × prefill_blocks + decode_blocks`, where
+//! `prefill_blocks = (prefill tokens already queued on the worker + this prompt's uncached tokens) / block_size`
+//! and `decode_blocks = KV blocks of the worker's active requests + this request's blocks`.
+//!
+//! What each worker caches comes from its KV events ([`KvRouter::follow`] subscribes to every
+//! sidecar's numbered event stream and applies it to a [`KvIndexer`]); what each worker is busy with
+//! comes from the router's own accounting ([`KvClaim`]), updated when a request is routed, when its
+//! first token arrives (prefill done) and when it ends, so load is known between events.
+//! The lowest cost wins (ties rotate); with a temperature > 0, workers are drawn with probability
+//! ∝ exp(−(cost − min cost) / temperature), which spreads load among near-equal workers.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use dynamo_kv::{IndexEvent, KvIndexer, block_hashes};
+use rand::Rng;
+use tokio_util::sync::CancellationToken;
+use tonic::{Code, transport::Channel};
+
+use crate::proto::{self, kv_event::Kind, worker_client::WorkerClient};
+
+/// Block size assumed until a worker reports its own.
+const DEFAULT_BLOCK_SIZE: u32 = 64;
+
+/// Tuning of the `kv` policy.
+#[derive(Debug, Clone, Copy)]
+pub struct KvRouterConfig {
+    /// Weight of prefill work against decode load (higher: chase cache hits harder).
+    pub overlap_weight: f64,
+    /// 0: always the cheapest worker; > 0: softmax sampling over costs (in blocks).
+    pub temperature: f64,
+}
+
+impl Default for KvRouterConfig {
+    fn default() -> Self {
+        KvRouterConfig {
+            overlap_weight: 1.0,
+            temperature: 0.0,
+        }
+    }
+}
+
+/// Cost of serving a request of `request_tokens` on a worker that already holds `overlap_blocks`
+/// of its leading blocks, has `pending_prefill_tokens` queued and `active_blocks` in use.
+pub fn kv_cost(
+    overlap_weight: f64,
+    block_size: u32,
+    request_tokens: u64,
+    overlap_blocks: u32,
+    pending_prefill_tokens: u64,
+    active_blocks: u64,
+) -> f64 {
+    let bs = u64::from(block_size.max(1));
+    let request_blocks = request_tokens.div_ceil(bs);
+    let new_tokens = request_tokens.saturating_sub(u64::from(overlap_blocks) * bs);
+    let prefill_blocks = (pending_prefill_tokens + new_tokens) as f64 / bs as f64;
+    overlap_weight * prefill_blocks + (active_blocks + request_blocks) as f64
+}
+
+/// Picks among `costs` (index into it): the minimum (ties rotate with `tick`), or a softmax draw.
+pub fn pick_by_cost<R: Rng + ?Sized>(
+    costs: &[f64],
+    temperature: f64,
+    tick: usize,
+    rng: &mut R,
+) -> Option<usize> {
+    let n = costs.len();
+    let min = costs.iter().copied().fold(f64::INFINITY, f64::min);
+    if n == 0 || !min.is_finite() {
+        return None;
+    }
+    if temperature > 0.0 {
+        let weights: Vec<f64> = costs
+            .iter()
+            .map(|c| (-(c - min) / temperature).exp())
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let mut x = rng.random::<f64>() * total;
+        for (i, w) in weights.iter().enumerate() {
+            if x < *w {
+                return Some(i);
+            }
+            x -= w;
+        }
+        return Some(n - 1);
+    }
+    let start = tick % n;
+    (0..n)
+        .map(|k| (start + k) % n)
+        .find(|&i| costs[i] <= min + 1e-9)
+}
+
+/// The router's view of one worker's work in flight.
+#[derive(Default)]
+struct WorkerLoad {
+    prefill_tokens: AtomicU64,
+    active_blocks: AtomicU64,
+}
+
+/// KV-aware routing state shared by all requests of a frontend.
+pub struct KvRouter {
+    indexer: KvIndexer,
+    config: KvRouterConfig,
+    block_size: AtomicU32,
+    load: Vec<WorkerLoad>,
+}
+
+/// The outcome of a routing decision.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvChoice {
+    /// Index into the candidates given to [`KvRouter::choose`].
+    pub candidate: usize,
+    /// Leading blocks of the prompt the chosen worker already holds.
+    pub overlap_blocks: u32,
+    /// The prompt's blocks (full and partial).
+    pub request_blocks: u32,
+}
+
+impl KvRouter {
+    pub fn new(workers: usize, config: KvRouterConfig) -> KvRouter {
+        KvRouter {
+            indexer: KvIndexer::new(),
+            config,
+            block_size: AtomicU32::new(DEFAULT_BLOCK_SIZE),
+            load: (0..workers).map(|_| WorkerLoad::default()).collect(),
+        }
+    }
+
+    pub fn block_size(&self) -> u32 {
+        self.block_size.load(Ordering::Relaxed)
+    }
+
+    pub fn indexer(&self) -> &KvIndexer {
+        &self.indexer
+    }
+
+    /// Scores the `candidates` (worker indexes) for a prompt of `tokens`.
+    pub fn choose<R: Rng + ?Sized>(
+        &self,
+        tokens: &[u32],
+        candidates: &[usize],
+        tick: usize,
+        rng: &mut R,
+    ) -> Option<KvChoice> {
+        let bs = self.block_size();
+        let hashes: Vec<u64> = block_hashes(tokens, bs as usize)
+            .iter()
+            .map(|b| b.local)
+            .collect();
+        let overlaps = self.indexer.find_matches(&hashes);
+        let overlap_of = |w: usize| overlaps.matched_blocks(w as u64);
+        let request_tokens = tokens.len() as u64;
+        let costs: Vec<f64> = candidates
+            .iter()
+            .map(|&w| {
+                let load = &self.load[w];
+                kv_cost(
+                    self.config.overlap_weight,
+                    bs,
+                    request_tokens,
+                    overlap_of(w),
+                    load.prefill_tokens.load(Ordering::Relaxed),
+                    load.active_blocks.load(Ordering::Relaxed),
+                )
+            })
+            .collect();
+        let candidate = pick_by_cost(&costs, self.config.temperature, tick, rng)?;
+        Some(KvChoice {
+            candidate,
+            overlap_blocks: overlap_of(candidates[candidate]),
+            request_blocks: u32::try_from(request_tokens.div_ceil(u64::from(bs.max(1))))
+                .unwrap_or(u32::MAX),
+        })
+    }
+
+    /// Books a routed request against worker `index` until the returned claim is dropped.
+    pub fn claim(
+        self: &Arc<Self>,
+        index: usize,
+        request_tokens: u64,
+        choice: &KvChoice,
+    ) -> KvClaim {
+        let bs = u64::from(self.block_size().max(1));
+        let prefill_tokens = request_tokens.saturating_sub(u64::from(choice.overlap_blocks) * bs);
+        let blocks = u64::from(choice.request_blocks);
+        let load = &self.load[index];
+        load.prefill_tokens
+            .fetch_add(prefill_tokens, Ordering::Relaxed);
+        load.active_blocks.fetch_add(blocks, Ordering::Relaxed);
+        KvClaim {
+            router: self.clone(),
+            index,
+            prefill_tokens,
+            blocks,
+            prefilled: false,
+        }
+    }
+
+    /// Follows worker `index`'s KV events until `shutdown`: resumes after a broken stream with the
+    /// last sequence number seen (the sidecar replays from its ring), and forgets the worker's
+    /// blocks when it cannot be resumed (gap older than the ring, worker restarted or gone).
+    pub async fn follow(
+        self: Arc<Self>,
+        index: usize,
+        client: WorkerClient<Channel>,
+        shutdown: CancellationToken,
+    ) {
+        let worker = index as u64;
+        let mut after = 0u64;
+        let mut instance: Option<u64> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut c = client.clone();
+            let subscribed = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = c.subscribe_kv_events(proto::SubscribeKvEventsRequest { after_seq: after }) => r,
+            };
+            let reset = match subscribed {
+                Ok(response) => {
+                    backoff = Duration::from_millis(100);
+                    let mut stream = response.into_inner();
+                    loop {
+                        let next = tokio::select! {
+                            () = shutdown.cancelled() => return,
+                            m = stream.message() => m,
+                        };
+                        match next {
+                            Ok(Some(batch)) => {
+                                if instance.is_some_and(|i| i != batch.instance) {
+                                    tracing::info!(
+                                        worker = index,
+                                        "worker restarted; dropping its cached blocks from the index"
+                                    );
+                                    self.indexer.remove_worker(worker);
+                                }
+                                instance = Some(batch.instance);
+                                if batch.block_size > 0 {
+                                    self.block_size.store(batch.block_size, Ordering::Relaxed);
+                                }
+                                for event in batch.events {
+                                    after = event.seq;
+                                    if let Some(e) = to_index_event(event) {
+                                        if let Err(error) = self.indexer.apply(worker, e) {
+                                            tracing::debug!(worker = index, %error, "KV event not applied");
+                                        }
+                                    }
+                                }
+                            }
+                            Ok(None) => break false,
+                            // Fell behind the live stream: resume from the ring.
+                            Err(status) if status.code() == Code::DataLoss => break false,
+                            Err(status) => break status.code() == Code::OutOfRange,
+                        }
+                    }
+                }
+                Err(status) => {
+                    status.code() == Code::OutOfRange || status.code() == Code::Unavailable
+                }
+            };
+            if reset {
+                // Cannot resume: the worker's earlier blocks are unknown or gone.
+                self.indexer.remove_worker(worker);
+                after = 0;
+                instance = None;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+fn to_index_event(event: proto::KvEvent) -> Option<IndexEvent> {
+    Some(match event.kind? {
+        Kind::Stored(s) => IndexEvent::Stored {
+            parent: s.parent_hash,
+            blocks: s
+                .blocks
+                .into_iter()
+                .map(|b| (b.tokens_hash, b.block_hash))
+                .collect(),
+        },
+        Kind::Removed(r) => IndexEvent::Removed {
+            sequence_hashes: r.block_hashes,
+        },
+        Kind::Cleared(_) => IndexEvent::Cleared,
+    })
+}
+
+/// A routed request's share of a worker's load, released on drop.
+pub struct KvClaim {
+    router: Arc<KvRouter>,
+    index: usize,
+    prefill_tokens: u64,
+    blocks: u64,
+    prefilled: bool,
+}
+
+impl KvClaim {
+    /// The first token arrived: the prompt is prefilled.
+    pub fn prefill_done(&mut self) {
+        if !self.prefilled {
+            self.prefilled = true;
+            self.router.load[self.index]
+                .prefill_tokens
+                .fetch_sub(self.prefill_tokens, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for KvClaim {
+    fn drop(&mut self) {
+        self.prefill_done();
+        self.router.load[self.index]
+            .active_blocks
+            .fetch_sub(self.blocks, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{SeedableRng, rngs::SmallRng};
+
+    #[test]
+    fn cached_prefix_lowers_the_cost_by_the_blocks_saved() {
+        let cold = kv_cost(1.0, 64, 640, 0, 0, 0);
+        let warm = kv_cost(1.0, 64, 640, 8, 0, 0);
+        assert_eq!(cold - warm, 8.0);
+    }
+
+    #[test]
+    fn busy_worker_loses_to_an_idle_one_with_less_cache() {
+        // Worker A holds 4 of 10 blocks but has 40 active blocks; B holds nothing and is idle.
+        let a = kv_cost(1.0, 64, 640, 4, 0, 40);
+        let b = kv_cost(1.0, 64, 640, 0, 0, 0);
+        assert!(b < a, "a={a} b={b}");
+    }
+
+    #[test]
+    fn queued_prefill_counts_against_a_worker() {
+        assert!(kv_cost(1.0, 64, 640, 0, 6400, 0) > kv_cost(1.0, 64, 640, 0, 0, 0));
+    }
+
+    #[test]
+    fn ties_rotate_and_temperature_samples_near_equal_workers() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let picks: Vec<_> = (0..3)
+            .map(|t| pick_by_cost(&[2.0, 2.0, 2.0], 0.0, t, &mut rng))
+            .collect();
+        assert_eq!(picks, [0, 1, 2].map(Some));
+        assert_eq!(pick_by_cost(&[5.0, 1.0, 3.0], 0.0, 0, &mut rng), Some(1));
+        let mut seen = [0u32; 2];
+        for t in 0..2000 {
+            seen[pick_by_cost(&[1.0, 1.5], 1.0, t, &mut rng).unwrap_or(0)] += 1;
+        }
+        assert!(seen[0] > seen[1] && seen[1] > 400, "{seen:?}");
+        assert_eq!(pick_by_cost(&[], 0.0, 0, &mut rng), None);
+    }
+
+    #[test]
+    fn router_prefers_the_worker_holding_the_prefix_and_releases_load_on_drop() {
+        let router = Arc::new(KvRouter::new(2, KvRouterConfig::default()));
+        let tokens: Vec<u32> = (0..640).collect();
+        let hashes = block_hashes(&tokens, 64);
+        let mut parent = None;
+        let blocks: Vec<(u64, u64)> = hashes.iter().map(|h| (h.local, h.sequence)).collect();
+        router
+            .indexer()
+            .apply(
+                1,
+                IndexEvent::Stored {
+                    parent: parent.take(),
+                    blocks,
+                },
+            )
+            .expect("applies");
+        let mut rng = SmallRng::seed_from_u64(1);
+        let choice = router
+            .choose(&tokens, &[0, 1], 0, &mut rng)
+            .expect("a choice");
+        assert_eq!(
+            (
+                choice.candidate,
+                choice.overlap_blocks,
+                choice.request_blocks
+            ),
+            (1, 10, 10)
+        );
+        // Load it heavily: now worker 0 wins despite the cache.
+        let claims: Vec<_> = (0..5).map(|_| router.claim(1, 640, &choice)).collect();
+        assert_eq!(
+            router
+                .choose(&tokens, &[0, 1], 0, &mut rng)
+                .map(|c| c.candidate),
+            Some(0)
+        );
+        drop(claims);
+        assert_eq!(
+            router
+                .choose(&tokens, &[0, 1], 0, &mut rng)
+                .map(|c| c.candidate),
+            Some(1)
+        );
+        assert_eq!(router.load[1].active_blocks.load(Ordering::Relaxed), 0);
+        assert_eq!(router.load[1].prefill_tokens.load(Ordering::Relaxed), 0);
+    }
+}
