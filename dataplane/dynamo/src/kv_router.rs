@@ -248,10 +248,10 @@ impl KvRouter {
                                 }
                                 for event in batch.events {
                                     after = event.seq;
-                                    if let Some(e) = to_index_event(event) {
-                                        if let Err(error) = self.indexer.apply(worker, e) {
-                                            tracing::debug!(worker = index, %error, "KV event not applied");
-                                        }
+                                    if let Some(e) = to_index_event(event)
+                                        && let Err(error) = self.indexer.apply(worker, e)
+                                    {
+                                        tracing::debug!(worker = index, %error, "KV event not applied");
                                     }
                                 }
                             }
