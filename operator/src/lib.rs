@@ -1,0 +1,1 @@
+//! The dynamo-rs operator (being built).
