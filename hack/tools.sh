@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Build the pinned test control plane from Go modules into .cache/tools/bin:
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm.
+#
+# Each tool is pinned by the go.mod/go.sum of its wrapper module in hack/tools/<group>/ and is
+# rebuilt only when that pin (or the Go toolchain, or the build flags) changes: a stamp file per
+# tool in .cache/tools/stamps/ records what the binary was built from.
+#
+# Usage: hack/tools.sh [TOOL...]      build all (default) or only the named tools
+#        hack/tools.sh --list         print tool, pinned version, and path
+#        hack/tools.sh --path         print the bin directory (for PATH=...)
+#
+# Env:   DYNAMO_CACHE  cache root (default: <repo>/.cache); GOMODCACHE/GOCACHE live under it in go/.
+#        TOOLS_FORCE=1 rebuild even when the stamp matches.
+# Heavy work runs under `nice -n 19`.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${DYNAMO_CACHE:-$ROOT/.cache}"
+BIN="$CACHE/tools/bin"
+STAMPS="$CACHE/tools/stamps"
+LOGS="$CACHE/tools/logs"
+WRAP="$ROOT/hack/tools"
+
+export GOMODCACHE="$CACHE/go/mod"
+export GOCACHE="$CACHE/go/build"
+export GOTOOLCHAIN=local          # never download another toolchain behind our back
+export GOFLAGS="-mod=readonly -buildvcs=false"
+export CGO_ENABLED=0
+export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
+
+die() { echo "tools.sh: error: $*" >&2; exit 1; }
+
+# name | wrapper dir | main package | module whose version is the tool's version | extra ldflags (%V = version)
+TOOLS=(
+  "etcd|etcd|go.etcd.io/etcd/server/v3|go.etcd.io/etcd/server/v3|"
+  "kube-apiserver|k8s|k8s.io/kubernetes/cmd/kube-apiserver|k8s.io/kubernetes|KUBE"
+  "kube-controller-manager|k8s|k8s.io/kubernetes/cmd/kube-controller-manager|k8s.io/kubernetes|KUBE"
+  "kube-scheduler|k8s|k8s.io/kubernetes/cmd/kube-scheduler|k8s.io/kubernetes|KUBE"
+  "kubectl|k8s|k8s.io/kubernetes/cmd/kubectl|k8s.io/kubernetes|KUBE"
+  "kwok|kwok|sigs.k8s.io/kwok/cmd/kwok|sigs.k8s.io/kwok|"
+  "helm|helm|helm.sh/helm/v3/cmd/helm|helm.sh/helm/v3|-X helm.sh/helm/v3/internal/version.version=%V"
+)
+
+# Version of MODULE as required by the wrapper's go.mod (read from the file: no network, no go call).
+mod_version() { # dir module
+  local v
+  v="$(awk -v m="$2" '($1==m || ($1=="require" && $2==m)) { for (i=1;i<=NF;i++) if ($i ~ /^v[0-9]/) { print $i; exit } }' "$WRAP/$1/go.mod")"
+  [ -n "$v" ] || die "cannot find $2 in $WRAP/$1/go.mod"
+  echo "$v"
+}
+
+ldflags_for() { # kind version
+  local kind="$1" v="$2" f="-s -w"
+  case "$kind" in
+    KUBE)
+      local maj min
+      maj="${v#v}"; maj="${maj%%.*}"
+      min="${v#v*.}"; min="${min%%.*}"
+      for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+        f+=" -X $p.gitVersion=$v -X $p.gitMajor=$maj -X $p.gitMinor=$min -X $p.gitTreeState=clean"
+      done ;;
+    "") ;;
+    *) f+=" ${kind//%V/$v}" ;;
+  esac
+  echo "$f"
+}
+
+check_go() {
+  command -v go >/dev/null || die "go not found in PATH (Go >= 1.26 is needed to build the tools)"
+  local gv; gv="$(go env GOVERSION)"
+  case "$gv" in
+    go1.2[6-9]*|go1.[3-9][0-9]*|go[2-9]*) ;;
+    *) die "Go $gv is too old: the pinned etcd/kwok/helm modules need go >= 1.26.0" ;;
+  esac
+  echo "$gv"
+}
+
+list() {
+  local t name dir pkg mod kind
+  for t in "${TOOLS[@]}"; do
+    IFS='|' read -r name dir pkg mod kind <<<"$t"
+    printf '%-24s %-10s %s\n' "$name" "$(mod_version "$dir" "$mod")" "$BIN/$name"
+  done
+}
+
+# Fetch a wrapper's modules once per run, so an unreachable proxy gives one clear error.
+FETCHED=" "
+fetch() { # dir
+  case "$FETCHED" in *" $1 "*) return 0 ;; esac
+  if ! ( cd "$WRAP/$1" && nice -n 19 go mod download ) >"$LOGS/download-$1.log" 2>&1; then
+    echo "tools.sh: error: 'go mod download' in hack/tools/$1 failed (GOPROXY=$GOPROXY):" >&2
+    tail -n 20 "$LOGS/download-$1.log" >&2
+    exit 1
+  fi
+  FETCHED+="$1 "
+}
+
+build_one() { # spec
+  local name dir pkg mod kind ver flags stamp want t0 t1 log
+  IFS='|' read -r name dir pkg mod kind <<<"$1"
+  ver="$(mod_version "$dir" "$mod")"
+  flags="$(ldflags_for "$kind" "$ver")"
+  want="$name $pkg@$ver go=$GOVER sum=$(cat "$WRAP/$dir/go.mod" "$WRAP/$dir/go.sum" | sha256sum | cut -c1-16) flags=$(echo "-trimpath $flags" | sha256sum | cut -c1-16)"
+  stamp="$STAMPS/$name"
+  if [ -z "${TOOLS_FORCE:-}" ] && [ -x "$BIN/$name" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    printf '%-24s %-10s up to date\n' "$name" "$ver"
+    return 0
+  fi
+  fetch "$dir"
+  log="$LOGS/$name.log"
+  printf '%-24s %-10s building ... ' "$name" "$ver"
+  t0=$(date +%s)
+  if ! ( cd "$WRAP/$dir" && nice -n 19 go build -trimpath -ldflags "$flags" -o "$BIN/.$name.tmp" "$pkg" ) >"$log" 2>&1; then
+    echo "FAILED"
+    echo "tools.sh: error: building $name ($pkg@$ver) failed; last lines of $log:" >&2
+    tail -n 30 "$log" >&2
+    rm -f "$BIN/.$name.tmp"
+    exit 1
+  fi
+  mv -f "$BIN/.$name.tmp" "$BIN/$name"
+  echo "$want" >"$stamp"
+  t1=$(date +%s)
+  echo "done in $((t1 - t0))s"
+}
+
+main() {
+  case "${1:-}" in
+    --list) list; return ;;
+    --path) echo "$BIN"; return ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; return ;;
+  esac
+  GOVER="$(check_go)"
+  mkdir -p "$BIN" "$STAMPS" "$LOGS" "$GOMODCACHE" "$GOCACHE"
+  local want=("$@") t name found total0
+  for name in "${want[@]}"; do
+    found=
+    for t in "${TOOLS[@]}"; do [ "${t%%|*}" = "$name" ] && found=1; done
+    [ -n "$found" ] || die "unknown tool '$name' (known: $(for t in "${TOOLS[@]}"; do printf '%s ' "${t%%|*}"; done))"
+  done
+  total0=$(date +%s)
+  for t in "${TOOLS[@]}"; do
+    name="${t%%|*}"
+    if [ ${#want[@]} -gt 0 ]; then
+      found=
+      for n in "${want[@]}"; do [ "$n" = "$name" ] && found=1; done
+      [ -n "$found" ] || continue
+    fi
+    build_one "$t"
+  done
+  echo "tools: all up to date in $BIN ($(( $(date +%s) - total0 ))s)"
+}
+
+main "$@"
