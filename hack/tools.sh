@@ -96,6 +96,26 @@ fetch() { # dir
   FETCHED+="$1 "
 }
 
+# Data files that go with a binary. kwok: its default node/pod lifecycle stages (what
+# `kwokctl` feeds the controller), in .cache/tools/share/kwok/stages.yaml for hack/cluster.sh.
+post_build() { # name dir version
+  [ "$1" = kwok ] || return 0
+  local out="$CACHE/tools/share/kwok/stages-$3.yaml" src="$GOMODCACHE/sigs.k8s.io/kwok@$3/kustomize/stage"
+  [ -s "$out" ] && return 0
+  [ -d "$src" ] || fetch "$2"
+  mkdir -p "${out%/*}"
+  local f first=1
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    [ -f "$src/$f" ] || die "kwok stage $src/$f not found"
+    [ -n "$first" ] || echo "---"
+    first=
+    cat "$src/$f"
+  done >"$out.tmp"
+  mv -f "$out.tmp" "$out"
+  ln -sfn "stages-$3.yaml" "$CACHE/tools/share/kwok/stages.yaml"
+}
+
 build_one() { # spec
   local name dir pkg mod kind ver flags stamp want t0 t1 log
   IFS='|' read -r name dir pkg mod kind <<<"$1"
@@ -105,6 +125,7 @@ build_one() { # spec
   stamp="$STAMPS/$name"
   if [ -z "${TOOLS_FORCE:-}" ] && [ -x "$BIN/$name" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     printf '%-24s %-10s up to date\n' "$name" "$ver"
+    post_build "$name" "$dir" "$ver"
     return 0
   fi
   fetch "$dir"
@@ -119,6 +140,7 @@ build_one() { # spec
     exit 1
   fi
   mv -f "$BIN/.$name.tmp" "$BIN/$name"
+  post_build "$name" "$dir" "$ver"
   echo "$want" >"$stamp"
   t1=$(date +%s)
   echo "done in $((t1 - t0))s"
