@@ -13,15 +13,16 @@
 #                                               kubeconfig that authenticates as a ServiceAccount token
 #
 # Env: ZONES (2) RACKS per zone (2) HOSTS per rack (4) GPUS per node (8) — nodes registered by `up`;
+#      CLUSTER_STATE (state dir, default .cache/cluster: a second cluster can run beside the first);
 #      CLUSTER_TIMEOUT (120 s, readiness deadline per component); CLUSTER_PORT_BASE (first port tried,
 #      default 36100; on conflict the next block of 10 ports is tried); DYNAMO_CACHE (<repo>/.cache).
-# State (certs, etcd data, logs, pids, kubeconfigs) lives in .cache/cluster/.
+# State (certs, etcd data, logs, pids, kubeconfigs, ports.env) lives in $CLUSTER_STATE.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${DYNAMO_CACHE:-$ROOT/.cache}"
 BIN="$CACHE/tools/bin"
-STATE="$CACHE/cluster"
+STATE="${CLUSTER_STATE:-$CACHE/cluster}"
 PKI="$STATE/pki"
 LOGS="$STATE/logs"
 PIDS="$STATE/pids"
@@ -37,6 +38,7 @@ RACK_LABEL=topology.dynamo.nvidia.com/rack
 HOST_LABEL=kubernetes.io/hostname
 KWOK_ANNOTATION=kwok.x-k8s.io/node
 
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "cluster.sh: error: $*" >&2; exit 1; }
 log() { echo "cluster.sh: $*" >&2; }
 kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
@@ -282,7 +284,7 @@ cmd_up() {
   if [ -d "$STATE" ]; then
     log "stale or partial cluster state in $STATE: cleaning up first"
     stop_all
-    rm -rf "$STATE"
+    wipe_state
   fi
   local t0=$SECONDS
   mkdir -p "$STATE" "$LOGS" "$PIDS"
@@ -344,10 +346,16 @@ cmd_up() {
   echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
 }
 
+wipe_state() {
+  [ -d "$STATE/pids" ] || [ -f "$STATE/ports.env" ] || [ -z "$(ls -A "$STATE")" ] ||
+    die "$STATE does not look like a cluster state dir; not deleting it"
+  rm -rf "$STATE"
+}
+
 cmd_down() {
   if [ ! -d "$STATE" ]; then log "not running"; return 0; fi
   stop_all
-  rm -rf "$STATE"
+  wipe_state
   log "down; state wiped"
 }
 
@@ -413,6 +421,6 @@ case "${1:-}" in
   env) echo "export KUBECONFIG=$KUBECONFIG_ADMIN PATH=$BIN:\$PATH" ;;
   add-node) shift; cmd_add_node "$@" ;;
   sa-kubeconfig) shift; cmd_sa_kubeconfig "$@" ;;
-  -h|--help|help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' ;;
-  *) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2 ;;
+  -h|--help|help) usage ;;
+  *) usage >&2; exit 2 ;;
 esac

@@ -29,6 +29,7 @@ export GOFLAGS="-mod=readonly -buildvcs=false"
 export CGO_ENABLED=0
 export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
 
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "tools.sh: error: $*" >&2; exit 1; }
 
 # name | wrapper dir | main package | module whose version is the tool's version | extra ldflags (%V = version)
@@ -150,7 +151,7 @@ main() {
   case "${1:-}" in
     --list) list; return ;;
     --path) echo "$BIN"; return ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; return ;;
+    -h|--help) usage; return ;;
   esac
   GOVER="$(check_go)"
   mkdir -p "$BIN" "$STAMPS" "$LOGS" "$GOMODCACHE" "$GOCACHE"
