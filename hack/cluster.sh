@@ -327,7 +327,8 @@ cmd_up() {
     --use-service-account-credentials=true \
     --cluster-signing-cert-file="$PKI/ca.crt" --cluster-signing-key-file="$PKI/ca.key" \
     --service-cluster-ip-range="$SERVICE_CIDR" --allocate-node-cidrs=false --leader-elect=false \
-    --controllers='*' --flex-volume-plugin-dir="$STATE/flexvolume"
+    --controllers='*' --flex-volume-plugin-dir="$STATE/flexvolume" --kube-api-qps=200 --kube-api-burst=400 \
+    --concurrent-gc-syncs=40
   start kube-scheduler --bind-address=127.0.0.1 --secure-port="$SCHEDULER_PORT" \
     --kubeconfig="$STATE/scheduler.kubeconfig" \
     --authentication-kubeconfig="$STATE/scheduler.kubeconfig" \
