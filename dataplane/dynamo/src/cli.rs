@@ -30,6 +30,8 @@ pub enum Command {
     Frontend(FrontendArgs),
     /// A worker sidecar with its engine (today: the built-in mocker).
     Sidecar(SidecarArgs),
+    /// Load-test any OpenAI endpoint with a trace or a synthetic workload.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// Which model to serve: a Hugging Face directory, or the built-in tiny model.
@@ -176,6 +178,16 @@ pub struct SidecarArgs {
     /// The engine behind the sidecar.
     #[arg(long, env = "DYN_ENGINE", default_value = "mocker", value_parser = ["mocker"])]
     pub engine: String,
+    /// Publish the KV events of this vLLM ZMQ publisher (`--kv-events-config`'s `endpoint`, e.g.
+    /// tcp://127.0.0.1:5557) instead of the built-in engine's.
+    #[arg(long, env = "DYN_VLLM_KV_EVENTS")]
+    pub vllm_kv_events: Option<String>,
+    /// The vLLM publisher's replay endpoint (`replay_endpoint`), used to fill sequence gaps.
+    #[arg(long, env = "DYN_VLLM_KV_EVENTS_REPLAY", requires = "vllm_kv_events")]
+    pub vllm_kv_events_replay: Option<String>,
+    /// Topic of the vLLM KV event stream.
+    #[arg(long, env = "DYN_VLLM_KV_EVENTS_TOPIC", default_value = "")]
+    pub vllm_kv_events_topic: String,
     #[command(flatten)]
     pub mocker: MockerArgs,
     #[command(flatten)]

@@ -205,9 +205,11 @@ impl KvRouter {
         }
     }
 
-    /// Follows worker `index`'s KV events until `shutdown`: resumes after a broken stream with the
-    /// last sequence number seen (the sidecar replays from its ring), and forgets the worker's
-    /// blocks when it cannot be resumed (gap older than the ring, worker restarted or gone).
+    /// Follows worker `index`'s KV events until `shutdown`. It subscribes asking for a snapshot
+    /// when its view cannot be resumed: the first time, after a gap older than the sidecar's ring,
+    /// and after the worker restarted; otherwise a broken stream resumes with the last sequence
+    /// number seen and the sidecar replays what was missed. While the worker is unreachable its
+    /// blocks are dropped from the index (a restarted worker starts cold).
     pub async fn follow(
         self: Arc<Self>,
         index: usize,
@@ -220,11 +222,15 @@ impl KvRouter {
         let mut backoff = Duration::from_millis(100);
         loop {
             let mut c = client.clone();
+            let request = proto::SubscribeKvEventsRequest {
+                after_seq: after,
+                snapshot: true,
+            };
             let subscribed = tokio::select! {
                 () = shutdown.cancelled() => return,
-                r = c.subscribe_kv_events(proto::SubscribeKvEventsRequest { after_seq: after }) => r,
+                r = c.subscribe_kv_events(request) => r,
             };
-            let reset = match subscribed {
+            match subscribed {
                 Ok(response) => {
                     backoff = Duration::from_millis(100);
                     let mut stream = response.into_inner();
@@ -235,48 +241,63 @@ impl KvRouter {
                         };
                         match next {
                             Ok(Some(batch)) => {
-                                if instance.is_some_and(|i| i != batch.instance) {
-                                    tracing::info!(
-                                        worker = index,
-                                        "worker restarted; dropping its cached blocks from the index"
-                                    );
-                                    self.indexer.remove_worker(worker);
-                                }
-                                instance = Some(batch.instance);
-                                if batch.block_size > 0 {
-                                    self.block_size.store(batch.block_size, Ordering::Relaxed);
-                                }
-                                for event in batch.events {
-                                    after = event.seq;
-                                    if let Some(e) = to_index_event(event)
-                                        && let Err(error) = self.indexer.apply(worker, e)
-                                    {
-                                        tracing::debug!(worker = index, %error, "KV event not applied");
-                                    }
-                                }
+                                self.apply_batch(index, &mut instance, &mut after, batch)
                             }
-                            Ok(None) => break false,
-                            // Fell behind the live stream: resume from the ring.
-                            Err(status) if status.code() == Code::DataLoss => break false,
-                            Err(status) => break status.code() == Code::OutOfRange,
+                            // Ended, or fell behind the live stream: resume from the ring.
+                            Ok(None) => break,
+                            Err(status) => {
+                                tracing::debug!(worker = index, %status, "KV event stream broke");
+                                break;
+                            }
                         }
                     }
                 }
                 Err(status) => {
-                    status.code() == Code::OutOfRange || status.code() == Code::Unavailable
+                    if status.code() == Code::Unavailable && instance.is_some() {
+                        tracing::info!(
+                            worker = index,
+                            "worker unreachable; dropping its blocks from the index"
+                        );
+                        self.indexer.remove_worker(worker);
+                        instance = None;
+                    }
                 }
-            };
-            if reset {
-                // Cannot resume: the worker's earlier blocks are unknown or gone.
-                self.indexer.remove_worker(worker);
-                after = 0;
-                instance = None;
             }
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// Applies one batch of worker `index`'s events to the index.
+    fn apply_batch(
+        &self,
+        index: usize,
+        instance: &mut Option<u64>,
+        after: &mut u64,
+        batch: proto::KvEventBatch,
+    ) {
+        let worker = index as u64;
+        if batch.snapshot || instance.is_some_and(|i| i != batch.instance) {
+            // A snapshot replaces the view; a new instance means the worker restarted cold.
+            self.indexer.remove_worker(worker);
+        }
+        *instance = Some(batch.instance);
+        if batch.block_size > 0 {
+            self.block_size.store(batch.block_size, Ordering::Relaxed);
+        }
+        if batch.snapshot {
+            *after = batch.snapshot_seq;
+        }
+        for event in batch.events {
+            *after = (*after).max(event.seq);
+            if let Some(e) = to_index_event(event)
+                && let Err(error) = self.indexer.apply(worker, e)
+            {
+                tracing::debug!(worker = index, %error, "KV event not applied");
+            }
         }
     }
 }

@@ -2,7 +2,9 @@
 //! [`sidecar`] that fronts an engine over gRPC ([`proto`]), and [`serve`], which runs a
 //! DynamoGraphDeployment [`manifest`] as local processes. The `dynamo` binary wires these up.
 
+pub mod bench;
 pub mod cli;
+pub mod events;
 pub mod frontend;
 pub mod kv_router;
 pub mod manifest;

@@ -4,6 +4,7 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use dynamo_dataplane::{
+    bench,
     cli::{Cli, Command},
     run, serve,
 };
@@ -55,5 +56,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(serve::run(args)),
+        // The load generator parses many concurrent streams: use every core.
+        Command::Bench(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(bench::main(args)),
     }
 }

@@ -64,6 +64,14 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         context_length: model.card().context_length,
         mocker,
         drain: args.process.drain_timeout,
+        vllm_events: args
+            .vllm_kv_events
+            .clone()
+            .map(|endpoint| crate::events::vllm::ZmqSource {
+                endpoint,
+                replay: args.vllm_kv_events_replay.clone(),
+                topic: args.vllm_kv_events_topic.clone(),
+            }),
     };
     let sc = Sidecar::start(config).await?;
     tracing::info!(addr = %sc.addr, worker_id, "sidecar listening");

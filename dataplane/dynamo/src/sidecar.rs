@@ -5,19 +5,23 @@
 //! It owns the engine adapter (today the built-in mocker); it does not route or tokenize.
 
 use std::{
-    collections::VecDeque,
     net::SocketAddr,
     pin::Pin,
-    sync::{Arc, Mutex},
+    sync::Arc,
     task::{Context, Poll},
     time::Duration,
 };
 
 use axum::{extract::State, http::header, response::IntoResponse, routing::get};
-use dynamo_mocker::{Engine, FinishReason, KvEvent, MockerConfig, Output, SubmitError};
+use dynamo_mocker::{Engine, FinishReason, MockerConfig, Output, SubmitError};
 use futures::Stream;
 use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
 use tokio::sync::{broadcast, mpsc};
+
+use crate::events::{
+    EventLog,
+    vllm::{IngestStats, ZmqSource},
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
@@ -35,6 +39,8 @@ pub struct SidecarConfig {
     pub context_length: u32,
     pub mocker: MockerConfig,
     pub drain: Duration,
+    /// Publish this vLLM ZMQ event stream instead of the built-in engine's events.
+    pub vllm_events: Option<ZmqSource>,
 }
 
 /// A running sidecar: its address and the handles to stop it.
@@ -54,13 +60,34 @@ impl Sidecar {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (engine, engine_task) =
             Engine::start(config.mocker.clone(), events_tx, engine_stop.clone())?;
-        let events = EventLog::new(EVENT_RING);
-        tokio::spawn(events.clone().pump(events_rx));
+        let events = EventLog::new(
+            EVENT_RING,
+            u32::try_from(config.mocker.block_size).unwrap_or(u32::MAX),
+        );
+        let ingest = IngestStats::default();
+        match config.vllm_events.clone() {
+            Some(source) => {
+                // The built-in engine's own events are not published: drain them.
+                tokio::spawn(async move {
+                    let mut rx = events_rx;
+                    while rx.recv().await.is_some() {}
+                });
+                tokio::spawn(crate::events::vllm::run(
+                    source,
+                    events.clone(),
+                    ingest.clone(),
+                    engine_stop.clone(),
+                ));
+            }
+            None => {
+                tokio::spawn(events.clone().pump(events_rx));
+            }
+        }
 
         let draining = CancellationToken::new();
         let service = WorkerService {
             engine: engine.clone(),
-            events,
+            events: events.clone(),
             info: proto::WorkerInfo {
                 worker_id: config.worker_id.clone(),
                 model: config.model_name.clone(),
@@ -71,7 +98,12 @@ impl Sidecar {
             },
             draining: draining.clone(),
         };
-        let metrics = Arc::new(WorkerMetrics::new(&config.worker_id, &config.model_name));
+        let metrics = Arc::new(WorkerMetrics::new(
+            &config.worker_id,
+            &config.model_name,
+            events,
+            &ingest,
+        ));
         let grpc = tonic::service::Routes::new(
             WorkerServer::new(service)
                 .max_decoding_message_size(64 << 20)
@@ -188,48 +220,44 @@ impl proto::worker_server::Worker for WorkerService {
         &self,
         request: Request<proto::SubscribeKvEventsRequest>,
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
-        let after = request.into_inner().after_seq;
-        let block_size = self.info.block_size;
+        let request = request.into_inner();
+        let block_size = self.events.block_size();
         let instance = self.events.instance;
-        // Subscribe before reading the backlog so nothing falls between the two.
-        let live = self.events.live.subscribe();
-        let backlog = self.events.since(after)?;
-        let last = backlog.last().map_or(after, |e| e.seq);
-        let head = futures::stream::iter((!backlog.is_empty()).then(|| {
-            Ok(proto::KvEventBatch {
-                block_size,
-                events: backlog,
-                instance,
-            })
-        }));
-        let tail = futures::stream::unfold((live, last), move |(mut live, mut last)| async move {
-            loop {
-                match live.recv().await {
-                    Ok(events) => {
-                        // Skip what the backlog already delivered.
-                        let events: Vec<_> =
-                            events.iter().filter(|e| e.seq > last).cloned().collect();
-                        let Some(newest) = events.last() else {
-                            continue;
-                        };
-                        last = newest.seq;
-                        let batch = proto::KvEventBatch {
-                            block_size,
-                            events,
-                            instance,
-                        };
-                        return Some((Ok(batch), (live, last)));
+        let sub = self.events.subscribe(request.after_seq, request.snapshot)?;
+        let head = futures::stream::iter(sub.head.map(Ok));
+        let tail = futures::stream::unfold(
+            (sub.live, sub.last),
+            move |(mut live, mut last)| async move {
+                loop {
+                    match live.recv().await {
+                        Ok(events) => {
+                            // Skip what the head already delivered.
+                            let events: Vec<_> =
+                                events.iter().filter(|e| e.seq > last).cloned().collect();
+                            let Some(newest) = events.last() else {
+                                continue;
+                            };
+                            last = newest.seq;
+                            let batch = proto::KvEventBatch {
+                                block_size,
+                                events,
+                                instance,
+                                snapshot: false,
+                                snapshot_seq: 0,
+                            };
+                            return Some((Ok(batch), (live, last)));
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let status = Status::data_loss(format!(
+                                "subscriber fell {n} event batches behind after seq {last}; resubscribe with after_seq = {last}"
+                            ));
+                            return Some((Err(status), (live, last)));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
                     }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let status = Status::data_loss(format!(
-                            "subscriber fell {n} event batches behind after seq {last}; resubscribe with after_seq = {last}"
-                        ));
-                        return Some((Err(status), (live, last)));
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-            }
-        });
+            },
+        );
         Ok(Response::new(Box::pin(futures::StreamExt::chain(
             head, tail,
         ))))
@@ -281,113 +309,6 @@ impl Stream for GenerateStream {
     }
 }
 
-// === impl EventLog ===
-
-/// Numbers the engine's KV events and keeps the last `cap` for replay.
-#[derive(Clone)]
-struct EventLog {
-    /// Random per process, sent with every batch (see `KvEventBatch.instance`).
-    instance: u64,
-    inner: Arc<Mutex<Ring>>,
-    live: broadcast::Sender<Arc<Vec<proto::KvEvent>>>,
-}
-
-struct Ring {
-    next_seq: u64,
-    events: VecDeque<proto::KvEvent>,
-    cap: usize,
-}
-
-impl EventLog {
-    fn new(cap: usize) -> EventLog {
-        let (live, _) = broadcast::channel(1024);
-        EventLog {
-            instance: rand::random(),
-            inner: Arc::new(Mutex::new(Ring {
-                next_seq: 1,
-                events: VecDeque::with_capacity(cap),
-                cap,
-            })),
-            live,
-        }
-    }
-
-    async fn pump(self, mut rx: mpsc::UnboundedReceiver<KvEvent>) {
-        let mut batch = Vec::new();
-        while let Some(first) = rx.recv().await {
-            let mut next = Some(first);
-            {
-                let mut ring = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-                while let Some(event) = next.take() {
-                    let seq = ring.next_seq;
-                    ring.next_seq += 1;
-                    let e = to_proto(seq, event);
-                    if ring.events.len() == ring.cap {
-                        ring.events.pop_front();
-                    }
-                    ring.events.push_back(e.clone());
-                    batch.push(e);
-                    next = rx.try_recv().ok();
-                }
-            }
-            // No subscriber is fine: the ring still holds the events.
-            let _ = self.live.send(Arc::new(std::mem::take(&mut batch)));
-        }
-    }
-
-    /// Events after `after` (exclusive); `after == 0` means "from now on".
-    fn since(&self, after: u64) -> Result<Vec<proto::KvEvent>, Status> {
-        if after == 0 {
-            return Ok(Vec::new());
-        }
-        let ring = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if after >= ring.next_seq {
-            // A subscriber of an earlier incarnation of this worker (it restarted): its view is stale.
-            return Err(Status::out_of_range(format!(
-                "after_seq {after} is ahead of this worker's newest event ({}); the worker restarted: drop its blocks and subscribe from now (after_seq = 0)",
-                ring.next_seq - 1
-            )));
-        }
-        let oldest = ring.events.front().map_or(ring.next_seq, |e| e.seq);
-        if after + 1 < oldest {
-            return Err(Status::out_of_range(format!(
-                "events after {after} are no longer buffered (oldest is {oldest}); take a snapshot"
-            )));
-        }
-        Ok(ring
-            .events
-            .iter()
-            .filter(|e| e.seq > after)
-            .cloned()
-            .collect())
-    }
-}
-
-fn to_proto(seq: u64, event: KvEvent) -> proto::KvEvent {
-    use proto::kv_event::Kind;
-    let kind = match event {
-        KvEvent::Stored {
-            parent_hash,
-            blocks,
-        } => Kind::Stored(proto::KvStored {
-            parent_hash,
-            blocks: blocks
-                .into_iter()
-                .map(|b| proto::StoredBlock {
-                    block_hash: b.block_hash,
-                    tokens_hash: b.tokens_hash,
-                })
-                .collect(),
-        }),
-        KvEvent::Removed { block_hashes } => Kind::Removed(proto::KvRemoved { block_hashes }),
-        KvEvent::Cleared => Kind::Cleared(proto::KvCleared {}),
-    };
-    proto::KvEvent {
-        seq,
-        kind: Some(kind),
-    }
-}
-
 // === worker metrics ===
 
 struct WorkerMetrics {
@@ -398,10 +319,12 @@ struct WorkerMetrics {
     waiting: Gauge,
     usage: Gauge<f64, std::sync::atomic::AtomicU64>,
     hit_rate: Gauge<f64, std::sync::atomic::AtomicU64>,
+    cached_blocks: Gauge,
+    events: EventLog,
 }
 
 impl WorkerMetrics {
-    fn new(worker_id: &str, model: &str) -> WorkerMetrics {
+    fn new(worker_id: &str, model: &str, events: EventLog, ingest: &IngestStats) -> WorkerMetrics {
         let mut registry = Registry::with_prefix_and_labels(
             "dynamo_component",
             [
@@ -417,8 +340,45 @@ impl WorkerMetrics {
             waiting: Gauge::default(),
             usage: Gauge::default(),
             hit_rate: Gauge::default(),
+            cached_blocks: Gauge::default(),
+            events,
             registry: Registry::default(),
         };
+        registry.register(
+            "kv_event_blocks",
+            "KV blocks the worker holds, as its published events describe them",
+            m.cached_blocks.clone(),
+        );
+        let ingest_counters = [
+            (
+                "vllm_kv_event_batches",
+                "vLLM KV event batches ingested",
+                &ingest.batches,
+            ),
+            (
+                "vllm_kv_events",
+                "vLLM KV events published to subscribers",
+                &ingest.events,
+            ),
+            (
+                "vllm_kv_events_skipped",
+                "vLLM KV events skipped (another medium than GPU, or a LoRA adapter)",
+                &ingest.skipped,
+            ),
+            (
+                "vllm_kv_event_malformed_frames",
+                "vLLM KV event messages that could not be decoded and were skipped",
+                &ingest.malformed,
+            ),
+            (
+                "vllm_kv_event_gaps",
+                "Gaps in vLLM KV event sequence numbers",
+                &ingest.gaps,
+            ),
+        ];
+        for (name, help, counter) in ingest_counters {
+            registry.register(name, help, counter.clone());
+        }
         let counts: [(&str, &str, &Gauge); 4] = [
             (
                 "kvstats_active_blocks",
@@ -466,6 +426,7 @@ async fn worker_metrics(
     m.blocks_total.set(l.kv_blocks_total as i64);
     m.running.set(l.running as i64);
     m.waiting.set(l.waiting as i64);
+    m.cached_blocks.set(m.events.mirrored_blocks() as i64);
     m.usage
         .set(l.kv_blocks_used as f64 / l.kv_blocks_total.max(1) as f64);
     m.hit_rate.set(if l.prompt_tokens_total == 0 {

@@ -51,6 +51,7 @@ impl Graph {
                 context_length: model.card().context_length,
                 mocker: mocker(&model, speedup),
                 drain: Duration::from_secs(5),
+                vllm_events: None,
             })
             .await
             .expect("sidecar starts");

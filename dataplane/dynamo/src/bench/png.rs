@@ -1,0 +1,208 @@
+//! The TTFT CDF chart (`OUT/LABEL.png`), drawn into an RGB buffer and written as a PNG with
+//! stored (uncompressed) deflate blocks: no image or font dependencies. The chart has no text;
+//! the colour of each run and the axis ranges are printed and written to the result JSON.
+
+use serde::Serialize;
+
+use super::report::percentile;
+
+const W: usize = 800;
+const H: usize = 500;
+const MARGIN: usize = 40;
+
+/// Line colours, in run order.
+pub const PALETTE: &[([u8; 3], &str)] = &[
+    ([31, 119, 180], "blue"),
+    ([255, 127, 14], "orange"),
+    ([44, 160, 44], "green"),
+    ([214, 39, 40], "red"),
+    ([148, 103, 189], "purple"),
+    ([140, 86, 75], "brown"),
+    ([227, 119, 194], "pink"),
+    ([127, 127, 127], "grey"),
+];
+
+/// What the chart shows, for the reader of the image.
+#[derive(Debug, Clone, Serialize)]
+pub struct Legend {
+    pub title: &'static str,
+    /// The x axis spans 0..x_max_ms; vertical grid lines every tenth of it.
+    pub x_max_ms: f64,
+    /// The y axis spans 0..1; horizontal grid lines every 0.1.
+    pub series: Vec<(String, &'static str)>,
+}
+
+/// Draws one CDF line per `(label, sorted TTFTs)` and returns the PNG bytes and the legend.
+pub fn ttft_cdf(runs: &[(String, Vec<f64>)]) -> (Vec<u8>, Legend) {
+    let x_max = runs
+        .iter()
+        .map(|(_, v)| percentile(v, 99.0))
+        .fold(0.0, f64::max)
+        .max(1e-3)
+        * 1.1;
+    let mut img = Canvas::new();
+    let (x0, y0, x1, y1) = (MARGIN, H - MARGIN, W - MARGIN / 2, MARGIN / 2);
+    for i in 0..=10 {
+        let x = x0 + (x1 - x0) * i / 10;
+        let y = y0 - (y0 - y1) * i / 10;
+        img.line(x, y0, x, y1, [225, 225, 225], 1);
+        img.line(x0, y, x1, y, [225, 225, 225], 1);
+    }
+    img.line(x0, y0, x1, y0, [0, 0, 0], 2);
+    img.line(x0, y0, x0, y1, [0, 0, 0], 2);
+    let to_px = |v: f64, frac: f64| {
+        let x = x0 as f64 + (v / x_max).min(1.0) * (x1 - x0) as f64;
+        let y = y0 as f64 - frac * (y0 - y1) as f64;
+        (x.round() as usize, y.round() as usize)
+    };
+    let mut series = Vec::new();
+    for (i, (label, values)) in runs.iter().enumerate() {
+        let (colour, name) = PALETTE[i % PALETTE.len()];
+        series.push((label.clone(), name));
+        let n = values.len() as f64;
+        let mut prev = to_px(0.0, 0.0);
+        for (k, &v) in values.iter().enumerate() {
+            let step = to_px(v, k as f64 / n);
+            let up = to_px(v, (k + 1) as f64 / n);
+            img.line(prev.0, prev.1, step.0, step.1, colour, 2);
+            img.line(step.0, step.1, up.0, up.1, colour, 2);
+            prev = up;
+        }
+    }
+    let legend = Legend {
+        title: "TTFT CDF (x: TTFT ms, y: fraction of successful requests)",
+        x_max_ms: x_max,
+        series,
+    };
+    (img.png(), legend)
+}
+
+struct Canvas {
+    rgb: Vec<u8>,
+}
+
+impl Canvas {
+    fn new() -> Canvas {
+        Canvas {
+            rgb: vec![255; W * H * 3],
+        }
+    }
+
+    fn dot(&mut self, x: usize, y: usize, c: [u8; 3], size: usize) {
+        for dy in 0..size {
+            for dx in 0..size {
+                let (x, y) = (x + dx, y + dy);
+                if x < W && y < H {
+                    let i = (y * W + x) * 3;
+                    self.rgb[i..i + 3].copy_from_slice(&c);
+                }
+            }
+        }
+    }
+
+    /// Bresenham's line.
+    fn line(&mut self, x0: usize, y0: usize, x1: usize, y1: usize, c: [u8; 3], size: usize) {
+        let (mut x, mut y) = (x0 as i64, y0 as i64);
+        let (x1, y1) = (x1 as i64, y1 as i64);
+        let (dx, dy) = ((x1 - x).abs(), -(y1 - y).abs());
+        let (sx, sy) = (if x < x1 { 1 } else { -1 }, if y < y1 { 1 } else { -1 });
+        let mut err = dx + dy;
+        loop {
+            self.dot(x as usize, y as usize, c, size);
+            if x == x1 && y == y1 {
+                break;
+            }
+            let e2 = 2 * err;
+            if e2 >= dy {
+                err += dy;
+                x += sx;
+            }
+            if e2 <= dx {
+                err += dx;
+                y += sy;
+            }
+        }
+    }
+
+    fn png(&self) -> Vec<u8> {
+        let mut raw = Vec::with_capacity(H * (W * 3 + 1));
+        for row in self.rgb.chunks(W * 3) {
+            raw.push(0); // filter: none
+            raw.extend_from_slice(row);
+        }
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&(W as u32).to_be_bytes());
+        ihdr.extend_from_slice(&(H as u32).to_be_bytes());
+        ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+        chunk(&mut out, b"IHDR", &ihdr);
+        chunk(&mut out, b"IDAT", &zlib_stored(&raw));
+        chunk(&mut out, b"IEND", &[]);
+        out
+    }
+}
+
+fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let start = out.len();
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let crc = crc32(&out[start..]);
+    out.extend_from_slice(&crc.to_be_bytes());
+}
+
+/// A zlib stream of stored deflate blocks.
+fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = data.chunks(65_535).collect();
+    for (i, b) in blocks.iter().enumerate() {
+        out.push(u8::from(i + 1 == blocks.len()));
+        let len = b.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(b);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &byte in data {
+        a = (a + u32::from(byte)) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    out
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn chart_is_a_png_with_one_series_per_run() {
+        let (png, legend) = ttft_cdf(&[
+            ("a".into(), vec![1.0, 2.0, 3.0]),
+            ("b".into(), vec![2.0, 4.0]),
+        ]);
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        assert!(png.ends_with(&[0xAE, 0x42, 0x60, 0x82]), "IEND crc");
+        assert_eq!(legend.series.len(), 2);
+    }
+}

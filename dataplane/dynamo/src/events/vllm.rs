@@ -1,0 +1,597 @@
+//! Ingest of vLLM's KV events: the engine's ZMQ publisher sends multipart messages
+//! `[topic, seq (8 bytes, big-endian), payload]`, the payload a msgpack `KVEventBatch`
+//! `(ts, events, data_parallel_rank)` whose events are `BlockStored`, `BlockRemoved` and
+//! `AllBlocksCleared` (msgspec structs tagged with their class name).
+//!
+//! Both encodings vLLM has shipped are accepted: array-like (`["BlockStored", block_hashes,
+//! parent_block_hash, token_ids, block_size, lora_id, medium, ...]`, vLLM ≤ 0.11) and map-like
+//! (`{"type": "BlockStored", "block_hashes": ...}`, later versions). Block hashes may be integers or
+//! bytes (vLLM's sha256 hashing); bytes are folded to 64 bits with xxh3.
+//!
+//! vLLM's block hashes become the events' sequence hashes (they chain within one worker, which is
+//! all the index needs); the local hash of each block is computed here from its token ids with
+//! Dynamo's hashing, so requests routed by token ids match them. Events for blocks in another
+//! medium than the GPU (offload tiers) and for LoRA adapters are skipped and counted: the router
+//! hashes prompts without adapter identity.
+//!
+//! A malformed frame is counted, logged and skipped; a gap in sequence numbers is repaired from
+//! the publisher's replay socket when one is configured, and otherwise answered by clearing the
+//! worker's blocks (a stale index would route to blocks that are gone).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
+use rmpv::Value;
+use tokio_util::sync::CancellationToken;
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use super::EventLog;
+use crate::proto::{self, kv_event::Kind};
+
+/// What can be wrong with one payload. Static messages: this runs per frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("payload is not msgpack")]
+    NotMsgpack,
+    #[error("payload is not a KVEventBatch (ts, events, data_parallel_rank)")]
+    NotABatch,
+    #[error("event is not a tagged BlockStored / BlockRemoved / AllBlocksCleared")]
+    UnknownEvent,
+    #[error("event field has the wrong type")]
+    BadField,
+    #[error("BlockStored token_ids do not fill its block_hashes at block_size")]
+    TokenCountMismatch,
+}
+
+/// One vLLM event, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VllmEvent {
+    Stored {
+        block_hashes: Vec<u64>,
+        parent: Option<u64>,
+        token_ids: Vec<u32>,
+        block_size: u32,
+        /// A LoRA adapter (`lora_id` or `lora_name`) is set.
+        lora: bool,
+        medium: Option<String>,
+    },
+    Removed {
+        block_hashes: Vec<u64>,
+        medium: Option<String>,
+    },
+    Cleared,
+}
+
+const STORED_FIELDS: [&str; 7] = [
+    "block_hashes",
+    "parent_block_hash",
+    "token_ids",
+    "block_size",
+    "lora_id",
+    "medium",
+    "lora_name",
+];
+const REMOVED_FIELDS: [&str; 2] = ["block_hashes", "medium"];
+
+/// Decodes one `KVEventBatch` payload.
+pub fn decode_batch(mut payload: &[u8]) -> Result<Vec<VllmEvent>, DecodeError> {
+    let value = rmpv::decode::read_value(&mut payload).map_err(|_| DecodeError::NotMsgpack)?;
+    let events = match &value {
+        Value::Array(fields) => fields.get(1),
+        Value::Map(_) => field(&value, "events"),
+        _ => None,
+    };
+    let Some(Value::Array(events)) = events else {
+        return Err(DecodeError::NotABatch);
+    };
+    events.iter().map(decode_event).collect()
+}
+
+fn field<'a>(map: &'a Value, name: &str) -> Option<&'a Value> {
+    match map {
+        Value::Map(entries) => entries
+            .iter()
+            .find(|(k, _)| k.as_str() == Some(name))
+            .map(|(_, v)| v),
+        _ => None,
+    }
+}
+
+/// The event's tag and its fields in declaration order (absent trailing fields are `None`).
+fn tagged<'a, const N: usize>(
+    event: &'a Value,
+    names: &[&str; N],
+) -> Result<[Option<&'a Value>; N], DecodeError> {
+    let mut out = [None; N];
+    match event {
+        Value::Array(items) => {
+            for (slot, v) in out.iter_mut().zip(items.iter().skip(1)) {
+                *slot = Some(v);
+            }
+        }
+        Value::Map(_) => {
+            for (slot, name) in out.iter_mut().zip(names) {
+                *slot = field(event, name);
+            }
+        }
+        _ => return Err(DecodeError::UnknownEvent),
+    }
+    Ok(out)
+}
+
+fn tag(event: &Value) -> Option<&str> {
+    match event {
+        Value::Array(items) => items.first().and_then(Value::as_str),
+        Value::Map(_) => field(event, "type").and_then(Value::as_str),
+        _ => None,
+    }
+}
+
+fn decode_event(event: &Value) -> Result<VllmEvent, DecodeError> {
+    match tag(event).ok_or(DecodeError::UnknownEvent)? {
+        "BlockStored" => {
+            let [
+                hashes,
+                parent,
+                tokens,
+                block_size,
+                lora_id,
+                medium,
+                lora_name,
+            ] = tagged(event, &STORED_FIELDS)?;
+            let token_ids = match tokens {
+                Some(Value::Array(ts)) => ts
+                    .iter()
+                    .map(|t| t.as_u64().and_then(|t| u32::try_from(t).ok()))
+                    .collect::<Option<Vec<u32>>>()
+                    .ok_or(DecodeError::BadField)?,
+                _ => return Err(DecodeError::BadField),
+            };
+            let block_size = block_size
+                .and_then(Value::as_u64)
+                .and_then(|b| u32::try_from(b).ok())
+                .filter(|&b| b > 0)
+                .ok_or(DecodeError::BadField)?;
+            Ok(VllmEvent::Stored {
+                block_hashes: hash_list(hashes)?,
+                parent: optional_hash(parent)?,
+                token_ids,
+                block_size,
+                lora: !is_nil(lora_id) || !is_nil(lora_name),
+                medium: optional_str(medium)?,
+            })
+        }
+        "BlockRemoved" => {
+            let [hashes, medium] = tagged(event, &REMOVED_FIELDS)?;
+            Ok(VllmEvent::Removed {
+                block_hashes: hash_list(hashes)?,
+                medium: optional_str(medium)?,
+            })
+        }
+        "AllBlocksCleared" => Ok(VllmEvent::Cleared),
+        _ => Err(DecodeError::UnknownEvent),
+    }
+}
+
+fn is_nil(v: Option<&Value>) -> bool {
+    v.is_none_or(Value::is_nil)
+}
+
+fn hash(v: &Value) -> Result<u64, DecodeError> {
+    match v {
+        // Python ints: vLLM's builtin-hash modes can be negative; keep the bits.
+        Value::Integer(i) => i
+            .as_u64()
+            .or_else(|| i.as_i64().map(|x| x as u64))
+            .ok_or(DecodeError::BadField),
+        Value::Binary(b) => Ok(xxhash_rust::xxh3::xxh3_64(b)),
+        _ => Err(DecodeError::BadField),
+    }
+}
+
+fn hash_list(v: Option<&Value>) -> Result<Vec<u64>, DecodeError> {
+    match v {
+        Some(Value::Array(items)) => items.iter().map(hash).collect(),
+        _ => Err(DecodeError::BadField),
+    }
+}
+
+fn optional_hash(v: Option<&Value>) -> Result<Option<u64>, DecodeError> {
+    match v {
+        None | Some(Value::Nil) => Ok(None),
+        Some(h) => hash(h).map(Some),
+    }
+}
+
+fn optional_str(v: Option<&Value>) -> Result<Option<String>, DecodeError> {
+    match v {
+        None | Some(Value::Nil) => Ok(None),
+        Some(Value::String(s)) => s
+            .as_str()
+            .map(|s| Some(s.to_owned()))
+            .ok_or(DecodeError::BadField),
+        Some(_) => Err(DecodeError::BadField),
+    }
+}
+
+fn on_gpu(medium: Option<&str>) -> bool {
+    medium.is_none_or(|m| m.eq_ignore_ascii_case("gpu"))
+}
+
+/// Turns decoded events into the event plane's kinds; returns them and how many were skipped
+/// (other medium, LoRA).
+pub fn to_kinds(events: Vec<VllmEvent>) -> Result<(Vec<Kind>, u64), DecodeError> {
+    let mut kinds = Vec::with_capacity(events.len());
+    let mut skipped = 0;
+    for event in events {
+        match event {
+            VllmEvent::Stored {
+                block_hashes,
+                parent,
+                token_ids,
+                block_size,
+                lora,
+                medium,
+            } => {
+                if lora || !on_gpu(medium.as_deref()) {
+                    skipped += 1;
+                    continue;
+                }
+                let bs = block_size as usize;
+                if token_ids.len() != block_hashes.len() * bs {
+                    return Err(DecodeError::TokenCountMismatch);
+                }
+                let blocks = block_hashes
+                    .iter()
+                    .zip(token_ids.chunks_exact(bs))
+                    .map(|(&h, tokens)| proto::StoredBlock {
+                        block_hash: h,
+                        tokens_hash: dynamo_kv::local_block_hash(tokens),
+                    })
+                    .collect();
+                kinds.push(Kind::Stored(proto::KvStored {
+                    parent_hash: parent,
+                    blocks,
+                }));
+            }
+            VllmEvent::Removed {
+                block_hashes,
+                medium,
+            } => {
+                if !on_gpu(medium.as_deref()) {
+                    skipped += 1;
+                    continue;
+                }
+                kinds.push(Kind::Removed(proto::KvRemoved { block_hashes }));
+            }
+            VllmEvent::Cleared => kinds.push(Kind::Cleared(proto::KvCleared {})),
+        }
+    }
+    Ok((kinds, skipped))
+}
+
+// === ZMQ subscriber ===
+
+/// Counters of the ingest, registered on the sidecar's `/metrics`.
+#[derive(Clone, Default)]
+pub struct IngestStats {
+    pub batches: Counter,
+    pub events: Counter,
+    pub skipped: Counter,
+    pub malformed: Counter,
+    pub gaps: Counter,
+}
+
+/// Where to read vLLM's events.
+#[derive(Debug, Clone)]
+pub struct ZmqSource {
+    /// The publisher's PUB endpoint, e.g. `tcp://127.0.0.1:5557`.
+    pub endpoint: String,
+    /// The publisher's ROUTER replay endpoint, if it has one.
+    pub replay: Option<String>,
+    /// Topic prefix to subscribe to (vLLM's default is empty).
+    pub topic: String,
+}
+
+/// One message's sequence number and payload; `None` when the frames are not vLLM's shape.
+fn split_frames(message: ZmqMessage) -> Option<(i64, Bytes)> {
+    let mut frames = message.into_vec();
+    let payload = frames.pop()?;
+    let seq = frames.pop()?;
+    let seq: [u8; 8] = seq.as_ref().try_into().ok()?;
+    Some((i64::from_be_bytes(seq), payload))
+}
+
+impl IngestStats {
+    /// Decodes one payload into `log`; a malformed one is counted and dropped.
+    pub fn ingest(&self, log: &EventLog, seq: i64, payload: &[u8]) {
+        match decode_batch(payload).and_then(to_kinds) {
+            Ok((kinds, skipped)) => {
+                self.batches.inc();
+                self.events.inc_by(kinds.len() as u64);
+                self.skipped.inc_by(skipped);
+                log.append(kinds);
+            }
+            Err(error) => {
+                self.malformed.inc();
+                tracing::warn!(seq, %error, bytes = payload.len(), "skipping a malformed vLLM KV event batch");
+            }
+        }
+    }
+}
+
+/// Reads `source` into `log` until `shutdown`, reconnecting after errors.
+pub async fn run(
+    source: ZmqSource,
+    log: EventLog,
+    stats: IngestStats,
+    shutdown: CancellationToken,
+) {
+    let mut last: Option<i64> = None;
+    loop {
+        let mut socket = zeromq::SubSocket::new();
+        let connected = tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = socket.connect(&source.endpoint) => r,
+        };
+        if let Err(error) = connected {
+            tracing::warn!(endpoint = %source.endpoint, %error, "cannot connect to the vLLM KV event publisher; retrying");
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        }
+        if let Err(error) = socket.subscribe(&source.topic).await {
+            tracing::warn!(%error, "cannot subscribe to vLLM KV events; retrying");
+            continue;
+        }
+        tracing::info!(endpoint = %source.endpoint, "following vLLM KV events");
+        loop {
+            let message = tokio::select! {
+                () = shutdown.cancelled() => return,
+                m = socket.recv() => m,
+            };
+            let message = match message {
+                Ok(m) => m,
+                Err(error) => {
+                    tracing::warn!(%error, "vLLM KV event stream broke; reconnecting");
+                    break;
+                }
+            };
+            let Some((seq, payload)) = split_frames(message) else {
+                stats.malformed.inc();
+                tracing::warn!(
+                    "skipping a vLLM KV event message without [topic, seq, payload] frames"
+                );
+                continue;
+            };
+            let expected = last.map_or(0, |l| l + 1);
+            if seq > expected && (last.is_some() || source.replay.is_some()) {
+                recover_gap(&source, &log, &stats, expected, seq).await;
+            }
+            if last.is_some_and(|l| seq <= l) {
+                if seq != 0 {
+                    continue; // already applied (a replayed batch)
+                }
+                // The publisher restarted, and its engine's cache with it.
+                log.append([Kind::Cleared(proto::KvCleared {})]);
+            }
+            stats.ingest(&log, seq, &payload);
+            last = Some(seq);
+        }
+    }
+}
+
+/// Fetches batches `from..until` from the replay socket; without one (or when it fails), clears
+/// the worker's blocks so the index forgets what it can no longer vouch for.
+async fn recover_gap(
+    source: &ZmqSource,
+    log: &EventLog,
+    stats: &IngestStats,
+    from: i64,
+    until: i64,
+) {
+    stats.gaps.inc();
+    if let Some(endpoint) = source.replay.clone() {
+        // The zeromq crate panics on some peer errors inside recv: contain that in a task.
+        let fetched = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(5), replay(&endpoint, from)).await
+        })
+        .await;
+        if let Ok(Ok(Ok(batches))) = fetched {
+            let mut next = from;
+            for (seq, payload) in batches {
+                if seq == next && seq < until {
+                    stats.ingest(log, seq, &payload);
+                    next += 1;
+                }
+            }
+            if next == until {
+                tracing::info!(
+                    from,
+                    until,
+                    "recovered missed vLLM KV events from the replay socket"
+                );
+                return;
+            }
+        }
+    }
+    tracing::warn!(
+        from,
+        until,
+        "missed vLLM KV events could not be replayed; dropping this worker's blocks from the index"
+    );
+    log.append([Kind::Cleared(proto::KvCleared {})]);
+}
+
+async fn replay(endpoint: &str, from: i64) -> zeromq::ZmqResult<Vec<(i64, Bytes)>> {
+    let mut socket = zeromq::DealerSocket::new();
+    socket.connect(endpoint).await?;
+    let request: ZmqMessage = vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())]
+        .try_into()
+        .map_err(|_| zeromq::ZmqError::NoMessage)?;
+    socket.send(request).await?;
+    let mut out = Vec::new();
+    loop {
+        let Some((seq, payload)) = split_frames(socket.recv().await?) else {
+            continue;
+        };
+        if seq < 0 {
+            return Ok(out);
+        }
+        out.push((seq, payload));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode(v: &Value) -> Vec<u8> {
+        let mut out = Vec::new();
+        rmpv::encode::write_value(&mut out, v).expect("encodes");
+        out
+    }
+
+    fn s(x: &str) -> Value {
+        Value::from(x)
+    }
+
+    fn ints(xs: &[u64]) -> Value {
+        Value::Array(xs.iter().map(|&x| Value::from(x)).collect())
+    }
+
+    #[test]
+    fn array_like_batch_decodes_and_hashes_each_block_locally() {
+        let tokens: Vec<u64> = (0..8).collect();
+        let batch = Value::Array(vec![
+            Value::from(1.5),
+            Value::Array(vec![
+                Value::Array(vec![
+                    s("BlockStored"),
+                    ints(&[11, 12]),
+                    Value::Nil,
+                    ints(&tokens),
+                    Value::from(4),
+                    Value::Nil,
+                    s("GPU"),
+                ]),
+                Value::Array(vec![s("BlockRemoved"), ints(&[11]), Value::Nil]),
+                Value::Array(vec![s("AllBlocksCleared")]),
+            ]),
+            Value::from(0),
+        ]);
+        let events = decode_batch(&encode(&batch)).expect("decodes");
+        let (kinds, skipped) = to_kinds(events).expect("valid");
+        assert_eq!(skipped, 0);
+        let Kind::Stored(stored) = &kinds[0] else {
+            panic!("{kinds:?}")
+        };
+        assert_eq!(stored.parent_hash, None);
+        assert_eq!(stored.blocks[0].block_hash, 11);
+        assert_eq!(
+            stored.blocks[1].tokens_hash,
+            dynamo_kv::local_block_hash(&[4, 5, 6, 7])
+        );
+        assert!(matches!(&kinds[1], Kind::Removed(r) if r.block_hashes == [11]));
+        assert!(matches!(&kinds[2], Kind::Cleared(_)));
+    }
+
+    #[test]
+    fn map_like_batch_with_bytes_hashes_decodes() {
+        let stored = Value::Map(vec![
+            (s("type"), s("BlockStored")),
+            (
+                s("block_hashes"),
+                Value::Array(vec![Value::Binary(vec![7; 32])]),
+            ),
+            (s("parent_block_hash"), Value::Binary(vec![1; 32])),
+            (s("token_ids"), ints(&[1, 2])),
+            (s("block_size"), Value::from(2)),
+            (s("lora_id"), Value::Nil),
+            (s("medium"), s("GPU")),
+            (s("lora_name"), Value::Nil),
+        ]);
+        let batch = Value::Map(vec![
+            (s("ts"), Value::from(2.0)),
+            (s("events"), Value::Array(vec![stored])),
+        ]);
+        let events = decode_batch(&encode(&batch)).expect("decodes");
+        assert_eq!(
+            events,
+            [VllmEvent::Stored {
+                block_hashes: vec![xxhash_rust::xxh3::xxh3_64(&[7; 32])],
+                parent: Some(xxhash_rust::xxh3::xxh3_64(&[1; 32])),
+                token_ids: vec![1, 2],
+                block_size: 2,
+                lora: false,
+                medium: Some("GPU".into()),
+            }]
+        );
+    }
+
+    #[test]
+    fn cpu_tier_and_lora_events_are_skipped() {
+        let events = vec![
+            VllmEvent::Removed {
+                block_hashes: vec![1],
+                medium: Some("CPU".into()),
+            },
+            VllmEvent::Stored {
+                block_hashes: vec![1],
+                parent: None,
+                token_ids: vec![1],
+                block_size: 1,
+                lora: true,
+                medium: None,
+            },
+        ];
+        let (kinds, skipped) = to_kinds(events).expect("valid");
+        assert!(kinds.is_empty());
+        assert_eq!(skipped, 2);
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_not_panics() {
+        assert_eq!(decode_batch(&[0x92, 0x01]), Err(DecodeError::NotMsgpack));
+        assert_eq!(
+            decode_batch(&encode(&Value::from(3))),
+            Err(DecodeError::NotABatch)
+        );
+        let unknown = Value::Array(vec![
+            Value::from(0.0),
+            Value::Array(vec![Value::Array(vec![s("Nope")])]),
+        ]);
+        assert_eq!(
+            decode_batch(&encode(&unknown)),
+            Err(DecodeError::UnknownEvent)
+        );
+        let short = Value::Array(vec![
+            Value::from(0.0),
+            Value::Array(vec![Value::Array(vec![
+                s("BlockStored"),
+                ints(&[1, 2]),
+                Value::Nil,
+                ints(&[1, 2, 3]),
+                Value::from(2),
+            ])]),
+        ]);
+        let events = decode_batch(&encode(&short)).expect("decodes");
+        assert_eq!(to_kinds(events), Err(DecodeError::TokenCountMismatch));
+        let bad_token = Value::Array(vec![
+            Value::from(0.0),
+            Value::Array(vec![Value::Array(vec![
+                s("BlockStored"),
+                ints(&[1]),
+                Value::Nil,
+                Value::Array(vec![s("x")]),
+                Value::from(1),
+            ])]),
+        ]);
+        assert_eq!(
+            decode_batch(&encode(&bad_token)),
+            Err(DecodeError::BadField)
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! `dynamo bench` against the whole local graph in one process (real sidecars with the mocker
+//! engine behind a real frontend, on ephemeral ports), replaying a small Mooncake-style trace.
+
+use std::{sync::Arc, time::Duration};
+
+use clap::Parser;
+use dynamo_dataplane::{
+    bench::{self, BenchArgs},
+    frontend::{Frontend, FrontendConfig},
+    router::RouterMode,
+    sidecar::{Sidecar, SidecarConfig},
+};
+use dynamo_mocker::MockerConfig;
+use dynamo_model::Model;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+fn mocker(model: &Model, speedup: f64) -> MockerConfig {
+    let card = model.card();
+    MockerConfig {
+        vocab_size: card.vocab_size,
+        eos_token_ids: card.eos_token_ids.clone(),
+        special_token_ids: card.special_token_ids.clone(),
+        speedup,
+        num_gpu_blocks: 4096,
+        ..MockerConfig::default()
+    }
+}
+
+async fn graph(model: &Arc<Model>, workers: usize) -> (Frontend, Vec<Sidecar>) {
+    let mut sidecars = Vec::new();
+    for i in 0..workers {
+        let sc = Sidecar::start(SidecarConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            worker_id: format!("w{i}"),
+            model_name: model.card().name.clone(),
+            context_length: model.card().context_length,
+            mocker: mocker(model, 1000.0),
+            drain: Duration::from_secs(5),
+            vllm_events: None,
+        })
+        .await
+        .expect("sidecar starts");
+        sidecars.push(sc);
+    }
+    let frontend = Frontend::start(
+        FrontendConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            workers: sidecars
+                .iter()
+                .map(|s| format!("http://{}", s.addr))
+                .collect(),
+            router_mode: RouterMode::RoundRobin,
+            kv: Default::default(),
+            max_body_bytes: 1 << 22,
+            health_interval: Duration::from_millis(200),
+            drain: Duration::from_secs(5),
+        },
+        model.clone(),
+    )
+    .await
+    .expect("frontend starts");
+    (frontend, sidecars)
+}
+
+/// 20 lines in 4 conversations: each later turn extends its conversation's hash ids.
+fn trace_text() -> String {
+    let mut out = String::new();
+    for i in 0..20u64 {
+        let conv = i % 4;
+        let turn = i / 4;
+        let blocks = 2 + turn;
+        let ids: Vec<String> = (0..blocks).map(|b| (conv * 100 + b).to_string()).collect();
+        out.push_str(&format!(
+            "{{\"timestamp\": {}, \"input_length\": {}, \"output_length\": {}, \"hash_ids\": [{}]}}\n",
+            i * 20,
+            blocks * 64 - 10,
+            5 + i,
+            ids.join(", ")
+        ));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_replays_a_trace_and_writes_its_results() {
+    let model = Arc::new(Model::builtin());
+    let (frontend, sidecars) = graph(&model, 2).await;
+    let dir = std::env::temp_dir().join(format!(
+        "dynamo-bench-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos())
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let trace = dir.join("trace.jsonl");
+    std::fs::write(&trace, trace_text()).expect("trace written");
+
+    for endpoint in ["completions", "chat"] {
+        let args = Cli::parse_from([
+            "bench",
+            "--url",
+            &format!("http://{}", frontend.addr),
+            "--trace",
+            trace.to_str().expect("utf-8 path"),
+            "--block-tokens",
+            "64",
+            "--time-scale",
+            "4",
+            "--timeout",
+            "30s",
+            "--endpoint",
+            endpoint,
+            "--label",
+            endpoint,
+            "--out",
+            dir.to_str().expect("utf-8 path"),
+        ])
+        .bench;
+        let outcome = bench::run(&args, &model).await.expect("bench runs");
+        let s = &outcome.report.summary;
+        let failures: Vec<_> = outcome
+            .report
+            .records
+            .iter()
+            .filter_map(|r| r.error.clone())
+            .collect();
+        assert_eq!((s.requests, s.ok), (20, 20), "{endpoint}: {failures:?}");
+        for r in &outcome.report.records {
+            assert_eq!(r.completion_tokens, r.output_length, "{endpoint}");
+            assert!(r.ttft_ms.is_some(), "{endpoint}: TTFT recorded");
+            if endpoint == "completions" {
+                assert_eq!(
+                    r.prompt_tokens, r.input_length,
+                    "token-id prompts are exact"
+                );
+            }
+        }
+        assert!(s.oracle_hit_rate > 0.0);
+        assert!(
+            s.hit_rate > 0.0,
+            "{endpoint}: shared prefixes hit the cache"
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&outcome.json_path).expect("json written"))
+                .expect("json parses");
+        assert_eq!(json["records"].as_array().map(Vec::len), Some(20));
+        assert_eq!(json["summary"]["ok"], 20);
+        let png = std::fs::read(&outcome.png_path).expect("png written");
+        assert!(png.starts_with(b"\x89PNG"), "a PNG");
+        assert!(outcome.table.contains("TTFT p99 ms"));
+    }
+
+    // A later run can be compared with an earlier result file.
+    let args = Cli::parse_from([
+        "bench",
+        "--url",
+        &format!("http://{}", frontend.addr),
+        "--synthetic",
+        "--requests",
+        "6",
+        "--rate",
+        "50",
+        "--isl",
+        "40",
+        "--osl",
+        "4",
+        "--turns",
+        "2",
+        "--block-tokens",
+        "16",
+        "--label",
+        "synthetic",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+        "--compare",
+        dir.join("completions.json").to_str().expect("utf-8 path"),
+    ])
+    .bench;
+    let outcome = bench::run(&args, &model)
+        .await
+        .expect("synthetic bench runs");
+    assert_eq!(outcome.report.summary.ok, 6);
+    assert!(outcome.table.contains("completions"), "{}", outcome.table);
+
+    frontend.shutdown(Duration::ZERO).await;
+    for s in sidecars {
+        s.shutdown().await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn bench_counts_an_unreachable_server_as_failures() {
+    let model = Model::builtin();
+    let dir = std::env::temp_dir().join(format!("dynamo-bench-down-{}", std::process::id()));
+    let args = Cli::parse_from([
+        "bench",
+        "--url",
+        "http://127.0.0.1:1",
+        "--synthetic",
+        "--requests",
+        "3",
+        "--rate",
+        "1000",
+        "--isl",
+        "8",
+        "--osl",
+        "2",
+        "--timeout",
+        "5s",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+    ])
+    .bench;
+    let outcome = bench::run(&args, &model).await.expect("run ends");
+    assert_eq!(outcome.report.summary.failed, 3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
