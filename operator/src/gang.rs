@@ -1,0 +1,494 @@
+//! Gangs: naming, labels and the pods of one replica of a service.
+//!
+//! A replica of a service is a gang of `multinode.nodeCount` pods, rank 0 the leader. Pods have
+//! stable names (`<graph>-<service>-<gang>-<rank>`), so a restarted operator finds what it made
+//! and creating twice is harmless. Every pod starts with the scheduling gate [`GANG_GATE`]; the
+//! placement step pins it and lifts the gates of a whole gang together.
+//! The template hash label says which pod template a pod was built from (for rolling updates).
+
+use std::collections::BTreeMap;
+
+use dynamo_crds::{ComponentType, DynamoGraphDeployment, DynamoGraphDeploymentSpec, ServiceSpec};
+use k8s_openapi::api::core::v1::{
+    Affinity, Container, ContainerPort, EnvFromSource, EnvVar, NodeAffinity, NodeSelector,
+    NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSchedulingGate, PodSpec,
+    ResourceRequirements, SecretEnvSource,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use serde_json::Value;
+
+/// The scheduling gate every gang pod is created with.
+pub const GANG_GATE: &str = "nvidia.com/gang";
+/// GPU resource name.
+pub const GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+pub const LABEL_GRAPH: &str = "nvidia.com/dynamo-graph";
+pub const LABEL_SERVICE: &str = "nvidia.com/dynamo-service";
+pub const LABEL_COMPONENT: &str = "nvidia.com/dynamo-component-type";
+pub const LABEL_GANG: &str = "nvidia.com/dynamo-gang";
+pub const LABEL_RANK: &str = "nvidia.com/dynamo-rank";
+pub const LABEL_TEMPLATE_HASH: &str = "nvidia.com/dynamo-template-hash";
+/// Set on a pod when placement pins it: the node it is pinned to.
+pub const ANNOTATION_NODE: &str = "nvidia.com/dynamo-placement-node";
+/// Set on a pod when its gate is lifted: RFC 3339 time (for the partial-binding deadline).
+pub const ANNOTATION_UNGATED_AT: &str = "nvidia.com/dynamo-ungated-at";
+
+/// Port of the frontend's OpenAI API.
+pub const FRONTEND_PORT: i32 = 8000;
+
+/// The lowercase form of a service name used in object names.
+pub fn service_slug(service: &str) -> String {
+    service.to_ascii_lowercase()
+}
+
+/// `<graph>-<service>-<gang>-<rank>`.
+pub fn pod_name(graph: &str, service: &str, gang: u32, rank: u32) -> String {
+    format!("{graph}-{}-{gang}-{rank}", service_slug(service))
+}
+
+/// The headless Service that gives gang pods DNS names (`<pod>.<this>.<ns>.svc`).
+pub fn headless_service_name(graph: &str, service: &str) -> String {
+    format!("{graph}-{}-pods", service_slug(service))
+}
+
+/// The ClusterIP Service of a frontend, and the name of every service's scaling adapter.
+pub fn service_name(graph: &str, service: &str) -> String {
+    format!("{graph}-{}", service_slug(service))
+}
+
+/// Labels selecting every pod of a service.
+pub fn selector_labels(graph: &str, service: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_GRAPH.to_string(), graph.to_string()),
+        (LABEL_SERVICE.to_string(), service.to_string()),
+    ])
+}
+
+/// The same selector as a string (`k=v,k=v`), for the scale subresource.
+pub fn selector_string(graph: &str, service: &str) -> String {
+    selector_labels(graph, service)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Names that must be valid DNS labels (Services) must fit in 63 characters.
+pub fn check_names(graph: &str, service: &str) -> Result<(), String> {
+    let longest = headless_service_name(graph, service);
+    if longest.len() > 63 {
+        return Err(format!(
+            "the Service name {longest:?} would be {} characters (at most 63): shorten the graph name or service {service:?}",
+            longest.len()
+        ));
+    }
+    if !graph.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return Err(format!(
+            "graph name {graph:?} must start with a lowercase letter: it prefixes Service names"
+        ));
+    }
+    Ok(())
+}
+
+/// FNV-1a 64: a hash that stays the same across Rust versions and operator restarts.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Hash of everything that shapes a service's pods (not its replica count).
+pub fn template_hash(graph: &DynamoGraphDeploymentSpec, service: &ServiceSpec) -> String {
+    let mut svc = service.clone();
+    svc.replicas = None;
+    let shape = serde_json::json!({
+        "envs": graph.envs,
+        "backend": graph.backend_framework,
+        "service": svc,
+        "packDomain": service.pack_domain(graph),
+    });
+    format!("{:016x}", fnv1a(shape.to_string().as_bytes()))[..10].to_string()
+}
+
+/// What [`build_pod`] needs besides the graph.
+#[derive(Debug, Clone)]
+pub struct PodContext<'a> {
+    pub graph: &'a DynamoGraphDeployment,
+    pub service: &'a str,
+    pub gang: u32,
+    pub rank: u32,
+    pub hash: &'a str,
+    /// Image for services whose `extraPodSpec.mainContainer.image` is empty.
+    pub default_image: &'a str,
+}
+
+/// Builds one gang pod (gated, not pinned).
+pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
+    let graph_name = ctx.graph.metadata.name.clone().unwrap_or_default();
+    let ns = ctx.graph.metadata.namespace.clone().unwrap_or_default();
+    let spec = &ctx.graph.spec;
+    let svc = spec
+        .services
+        .get(ctx.service)
+        .ok_or_else(|| format!("service {} is not in the graph", ctx.service))?;
+    let world = svc.node_count();
+    let name = pod_name(&graph_name, ctx.service, ctx.gang, ctx.rank);
+    let subdomain = headless_service_name(&graph_name, ctx.service);
+    let leader = pod_name(&graph_name, ctx.service, ctx.gang, 0);
+
+    let mut labels = svc.labels.clone();
+    labels.extend(selector_labels(&graph_name, ctx.service));
+    labels.insert(
+        LABEL_COMPONENT.into(),
+        svc.component_type.as_str().to_string(),
+    );
+    labels.insert(LABEL_GANG.into(), ctx.gang.to_string());
+    labels.insert(LABEL_RANK.into(), ctx.rank.to_string());
+    labels.insert(LABEL_TEMPLATE_HASH.into(), ctx.hash.to_string());
+
+    // Pass-through fields first; ours override.
+    let extra = svc.extra_pod_spec.clone().unwrap_or_default();
+    let main = extra.main_container.clone().unwrap_or_default();
+    let mut pod_spec: PodSpec = serde_json::from_value(Value::Object(
+        extra.pod_spec.clone().into_iter().collect(),
+    ))
+    .map_err(|e| format!("spec.services.{}.extraPodSpec: {e}", ctx.service))?;
+    let mut container: Container =
+        serde_json::from_value(Value::Object(main.container.clone().into_iter().collect()))
+            .map_err(|e| format!("spec.services.{}.extraPodSpec.mainContainer: {e}", ctx.service))?;
+
+    container.name = "main".into();
+    container.image = Some(
+        main.image
+            .clone()
+            .filter(|i| !i.is_empty())
+            .unwrap_or_else(|| ctx.default_image.to_string()),
+    );
+    if !main.command.is_empty() {
+        container.command = Some(main.command.clone());
+    }
+    if !main.args.is_empty() {
+        container.args = Some(main.args.clone());
+    }
+
+    // Env: graph, then service, then the container's own, then ours; later wins by name.
+    let mut env: Vec<EnvVar> = Vec::new();
+    let mut put = |e: EnvVar| {
+        env.retain(|x| x.name != e.name);
+        env.push(e);
+    };
+    for e in spec.envs.iter().chain(&svc.envs) {
+        put(convert_env(e)?);
+    }
+    for e in container.env.take().unwrap_or_default() {
+        put(e);
+    }
+    let dyn_ns = svc
+        .dynamo_namespace
+        .clone()
+        .unwrap_or_else(|| format!("{ns}-{graph_name}"));
+    for (k, v) in [
+        ("DYN_NAMESPACE", dyn_ns),
+        ("DYN_GRAPH", graph_name.clone()),
+        ("DYN_SERVICE", ctx.service.to_string()),
+        ("DYN_COMPONENT_TYPE", svc.role().to_string()),
+        ("DYN_GANG", ctx.gang.to_string()),
+        ("DYN_RANK", ctx.rank.to_string()),
+        ("DYN_WORLD_SIZE", world.to_string()),
+        ("DYN_LEADER_ADDR", format!("{leader}.{subdomain}.{ns}.svc")),
+    ] {
+        put(EnvVar {
+            name: k.into(),
+            value: Some(v),
+            value_from: None,
+        });
+    }
+    container.env = Some(env);
+    if let Some(secret) = &svc.env_from_secret {
+        container
+            .env_from
+            .get_or_insert_with(Vec::new)
+            .push(EnvFromSource {
+                secret_ref: Some(SecretEnvSource {
+                    name: secret.clone(),
+                    optional: None,
+                }),
+                ..Default::default()
+            });
+    }
+    container.resources = Some(resources(svc, container.resources.take()));
+    if svc.component_type == ComponentType::Frontend {
+        let ports = container.ports.get_or_insert_with(Vec::new);
+        if !ports.iter().any(|p| p.container_port == FRONTEND_PORT) {
+            ports.push(ContainerPort {
+                name: Some("http".into()),
+                container_port: FRONTEND_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            });
+        }
+    }
+
+    let mut containers = vec![container];
+    containers.extend(pod_spec.containers.drain(..).filter(|c| c.name != "main"));
+    pod_spec.containers = containers;
+    pod_spec.hostname = Some(name.clone());
+    pod_spec.subdomain = Some(subdomain);
+    let mut gates = pod_spec.scheduling_gates.take().unwrap_or_default();
+    if !gates.iter().any(|g| g.name == GANG_GATE) {
+        gates.push(PodSchedulingGate {
+            name: GANG_GATE.into(),
+        });
+    }
+    pod_spec.scheduling_gates = Some(gates);
+
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(ns),
+            labels: Some(labels),
+            annotations: (!svc.annotations.is_empty()).then(|| svc.annotations.clone()),
+            owner_references: Some(vec![owner_reference(ctx.graph)]),
+            ..Default::default()
+        },
+        spec: Some(pod_spec),
+        status: None,
+    })
+}
+
+/// The owner reference (controller) that ties an object to its graph, for garbage collection.
+pub fn owner_reference(graph: &DynamoGraphDeployment) -> OwnerReference {
+    OwnerReference {
+        api_version: "nvidia.com/v1alpha1".into(),
+        kind: "DynamoGraphDeployment".into(),
+        name: graph.metadata.name.clone().unwrap_or_default(),
+        uid: graph.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: Some(true),
+    }
+}
+
+fn convert_env(e: &dynamo_crds::EnvVar) -> Result<EnvVar, String> {
+    let value_from = match &e.value_from {
+        Some(v) => Some(
+            serde_json::from_value(v.clone())
+                .map_err(|err| format!("env {}: valueFrom: {err}", e.name))?,
+        ),
+        None => None,
+    };
+    Ok(EnvVar {
+        name: e.name.clone(),
+        value: e.value.clone(),
+        value_from,
+    })
+}
+
+fn resources(svc: &ServiceSpec, base: Option<ResourceRequirements>) -> ResourceRequirements {
+    let mut out = base.unwrap_or_default();
+    let r = svc.resources.clone().unwrap_or_default();
+    let fill = |item: Option<&dynamo_crds::ResourceItem>,
+                    into: &mut Option<BTreeMap<String, Quantity>>| {
+        let Some(item) = item else { return };
+        let map = into.get_or_insert_with(BTreeMap::new);
+        for (k, v) in [("cpu", &item.cpu), ("memory", &item.memory)] {
+            if let Some(v) = v {
+                map.insert(k.into(), Quantity(v.clone()));
+            }
+        }
+        for (k, v) in &item.custom {
+            map.insert(k.clone(), Quantity(v.clone()));
+        }
+    };
+    fill(r.requests.as_ref(), &mut out.requests);
+    fill(r.limits.as_ref(), &mut out.limits);
+    // Extended resources must have requests == limits.
+    let gpus = svc.gpus_per_pod();
+    if gpus > 0 {
+        for m in [&mut out.requests, &mut out.limits] {
+            m.get_or_insert_with(BTreeMap::new)
+                .insert(GPU_RESOURCE.into(), Quantity(gpus.to_string()));
+        }
+    }
+    out
+}
+
+/// GPUs a pod asks for (`nvidia.com/gpu` limits, else requests, summed over containers).
+pub fn pod_gpus(pod: &Pod) -> u32 {
+    let Some(spec) = &pod.spec else { return 0 };
+    spec.containers
+        .iter()
+        .map(|c| {
+            let r = c.resources.as_ref();
+            let get = |m: Option<&BTreeMap<String, Quantity>>| {
+                m.and_then(|m| m.get(GPU_RESOURCE))
+                    .and_then(|q| q.0.parse::<u32>().ok())
+            };
+            get(r.and_then(|r| r.limits.as_ref()))
+                .or_else(|| get(r.and_then(|r| r.requests.as_ref())))
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// The affinity that pins a pod to `node`, narrowing any node affinity it already has (a gated
+/// pod's node affinity may only be narrowed).
+pub fn pinned_affinity(current: Option<&Affinity>, node: &str) -> Affinity {
+    let req = NodeSelectorRequirement {
+        key: "metadata.name".into(),
+        operator: "In".into(),
+        values: Some(vec![node.to_string()]),
+    };
+    let mut affinity = current.cloned().unwrap_or_default();
+    let na = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
+    let required = na
+        .required_during_scheduling_ignored_during_execution
+        .get_or_insert_with(|| NodeSelector {
+            node_selector_terms: Vec::new(),
+        });
+    if required.node_selector_terms.is_empty() {
+        required.node_selector_terms.push(NodeSelectorTerm::default());
+    }
+    for term in &mut required.node_selector_terms {
+        let fields = term.match_fields.get_or_insert_with(Vec::new);
+        fields.retain(|f| f.key != "metadata.name");
+        fields.push(req.clone());
+    }
+    affinity
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph() -> DynamoGraphDeployment {
+        let mut g: DynamoGraphDeployment = serde_saphyr::from_str(
+            r#"
+apiVersion: nvidia.com/v1alpha1
+kind: DynamoGraphDeployment
+metadata: {name: llm, namespace: team}
+spec:
+  envs: [{name: A, value: graph}, {name: B, value: graph}]
+  services:
+    Frontend:
+      componentType: frontend
+      extraPodSpec: {mainContainer: {image: fe:1, args: [frontend]}}
+    Decode:
+      componentType: worker
+      subComponentType: decode
+      replicas: 2
+      multinode: {nodeCount: 2}
+      envs: [{name: B, value: service}]
+      resources: {limits: {gpu: "8", cpu: "4"}}
+      extraPodSpec:
+        tolerations: [{key: gpu, operator: Exists}]
+        mainContainer: {image: w:1, workingDir: /w}
+"#,
+        )
+        .expect("parses");
+        g.metadata.uid = Some("uid-1".into());
+        g
+    }
+
+    fn pod(g: &DynamoGraphDeployment, service: &str, gang: u32, rank: u32) -> Pod {
+        build_pod(&PodContext {
+            graph: g,
+            service,
+            gang,
+            rank,
+            hash: "abc",
+            default_image: "dynamo-rs:latest",
+        })
+        .expect("builds")
+    }
+
+    fn env(p: &Pod, name: &str) -> Option<String> {
+        p.spec.as_ref()?.containers[0]
+            .env
+            .as_ref()?
+            .iter()
+            .find(|e| e.name == name)?
+            .value
+            .clone()
+    }
+
+    #[test]
+    fn gang_pods_have_stable_names_labels_and_rank_env() {
+        let g = graph();
+        let p = pod(&g, "Decode", 1, 1);
+        assert_eq!(p.metadata.name.as_deref(), Some("llm-decode-1-1"));
+        let labels = p.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(labels[LABEL_GANG], "1");
+        assert_eq!(labels[LABEL_RANK], "1");
+        assert_eq!(labels[LABEL_SERVICE], "Decode");
+        assert_eq!(labels[LABEL_COMPONENT], "worker");
+        assert_eq!(env(&p, "DYN_RANK").as_deref(), Some("1"));
+        assert_eq!(env(&p, "DYN_WORLD_SIZE").as_deref(), Some("2"));
+        assert_eq!(
+            env(&p, "DYN_LEADER_ADDR").as_deref(),
+            Some("llm-decode-1-0.llm-decode-pods.team.svc")
+        );
+        assert_eq!(env(&p, "A").as_deref(), Some("graph"));
+        assert_eq!(env(&p, "B").as_deref(), Some("service"), "service env overrides graph env");
+        let owner = &p.metadata.owner_references.clone().unwrap_or_default()[0];
+        assert_eq!((owner.uid.as_str(), owner.controller), ("uid-1", Some(true)));
+    }
+
+    #[test]
+    fn gang_pods_start_gated_with_gpu_resources_and_passthrough_fields() {
+        let g = graph();
+        let p = pod(&g, "Decode", 0, 0);
+        let spec = p.spec.clone().expect("spec");
+        assert_eq!(spec.scheduling_gates.clone().unwrap_or_default()[0].name, GANG_GATE);
+        assert_eq!(pod_gpus(&p), 8);
+        let c = &spec.containers[0];
+        assert_eq!(c.working_dir.as_deref(), Some("/w"));
+        let limits = c.resources.clone().and_then(|r| r.limits).unwrap_or_default();
+        assert_eq!(limits["cpu"].0, "4");
+        assert!(spec.tolerations.is_some_and(|t| t[0].key.as_deref() == Some("gpu")));
+        let fe = pod(&g, "Frontend", 0, 0);
+        let fc = &fe.spec.expect("spec").containers[0];
+        assert_eq!(fc.image.as_deref(), Some("fe:1"));
+        assert_eq!(fc.ports.clone().unwrap_or_default()[0].container_port, FRONTEND_PORT);
+        assert_eq!(pod_gpus(&pod(&g, "Frontend", 0, 0)), 0);
+    }
+
+    #[test]
+    fn template_hash_ignores_replicas_but_sees_the_template() {
+        let g = graph();
+        let svc = g.spec.services["Decode"].clone();
+        let h = template_hash(&g.spec, &svc);
+        let mut scaled = svc.clone();
+        scaled.replicas = Some(7);
+        assert_eq!(h, template_hash(&g.spec, &scaled));
+        let mut changed = svc;
+        changed.envs.push(dynamo_crds::EnvVar {
+            name: "NEW".into(),
+            value: Some("1".into()),
+            value_from: None,
+        });
+        assert_ne!(h, template_hash(&g.spec, &changed));
+    }
+
+    #[test]
+    fn pinning_narrows_existing_node_affinity() {
+        let a = pinned_affinity(None, "n1");
+        let terms = a
+            .node_affinity
+            .and_then(|n| n.required_during_scheduling_ignored_during_execution)
+            .expect("required")
+            .node_selector_terms;
+        assert_eq!(terms.len(), 1);
+        assert_eq!(terms[0].match_fields.clone().unwrap_or_default()[0].values, Some(vec!["n1".to_string()]));
+    }
+
+    #[test]
+    fn over_long_names_are_refused_with_the_name() {
+        assert!(check_names("llm", "Decode").is_ok());
+        let err = check_names(&"g".repeat(40), "averyveryverylongservicename").expect_err("too long");
+        assert!(err.contains("63"), "{err}");
+    }
+}

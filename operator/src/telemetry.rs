@@ -1,0 +1,132 @@
+//! `/metrics` (Prometheus text) and `/healthz` for the operator process.
+//!
+//! Metrics: `dynamo_operator_reconciles_total`, `dynamo_operator_reconcile_failures_total{error}`
+//! (labels from [`crate::controller::Error::metric_label`]), `dynamo_operator_reconcile_duration_seconds`,
+//! `dynamo_operator_gangs_placed_total`, `dynamo_operator_gangs_unplaceable` (gangs waiting for room
+//! right now), `dynamo_operator_leader` (1 while this process leads).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use prometheus_client::encoding::{EncodeLabelSet, text::encode};
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub error: String,
+}
+
+/// The operator's metrics; cheap to clone (shared handles).
+#[derive(Clone)]
+pub struct Metrics {
+    pub reconciles: Counter,
+    pub failures: Family<ErrorLabels, Counter>,
+    pub duration: Histogram,
+    pub gangs_placed: Counter,
+    pub gangs_unplaceable: Gauge<i64, AtomicI64>,
+    pub leader: Gauge<i64, AtomicI64>,
+    registry: Arc<Registry>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("dynamo_operator");
+        let reconciles = Counter::default();
+        let failures = Family::<ErrorLabels, Counter>::default();
+        let duration = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
+        let gangs_placed = Counter::default();
+        let gangs_unplaceable = Gauge::<i64, AtomicI64>::default();
+        let leader = Gauge::<i64, AtomicI64>::default();
+        registry.register("reconciles", "Graph reconciles run", reconciles.clone());
+        registry.register(
+            "reconcile_failures",
+            "Graph reconciles that failed, by error",
+            failures.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time one graph reconcile took",
+            duration.clone(),
+        );
+        registry.register("gangs_placed", "Gangs pinned and un-gated", gangs_placed.clone());
+        registry.register(
+            "gangs_unplaceable",
+            "Gangs that fit in no topology domain right now",
+            gangs_unplaceable.clone(),
+        );
+        registry.register("leader", "1 while this process leads", leader.clone());
+        Metrics {
+            reconciles,
+            failures,
+            duration,
+            gangs_placed,
+            gangs_unplaceable,
+            leader,
+            registry: Arc::new(registry),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Metrics,
+    healthy: Arc<AtomicBool>,
+}
+
+/// Serves `/metrics` and `/healthz` until `cancel` fires. `healthy` turns `/healthz` to 503
+/// (set false while shutting down).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    healthy: Arc<AtomicBool>,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .with_state(HttpState { metrics, healthy });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics and /healthz");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { cancel.cancelled().await })
+        .await
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.healthy.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    }
+}
