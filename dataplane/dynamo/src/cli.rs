@@ -104,12 +104,7 @@ pub struct FrontendArgs {
     )]
     pub workers: Vec<String>,
     /// How requests are spread over workers.
-    #[arg(
-        long,
-        env = "DYN_ROUTER_MODE",
-        value_enum,
-        default_value = "round-robin"
-    )]
+    #[arg(long, env = "DYN_ROUTER_MODE", value_enum, default_value = "kv")]
     pub router_mode: RouterMode,
     /// kv mode: weight of prefill work (uncached prompt blocks) against decode load.
     #[arg(long, env = "DYN_KV_OVERLAP_WEIGHT", default_value_t = 1.0)]
@@ -117,6 +112,17 @@ pub struct FrontendArgs {
     /// kv mode: 0 picks the cheapest worker; > 0 samples workers by softmax over cost (in blocks).
     #[arg(long, env = "DYN_KV_TEMPERATURE", default_value_t = 0.0)]
     pub kv_temperature: f64,
+    /// kv mode: skip a worker whose booked KV blocks exceed this fraction of its capacity while a
+    /// less busy one exists (1 disables).
+    #[arg(long, env = "DYN_KV_BUSY_THRESHOLD", default_value_t = 0.95)]
+    pub kv_busy_threshold: f64,
+    /// kv mode without KV events (approximate): learn what each worker caches from the router's own
+    /// decisions, for engines that publish no events.
+    #[arg(long, env = "DYN_KV_NO_EVENTS")]
+    pub no_kv_events: bool,
+    /// Approximate kv mode: how long a routed prompt counts as cached on its worker.
+    #[arg(long, env = "DYN_KV_APPROX_TTL", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub kv_approx_ttl: Duration,
     /// Largest accepted request body; larger ones get 413.
     #[arg(long, env = "DYN_MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub max_body_bytes: usize,

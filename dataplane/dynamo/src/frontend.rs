@@ -30,7 +30,7 @@ use dynamo_model::{Model, StopMatcher};
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Code, Streaming};
 
 use self::{
@@ -95,7 +95,9 @@ impl Frontend {
         let probe_timeout = Duration::from_secs(1);
         pool.probe_all(probe_timeout).await;
         let health_stop = CancellationToken::new();
-        pool.follow_kv_events(&health_stop);
+        let tasks = TaskTracker::new();
+        pool.follow_kv_events(&tasks, &health_stop);
+        tasks.close();
         tokio::spawn(pool.clone().run_health(
             config.health_interval,
             probe_timeout,
@@ -341,7 +343,21 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.encode(),
+        {
+            let mut body = s.metrics.encode();
+            if let Some(kv) = s.pool.kv() {
+                // Router lines go before OpenMetrics' closing `# EOF`.
+                let eof = body.ends_with("# EOF\n");
+                if eof {
+                    body.truncate(body.len() - "# EOF\n".len());
+                }
+                kv.encode_metrics(&mut body, &s.model.card().name);
+                if eof {
+                    body.push_str("# EOF\n");
+                }
+            }
+            body
+        },
     )
         .into_response()
 }

@@ -12,10 +12,17 @@
 //! first token arrives (prefill done) and when it ends, so load is known between events.
 //! The lowest cost wins (ties rotate); with a temperature > 0, workers are drawn with probability
 //! ∝ exp(−(cost − min cost) / temperature), which spreads load among near-equal workers.
+//!
+//! A worker whose booked KV blocks exceed `busy_threshold` of its capacity is passed over while a
+//! less busy one exists. For engines that publish no KV events, the approximate mode
+//! (`events = false`) indexes each routed prompt's blocks on the chosen worker itself and forgets
+//! them after a TTL, or sooner when the worker's capacity is exceeded (oldest first).
 
 use std::{
+    collections::{HashMap, VecDeque},
+    fmt::Write as _,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
@@ -23,6 +30,7 @@ use std::{
 
 use dynamo_kv::{IndexEvent, KvIndexer, block_hashes};
 use rand::Rng;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, transport::Channel};
 
@@ -38,6 +46,13 @@ pub struct KvRouterConfig {
     pub overlap_weight: f64,
     /// 0: always the cheapest worker; > 0: softmax sampling over costs (in blocks).
     pub temperature: f64,
+    /// A worker whose booked KV blocks exceed this fraction of its capacity is skipped while a
+    /// less busy worker exists (≥ 1 disables).
+    pub busy_threshold: f64,
+    /// Follow the workers' KV events (true) or learn from the router's own decisions (false).
+    pub events: bool,
+    /// Approximate mode: how long a routed prompt's blocks count as cached on its worker.
+    pub approx_ttl: Duration,
 }
 
 impl Default for KvRouterConfig {
@@ -45,6 +60,9 @@ impl Default for KvRouterConfig {
         KvRouterConfig {
             overlap_weight: 1.0,
             temperature: 0.0,
+            busy_threshold: 0.95,
+            events: true,
+            approx_ttl: Duration::from_secs(120),
         }
     }
 }
@@ -104,6 +122,27 @@ pub fn pick_by_cost<R: Rng + ?Sized>(
 struct WorkerLoad {
     prefill_tokens: AtomicU64,
     active_blocks: AtomicU64,
+    /// KV blocks the worker has (from its `Info`); 0 until known.
+    capacity: AtomicU64,
+}
+
+/// Counters behind the router's `/metrics` lines.
+#[derive(Default)]
+struct RouterStats {
+    decisions: AtomicU64,
+    request_blocks: AtomicU64,
+    overlap_blocks: AtomicU64,
+    busy_skips: AtomicU64,
+}
+
+/// Approximate mode's memory of what it routed where: per worker, each block's last use, and the
+/// blocks in the order they were booked (stale entries are skipped when popped).
+#[derive(Default)]
+struct Learned {
+    last_used:
+        HashMap<(u64, u64), Instant, std::hash::BuildHasherDefault<dynamo_kv::indexer::U64Hasher>>,
+    order: VecDeque<(Instant, u64, u64)>,
+    per_worker: HashMap<u64, u64>,
 }
 
 /// KV-aware routing state shared by all requests of a frontend.
@@ -112,6 +151,8 @@ pub struct KvRouter {
     config: KvRouterConfig,
     block_size: AtomicU32,
     load: Vec<WorkerLoad>,
+    stats: RouterStats,
+    learned: Mutex<Learned>,
 }
 
 /// The outcome of a routing decision.
@@ -132,7 +173,32 @@ impl KvRouter {
             config,
             block_size: AtomicU32::new(DEFAULT_BLOCK_SIZE),
             load: (0..workers).map(|_| WorkerLoad::default()).collect(),
+            stats: RouterStats::default(),
+            learned: Mutex::new(Learned::default()),
         }
+    }
+
+    pub fn config(&self) -> &KvRouterConfig {
+        &self.config
+    }
+
+    /// Records worker `index`'s KV capacity and block size (from its `Info`).
+    pub fn set_worker_info(&self, index: usize, kv_blocks_total: u64, block_size: u32) {
+        if let Some(load) = self.load.get(index) {
+            load.capacity.store(kv_blocks_total, Ordering::Relaxed);
+        }
+        if !self.config.events && block_size > 0 {
+            self.block_size.store(block_size, Ordering::Relaxed);
+        }
+    }
+
+    fn busy(&self, w: usize) -> bool {
+        let load = &self.load[w];
+        let capacity = load.capacity.load(Ordering::Relaxed);
+        capacity > 0
+            && self.config.busy_threshold < 1.0
+            && load.active_blocks.load(Ordering::Relaxed) as f64
+                > self.config.busy_threshold * capacity as f64
     }
 
     pub fn block_size(&self) -> u32 {
@@ -159,9 +225,14 @@ impl KvRouter {
         let overlaps = self.indexer.find_matches(&hashes);
         let overlap_of = |w: usize| overlaps.matched_blocks(w as u64);
         let request_tokens = tokens.len() as u64;
+        let any_free = candidates.iter().any(|&w| !self.busy(w));
         let costs: Vec<f64> = candidates
             .iter()
             .map(|&w| {
+                if any_free && self.busy(w) {
+                    self.stats.busy_skips.fetch_add(1, Ordering::Relaxed);
+                    return f64::INFINITY;
+                }
                 let load = &self.load[w];
                 kv_cost(
                     self.config.overlap_weight,
@@ -174,12 +245,137 @@ impl KvRouter {
             })
             .collect();
         let candidate = pick_by_cost(&costs, self.config.temperature, tick, rng)?;
-        Some(KvChoice {
+        let choice = KvChoice {
             candidate,
             overlap_blocks: overlap_of(candidates[candidate]),
             request_blocks: u32::try_from(request_tokens.div_ceil(u64::from(bs.max(1))))
                 .unwrap_or(u32::MAX),
-        })
+        };
+        self.stats.decisions.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .request_blocks
+            .fetch_add(u64::from(choice.request_blocks), Ordering::Relaxed);
+        self.stats
+            .overlap_blocks
+            .fetch_add(u64::from(choice.overlap_blocks), Ordering::Relaxed);
+        if !self.config.events {
+            self.learn(candidates[candidate], &hashes_full(tokens, bs));
+        }
+        Some(choice)
+    }
+
+    /// Approximate mode: the prompt's full blocks now count as cached on `worker`.
+    fn learn(&self, worker: usize, blocks: &[(u64, u64)]) {
+        if blocks.is_empty() {
+            return;
+        }
+        let w = worker as u64;
+        let now = Instant::now();
+        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        let mut added = 0;
+        for &(_, seq) in blocks {
+            if learned.last_used.insert((w, seq), now).is_none() {
+                added += 1;
+            }
+            learned.order.push_back((now, w, seq));
+        }
+        *learned.per_worker.entry(w).or_default() += added;
+        if let Err(error) = self.indexer.apply(
+            w,
+            IndexEvent::Stored {
+                parent: None,
+                blocks: blocks.to_vec(),
+            },
+        ) {
+            tracing::debug!(worker, %error, "learned blocks not indexed");
+        }
+        self.expire_locked(&mut learned, now);
+    }
+
+    /// Approximate mode: forgets blocks unused for the TTL, and the oldest blocks of a worker that
+    /// holds more than its capacity.
+    pub fn expire(&self) {
+        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        self.expire_locked(&mut learned, Instant::now());
+    }
+
+    fn expire_locked(&self, learned: &mut Learned, now: Instant) {
+        let ttl = self.config.approx_ttl;
+        while let Some(&(at, w, seq)) = learned.order.front() {
+            let capacity = self
+                .load
+                .get(w as usize)
+                .map_or(0, |l| l.capacity.load(Ordering::Relaxed));
+            let over = capacity > 0 && learned.per_worker.get(&w).copied().unwrap_or(0) > capacity;
+            if now.duration_since(at) < ttl && !over {
+                break;
+            }
+            learned.order.pop_front();
+            // Only the newest booking of a block decides when it goes.
+            if learned.last_used.get(&(w, seq)) == Some(&at) {
+                learned.last_used.remove(&(w, seq));
+                if let Some(n) = learned.per_worker.get_mut(&w) {
+                    *n = n.saturating_sub(1);
+                }
+                let _ = self.indexer.apply(
+                    w,
+                    IndexEvent::Removed {
+                        sequence_hashes: vec![seq],
+                    },
+                );
+            }
+        }
+    }
+
+    /// Prometheus text lines about the router (appended to the frontend's `/metrics`).
+    pub fn encode_metrics(&self, out: &mut String, model: &str) {
+        let stats = self.indexer.stats();
+        let s = &self.stats;
+        let lines: [(&str, &str, &str, f64); 6] = [
+            (
+                "dynamo_router_decisions_total",
+                "counter",
+                "kv routing decisions",
+                s.decisions.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "dynamo_router_request_blocks_total",
+                "counter",
+                "prompt blocks of routed requests",
+                s.request_blocks.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "dynamo_router_overlap_blocks_total",
+                "counter",
+                "prompt blocks the chosen worker held, as the index predicted",
+                s.overlap_blocks.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "dynamo_router_busy_skips_total",
+                "counter",
+                "workers passed over as busy",
+                s.busy_skips.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "dynamo_router_indexed_blocks",
+                "gauge",
+                "distinct KV blocks in the router's index",
+                stats.blocks as f64,
+            ),
+            (
+                "dynamo_router_indexed_worker_blocks",
+                "gauge",
+                "(worker, block) pairs in the router's index",
+                stats.worker_block_refs as f64,
+            ),
+        ];
+        for (name, kind, help, value) in lines {
+            let base = name.strip_suffix("_total").unwrap_or(name);
+            let _ = writeln!(
+                out,
+                "# HELP {base} {help}\n# TYPE {base} {kind}\n{name}{{model=\"{model}\"}} {value}"
+            );
+        }
     }
 
     /// Books a routed request against worker `index` until the returned claim is dropped.
@@ -300,6 +496,15 @@ impl KvRouter {
             }
         }
     }
+}
+
+/// (local, sequence) hashes of the prompt's full blocks.
+fn hashes_full(tokens: &[u32], block_size: u32) -> Vec<(u64, u64)> {
+    let bs = block_size.max(1) as usize;
+    block_hashes(&tokens[..tokens.len() / bs * bs], bs)
+        .iter()
+        .map(|b| (b.local, b.sequence))
+        .collect()
 }
 
 fn to_index_event(event: proto::KvEvent) -> Option<IndexEvent> {

@@ -3,7 +3,7 @@
 //! The pool holds one gRPC channel per worker (HTTP/2, multiplexed), the router's own count of
 //! in-flight requests per worker (updated on route and on finish, so load is known between
 //! polls), and liveness from periodic `Info` probes plus failed calls. Policies are pure functions
-//! over a snapshot of loads ([`select`]). The `kv` policy (prefix-overlap aware) is a later addition.
+//! over a snapshot of loads ([`select`]). The `kv` policy (prefix-overlap aware) lives in [`crate::kv_router`].
 
 use std::{
     sync::{
@@ -14,7 +14,7 @@ use std::{
 };
 
 use rand::Rng;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::{
@@ -233,12 +233,24 @@ impl WorkerPool {
         })
     }
 
-    /// Starts following every worker's KV events (kv mode only) until `shutdown`.
-    pub fn follow_kv_events(&self, shutdown: &CancellationToken) {
-        if let Some(kv) = &self.kv {
+    /// kv mode: follows every worker's KV events until `shutdown` or, in approximate mode, expires
+    /// what the router learned from its own decisions.
+    pub fn follow_kv_events(&self, tasks: &TaskTracker, shutdown: &CancellationToken) {
+        let Some(kv) = &self.kv else { return };
+        if kv.config().events {
             for (i, w) in self.workers.iter().enumerate() {
-                tokio::spawn(kv.clone().follow(i, w.client.clone(), shutdown.clone()));
+                tasks.spawn(kv.clone().follow(i, w.client.clone(), shutdown.clone()));
             }
+        } else {
+            let (kv, shutdown) = (kv.clone(), shutdown.clone());
+            tasks.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => kv.expire(),
+                    }
+                }
+            });
         }
     }
 
@@ -261,12 +273,15 @@ impl WorkerPool {
 
     /// One probe round over all workers, concurrently.
     pub async fn probe_all(&self, timeout: Duration) {
-        let probes = self.workers.iter().map(|w| async move {
+        let probes = self.workers.iter().enumerate().map(|(i, w)| async move {
             let mut client = w.client.clone();
             let answer = tokio::time::timeout(timeout, client.info(proto::InfoRequest {})).await;
             match answer {
                 Ok(Ok(info)) => {
                     let info = info.into_inner();
+                    if let Some(kv) = &self.kv {
+                        kv.set_worker_info(i, info.kv_blocks_total, info.block_size);
+                    }
                     *w.info.write().unwrap_or_else(|p| p.into_inner()) = Some(info);
                     if !w.live.swap(true, Ordering::Relaxed) {
                         tracing::info!(worker = %w.url, "worker is live");

@@ -31,6 +31,9 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         kv: crate::kv_router::KvRouterConfig {
             overlap_weight: args.kv_overlap_weight,
             temperature: args.kv_temperature,
+            busy_threshold: args.kv_busy_threshold,
+            events: !args.no_kv_events,
+            approx_ttl: args.kv_approx_ttl,
         },
         max_body_bytes: args.max_body_bytes,
         health_interval: args.health_interval,

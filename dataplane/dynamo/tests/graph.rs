@@ -40,6 +40,16 @@ impl Graph {
     }
 
     async fn start_with(n: usize, speedup: f64, max_body_bytes: usize, mode: RouterMode) -> Graph {
+        Graph::start_full(n, speedup, max_body_bytes, mode, KvRouterConfig::default()).await
+    }
+
+    async fn start_full(
+        n: usize,
+        speedup: f64,
+        max_body_bytes: usize,
+        mode: RouterMode,
+        kv: KvRouterConfig,
+    ) -> Graph {
         let model = Arc::new(Model::builtin());
         let mut workers = Vec::new();
         let mut worker_urls = Vec::new();
@@ -67,7 +77,7 @@ impl Graph {
                     worker_urls.clone()
                 },
                 router_mode: mode,
-                kv: KvRouterConfig::default(),
+                kv,
                 max_body_bytes,
                 health_interval: Duration::from_millis(200),
                 drain: Duration::from_secs(5),
@@ -102,6 +112,11 @@ impl Graph {
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
+    }
+
+    async fn get_text(&self, path: &str) -> (u16, String) {
+        let r = reqwest::get(self.url(path)).await.expect("request sent");
+        (r.status().as_u16(), r.text().await.expect("body"))
     }
 
     async fn post_raw(&self, path: &str, body: &'static str) -> (u16, Value) {
@@ -548,5 +563,85 @@ async fn kv_mode_sends_a_repeated_prefix_back_to_the_worker_that_cached_it() {
             .unwrap_or(0);
         assert!(cached >= 256, "turn {turn} missed the cache: {r}");
     }
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn kv_mode_without_events_learns_from_its_own_decisions() {
+    let kv = KvRouterConfig {
+        events: false,
+        ..KvRouterConfig::default()
+    };
+    let g = Graph::start_full(4, 1000.0, 1 << 20, RouterMode::Kv, kv).await;
+    let shared = "An approximate router only knows where it sent things before. ".repeat(40);
+    for turn in 0..4 {
+        let (s, r) = g
+            .post(
+                "/v1/chat/completions",
+                chat(&format!("{shared} turn {turn}"), 2),
+            )
+            .await;
+        assert_eq!(s, 200, "{r}");
+        let cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap_or(0);
+        // No waiting for events: the router booked the first turn's blocks on its worker.
+        if turn > 0 {
+            assert!(cached >= 256, "turn {turn} missed the cache: {r}");
+        }
+    }
+    let (_, metrics) = g.get_text("/metrics").await;
+    assert!(
+        metrics.contains("dynamo_router_decisions_total{model=\"tiny\"} 4"),
+        "{metrics}"
+    );
+    assert!(metrics.trim_end().ends_with("# EOF"), "{metrics}");
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_router_that_starts_late_gets_a_snapshot_of_every_worker_cache() {
+    let g = Graph::start_with(2, 1000.0, 1 << 20, RouterMode::Kv).await;
+    let prompt = "Blocks cached before this router existed. ".repeat(40);
+    let (s, r) = g.post("/v1/chat/completions", chat(&prompt, 2)).await;
+    assert_eq!(s, 200, "{r}");
+    let first = g
+        .frontend
+        .as_ref()
+        .and_then(|f| f.state.pool().kv().cloned())
+        .expect("kv router");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while first.indexer().stats().blocks == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no KV events");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let expected = first.indexer().stats().worker_block_refs;
+    // A second frontend on the same workers: no request goes through it, yet it learns the blocks.
+    let late = Frontend::start(
+        FrontendConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            workers: g.worker_urls.clone(),
+            router_mode: RouterMode::Kv,
+            kv: KvRouterConfig::default(),
+            max_body_bytes: 1 << 20,
+            health_interval: Duration::from_millis(200),
+            drain: Duration::from_secs(5),
+        },
+        g.model.clone(),
+    )
+    .await
+    .expect("frontend starts");
+    let kv = late.state.pool().kv().cloned().expect("kv router");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while kv.indexer().stats().worker_block_refs < expected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "snapshot never arrived: {:?}",
+            kv.indexer().stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(kv.indexer().stats().worker_block_refs, expected);
+    late.shutdown(Duration::ZERO).await;
     g.stop().await;
 }
