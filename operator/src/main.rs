@@ -1,0 +1,84 @@
+//! `dynamo-operator`: wires flags, tracing, `/metrics`, leader election and the controller.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use dynamo_operator::{config::Args, controller, leader::LeaderElector, telemetry};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("DYN_LOG")?)
+        .init();
+    let config = args.validate().map_err(anyhow::Error::msg)?;
+    let client = kube::Client::try_default().await.context("no usable kubeconfig or in-cluster config")?;
+
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let metrics = telemetry::Metrics::default();
+    let healthy = Arc::new(AtomicBool::new(true));
+    tracker.spawn(telemetry::serve(config.metrics_addr, metrics.clone(), healthy.clone(), cancel.child_token()));
+    tracker.spawn({
+        let cancel = cancel.clone();
+        async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down");
+            cancel.cancel();
+        }
+    });
+
+    let elector = config.leader_election.then(|| {
+        let api = kube::Api::namespaced(client.clone(), &config.lease_namespace);
+        LeaderElector::new(api, &config.lease_name, &config.identity, config.lease_duration)
+    });
+    let mut lost = false;
+    if let Some(e) = &elector {
+        if !e.acquire(&cancel).await {
+            return Ok(());
+        }
+        let (e, cancel) = (e.clone(), cancel.clone());
+        let lost_token = CancellationToken::new();
+        tracker.spawn({
+            let lost_token = lost_token.clone();
+            async move {
+                if !e.keep(&cancel).await {
+                    lost_token.cancel();
+                    cancel.cancel();
+                }
+            }
+        });
+        lost = lost_token.is_cancelled();
+    }
+    metrics.leader.set(1);
+    controller::run(client, config, metrics.clone(), cancel.child_token()).await;
+
+    healthy.store(false, Ordering::Relaxed);
+    cancel.cancel();
+    if let (Some(e), false) = (&elector, lost) {
+        e.release().await;
+    }
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+        tracing::warn!("tasks did not stop within 10s");
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return ctrl_c.await.unwrap_or(()),
+        };
+        tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.unwrap_or(());
+}
