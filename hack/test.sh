@@ -29,9 +29,11 @@ cargo build --locked --bin dynamo
 
 step "python client tests"
 VENV="$ROOT/.cache/venv"
-if ! "$VENV/bin/python" -c 'import openai, pytest' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import openai, pytest, zmq, msgspec' 2>/dev/null; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q "openai>=1.50,<3" "pytest>=8,<10"
+  "$VENV/bin/pip" install -q "openai>=1.50,<3" "pytest>=8,<10" "pyzmq>=25,<28" "msgspec>=0.18,<1"
 fi
-DYNAMO_BIN="$ROOT/target/debug/dynamo" "$VENV/bin/python" -m pytest -q e2e/openai
+# The openai client against `dynamo serve`; vLLM's KV event publisher (pyzmq + msgspec) against the
+# sidecar's ingest and the router's index.
+DYNAMO_BIN="$ROOT/target/debug/dynamo" "$VENV/bin/python" -m pytest -q e2e/openai e2e/vllm
