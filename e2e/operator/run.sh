@@ -1,0 +1,409 @@
+#!/usr/bin/env bash
+# Operator end-to-end tests against a real control plane (hack/cluster.sh: kube-apiserver, etcd,
+# scheduler, controller-manager, kwok fake GPU nodes).
+#
+#   e2e/operator/run.sh             # all cases; prints "N passed, M failed"
+#   e2e/operator/run.sh agg scale   # only cases whose name contains one of the words
+#   E2E_MEASURE=1 e2e/operator/run.sh measure   # figures: 16 services x 4 gangs, 100 graphs
+#
+# The chart is installed with `helm install` (CRDs, ServiceAccount, RBAC; the Deployment scaled to
+# 0), and the operator runs here as a process with a kubeconfig holding the chart ServiceAccount's
+# token, so the chart's RBAC is what it gets. Its own cluster state dir (CLUSTER_STATE) and port block
+# keep it apart from other clusters on the machine. KEEP_CLUSTER=1 leaves the cluster up.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+cd "$ROOT"
+export CLUSTER_STATE="${CLUSTER_STATE:-$ROOT/.cache/cluster-e2e-operator}"
+export CLUSTER_PORT_BASE="${CLUSTER_PORT_BASE:-36700}"
+TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
+OP_BIN="$TARGET/debug/dynamo-operator"
+NS=e2e
+OP_LOG="$CLUSTER_STATE/operator.log"
+OP_PID_FILE="$CLUSTER_STATE/operator.pid"
+METRICS_PORT="${E2E_METRICS_PORT:-18181}"
+FILTER=("$@")
+PASSED=0
+FAILED=0
+FAILED_NAMES=()
+SUITE_START=$(date +%s.%N)
+
+log() { printf '\033[1m[e2e]\033[0m %s\n' "$*" >&2; }
+# Cases run in a subshell: `fail` ends the case.
+fail() { log "FAIL: $*"; exit 1; }
+
+# wait_for DESCRIPTION TIMEOUT_S COMMAND...: polls COMMAND every 0.2 s until it succeeds.
+wait_for() {
+  local what="$1" timeout="$2"
+  shift 2
+  local deadline=$(($(date +%s) + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      fail "timed out after ${timeout}s waiting for: $what"
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+k() { kubectl -n "$NS" "$@"; }
+jp() { k get "$1" "$2" -o "jsonpath=$3" 2>/dev/null; }
+state_is() { [ "$(jp dgd "$1" '{.status.state}')" = "$2" ]; }
+pod_count() { k get pods -l "$1" --no-headers 2>/dev/null | wc -l; }
+running_count() { k get pods -l "$1" --field-selector=status.phase=Running --no-headers 2>/dev/null | wc -l; }
+pods_running_eq() { [ "$(running_count "$1")" -eq "$2" ] && [ "$(pod_count "$1")" -eq "$2" ]; }
+nothing_left() {
+  [ "$(k get pods,svc,dgdsa -l "nvidia.com/dynamo-graph=$1" --no-headers 2>/dev/null | wc -l)" -eq 0 ]
+}
+delete_graph() {
+  k delete dgd "$1" --ignore-not-found --wait=true >/dev/null
+  wait_for "everything of $1 gone" 60 nothing_left "$1"
+}
+
+start_operator() {
+  KUBECONFIG="$CLUSTER_STATE/operator.kubeconfig" \
+    DYN_METRICS_ADDR="127.0.0.1:$METRICS_PORT" DYN_LEASE_NAMESPACE=dynamo-system \
+    DYN_LEASE_DURATION="${E2E_LEASE_DURATION:-6s}" DYN_GANG_DEADLINE=30s \
+    DYN_LOG="${DYN_LOG:-info,kube=warn}" \
+    "$OP_BIN" >>"$OP_LOG" 2>&1 &
+  echo $! >"$OP_PID_FILE"
+  wait_for "operator /healthz" 30 curl -sf "http://127.0.0.1:$METRICS_PORT/healthz"
+}
+stop_operator() {
+  local sig="${1:-TERM}" pid i
+  pid="$(cat "$OP_PID_FILE" 2>/dev/null || true)"
+  if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+    kill "-$sig" "$pid" 2>/dev/null || true
+    for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$OP_PID_FILE"
+}
+op_pid() { cat "$OP_PID_FILE"; }
+cleanup() {
+  stop_operator TERM
+  if [ "${KEEP_CLUSTER:-0}" != 1 ]; then hack/cluster.sh down >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+
+# A graph of S services x G gangs of one 1-GPU pod each (name, services, gangs).
+wide_graph() {
+  local name="$1" services="$2" gangs="$3" i
+  printf 'apiVersion: nvidia.com/v1alpha1\nkind: DynamoGraphDeployment\nmetadata: {name: %s}\nspec:\n  services:\n' "$name"
+  for i in $(seq 1 "$services"); do
+    printf '    W%s:\n      componentType: worker\n      replicas: %s\n      resources: {limits: {gpu: "1"}}\n' "$i" "$gangs"
+  done
+}
+
+# === cases ===
+
+case_invalid_manifest_is_refused() {
+  local out
+  if out="$(k apply -f - 2>&1 <<'EOF'
+apiVersion: nvidia.com/v1alpha1
+kind: DynamoGraphDeployment
+metadata: {name: invalid}
+spec:
+  services:
+    Frontend: {componentType: frontend}
+    Frontend2: {componentType: frontend}
+    Worker:
+      componentType: worker
+      resources: {limits: {gpu: "0.5"}}
+EOF
+)"; then
+    fail "an invalid graph was accepted"
+    return 1
+  fi
+  log "kubectl apply said: $out"
+  grep -q "at most one service may have componentType: frontend" <<<"$out" || fail "no frontend message"
+  grep -q "gpu must be a whole number of GPUs" <<<"$out" || fail "no gpu message"
+  if out="$(k apply -f - 2>&1 <<'EOF'
+apiVersion: nvidia.com/v1alpha1
+kind: DynamoGraphDeployment
+metadata: {name: invalid}
+spec:
+  services:
+    Worker: {componentType: wroker, replicas: -1, multinode: {nodeCount: 0}}
+EOF
+)"; then
+    fail "an invalid graph was accepted"
+    return 1
+  fi
+  grep -q 'Unsupported value: "wroker"' <<<"$out" || fail "no componentType message"
+  grep -q "replicas in body should be greater than or equal to 0" <<<"$out" || fail "no replicas message"
+  grep -q "nodeCount in body should be greater than or equal to 1" <<<"$out" || fail "no nodeCount message"
+}
+
+case_agg_is_placed_running_and_ready() {
+  k apply -f manifests/agg.yaml >/dev/null
+  wait_for "agg ready" 60 state_is agg ready
+  [ "$(running_count nvidia.com/dynamo-graph=agg)" -eq 3 ] || fail "want 3 Running pods"
+  local p
+  for p in agg-frontend-0-0 agg-worker-0-0 agg-worker-1-0; do
+    [ -n "$(jp pod "$p" '{.spec.nodeName}')" ] || fail "$p is not on a node"
+    [ -z "$(jp pod "$p" '{.spec.schedulingGates}')" ] || fail "$p is still gated"
+    [ "$(jp pod "$p" '{.metadata.ownerReferences[0].kind}')" = DynamoGraphDeployment ] || fail "$p has no owner"
+  done
+  [ "$(jp pod agg-worker-1-0 '{.spec.containers[0].resources.limits.nvidia\.com/gpu}')" = 1 ] || fail "no GPU limit"
+  [ "$(jp pod agg-worker-1-0 '{.spec.containers[0].env[?(@.name=="DYN_WORLD_SIZE")].value}')" = 1 ] || fail "no DYN_WORLD_SIZE"
+  [ "$(jp svc agg-frontend '{.spec.ports[0].port}')" = 8000 ] || fail "no frontend Service on 8000"
+  [ "$(jp svc agg-worker-pods '{.spec.clusterIP}')" = None ] || fail "no headless worker Service"
+  [ "$(jp dgdsa agg-worker '{.status.replicas}')" = 2 ] || fail "adapter status not 2"
+  local row
+  row="$(k get dgd agg --no-headers)"
+  log "kubectl get dgd: $row"
+  grep -Eq '^agg +ready +2/2 ' <<<"$row" || fail "kubectl get dgd does not show ready 2/2"
+  delete_graph agg
+}
+
+case_multinode_gang_lands_in_one_rack() {
+  k apply -f manifests/disagg-multinode.yaml >/dev/null
+  wait_for "disagg-multinode ready" 60 state_is disagg-multinode ready
+  local svc gang n racks
+  for svc in prefill decode; do
+    for gang in 0 1; do
+      [ "$(pod_count "nvidia.com/dynamo-graph=disagg-multinode,nvidia.com/dynamo-gang=$gang,nvidia.com/dynamo-service=${svc^}")" -gt 0 ] || continue
+      racks="$(for n in $(k get pods -l "nvidia.com/dynamo-graph=disagg-multinode,nvidia.com/dynamo-service=${svc^},nvidia.com/dynamo-gang=$gang" -o 'jsonpath={.items[*].spec.nodeName}'); do
+        kubectl get node "$n" -o 'jsonpath={.metadata.labels.topology\.dynamo\.nvidia\.com/rack}'; echo; done | sort -u)"
+      log "${svc^}/$gang racks: $(echo $racks)"
+      [ "$(wc -l <<<"$racks")" -eq 1 ] || fail "gang ${svc^}/$gang spans racks: $racks"
+    done
+  done
+  [ "$(jp pod disagg-multinode-decode-1-1 '{.spec.containers[0].env[?(@.name=="DYN_LEADER_ADDR")].value}')" = \
+    "disagg-multinode-decode-1-0.disagg-multinode-decode-pods.$NS.svc" ] || fail "wrong DYN_LEADER_ADDR"
+  delete_graph disagg-multinode
+}
+
+gated_count() {
+  k get pods -l "$1" -o 'jsonpath={range .items[*]}{.spec.schedulingGates[0].name}{"\n"}{end}' | grep -c nvidia.com/gang || true
+}
+placed_false() { [ "$(jp dgd "$1" '{.status.conditions[?(@.type=="GangsPlaced")].status}')" = False ]; }
+
+case_oversized_gang_waits_then_places_when_a_node_joins() {
+  local nodes_per_rack
+  nodes_per_rack="$(kubectl get nodes -l topology.dynamo.nvidia.com/rack=zone-a-rack-2 --no-headers | wc -l)"
+  local want=$((nodes_per_rack + 1))
+  k apply -f - >/dev/null <<EOF
+apiVersion: nvidia.com/v1alpha1
+kind: DynamoGraphDeployment
+metadata: {name: big}
+spec:
+  topologyConstraint: {packDomain: rack}
+  services:
+    Worker:
+      componentType: worker
+      multinode: {nodeCount: $want}
+      resources: {limits: {gpu: "8"}}
+EOF
+  wait_for "GangsPlaced=False" 30 placed_false big
+  local msg
+  msg="$(jp dgd big '{.status.conditions[?(@.type=="GangsPlaced")].message}')"
+  log "condition: $msg"
+  grep -q "gang Worker/0 needs $want nodes with 8 free GPUs each" <<<"$msg" || fail "unclear condition"
+  grep -q "inside one rack" <<<"$msg" || fail "condition does not name the rack level"
+  k get events --field-selector reason=GangUnschedulable,involvedObject.name=big --no-headers | grep -q . || fail "no event"
+  sleep 2
+  [ "$(gated_count nvidia.com/dynamo-graph=big)" -eq "$want" ] || fail "pods are not all gated"
+  [ "$(running_count nvidia.com/dynamo-graph=big)" -eq 0 ] || fail "part of the gang runs"
+  # Room in a rack: one more node joins zone-a-rack-2 (it may already have joined in an earlier run).
+  local extra="zone-a-rack-2-node-$want"
+  hack/cluster.sh add-node "$extra" zone-a zone-a-rack-2 8 >/dev/null
+  wait_for "big ready after a node joined" 30 state_is big ready
+  [ "$(running_count nvidia.com/dynamo-graph=big)" -eq "$want" ] || fail "gang not fully running"
+  delete_graph big
+}
+
+adapter_replicas_is() { [ "$(jp dgdsa "$1" '{.status.replicas}')" = "$2" ]; }
+
+case_scaling_the_adapter_adds_and_removes_gangs() {
+  k apply -f manifests/agg.yaml >/dev/null
+  wait_for "agg ready" 60 state_is agg ready
+  k scale dgdsa agg-worker --replicas 4 >/dev/null
+  wait_for "4 worker gangs running" 30 pods_running_eq nvidia.com/dynamo-service=Worker 4
+  wait_for "adapter reports 4" 30 adapter_replicas_is agg-worker 4
+  [ "$(jp dgd agg '{.status.services.Worker.replicas}')" = 4 ] || wait_for "status says 4" 10 \
+    bash -c "[ \"\$(kubectl -n $NS get dgd agg -o jsonpath='{.status.services.Worker.replicas}')\" = 4 ]"
+  k scale dgdsa agg-worker --replicas 1 >/dev/null
+  wait_for "1 worker gang" 30 pods_running_eq nvidia.com/dynamo-service=Worker 1
+  [ -n "$(jp pod agg-worker-0-0 '{.metadata.name}')" ] || fail "gang 0 was removed instead of the highest"
+  wait_for "adapter reports 1" 30 adapter_replicas_is agg-worker 1
+  wait_for "agg ready" 30 state_is agg ready
+  delete_graph agg
+}
+
+ready_gangs_with_hash() {
+  k get pods -l nvidia.com/dynamo-service=Worker -o \
+    "jsonpath={range .items[*]}{.metadata.labels.nvidia\.com/dynamo-template-hash} {.status.conditions[?(@.type==\"Ready\")].status}{\"\n\"}{end}"
+}
+updated_is() { [ "$(jp dgd agg '{.status.services.Worker.updatedReplicas}')" = "$1" ] && state_is agg ready; }
+
+case_template_change_rolls_without_dropping_below_the_floor() {
+  k apply -f manifests/agg.yaml >/dev/null
+  wait_for "agg ready" 60 state_is agg ready
+  k scale dgdsa agg-worker --replicas 3 >/dev/null
+  wait_for "agg ready with 3" 60 updated_is 3
+  local old
+  old="$(jp pod agg-worker-0-0 '{.metadata.labels.nvidia\.com/dynamo-template-hash}')"
+  # A template no node can hold: the roll must stop after one gang, with 2 of 3 gangs still ready.
+  k patch dgd agg --type=merge -p '{"spec":{"services":{"Worker":{"resources":{"limits":{"gpu":"64"}}}}}}' >/dev/null
+  wait_for "GangsPlaced=False" 30 placed_false agg
+  local i ready
+  for i in $(seq 1 15); do
+    ready="$(ready_gangs_with_hash | grep -c "^$old True" || true)"
+    [ "$ready" -ge 2 ] || { fail "only $ready old gangs ready during the roll"; return 1; }
+    sleep 0.2
+  done
+  [ "$(gated_count nvidia.com/dynamo-service=Worker)" -eq 1 ] || fail "want exactly one new (gated) gang"
+  # A template that fits: the roll completes.
+  k patch dgd agg --type=merge -p '{"spec":{"services":{"Worker":{"resources":{"limits":{"gpu":"2"}}}}}}' >/dev/null
+  wait_for "3 updated gangs" 60 updated_is 3
+  [ "$(ready_gangs_with_hash | grep -c "^$old " || true)" -eq 0 ] || fail "old pods left"
+  [ "$(jp pod agg-worker-2-0 '{.spec.containers[0].resources.limits.nvidia\.com/gpu}')" = 2 ] || fail "new template not applied"
+  k get events --field-selector reason=RollingUpdate,involvedObject.name=agg --no-headers | grep -q . || fail "no RollingUpdate event"
+}
+
+case_deleting_the_graph_removes_everything() {
+  k get dgd agg >/dev/null 2>&1 || { k apply -f manifests/agg.yaml >/dev/null; wait_for "agg ready" 60 state_is agg ready; }
+  k delete dgd agg --wait=true >/dev/null
+  wait_for "pods, Services and adapters of agg gone" 60 nothing_left agg
+}
+
+all_owned_and_unique() {
+  # every pod of the graph has exactly one controller owner and names are gang-rank unique
+  local n
+  n="$(k get pods -l "nvidia.com/dynamo-graph=$1" -o 'jsonpath={range .items[*]}{.metadata.labels.nvidia\.com/dynamo-service}/{.metadata.labels.nvidia\.com/dynamo-gang}/{.metadata.labels.nvidia\.com/dynamo-rank}{"\n"}{end}' | sort | uniq -d | wc -l)"
+  [ "$n" -eq 0 ]
+}
+
+no_node_overbooked() {
+  kubectl get pods -A -o 'jsonpath={range .items[*]}{.spec.nodeName} {.spec.containers[0].resources.limits.nvidia\.com/gpu}{"\n"}{end}' |
+    awk 'NF==2 {g[$1]+=$2} END {for (n in g) if (g[n] > 8) {print n, g[n]; bad=1}; exit bad}'
+}
+
+case_operator_killed_mid_reconcile_converges_without_duplicates() {
+  wide_graph wide 16 4 | k apply -f - >/dev/null
+  # Let it get part way (some pods created, some gangs placed), then SIGKILL it.
+  wait_for "some pods created" 30 bash -c "[ \$(kubectl -n $NS get pods -l nvidia.com/dynamo-graph=wide --no-headers 2>/dev/null | wc -l) -ge 8 ]"
+  stop_operator KILL
+  log "killed the operator with $(pod_count nvidia.com/dynamo-graph=wide) pods created"
+  start_operator
+  wait_for "wide ready after restart" 120 state_is wide ready
+  [ "$(pod_count nvidia.com/dynamo-graph=wide)" -eq 64 ] || fail "want 64 pods, have $(pod_count nvidia.com/dynamo-graph=wide)"
+  all_owned_and_unique wide || fail "duplicate gang ranks"
+  no_node_overbooked || fail "a node got more GPUs than it has"
+  [ "$(k get dgdsa -l nvidia.com/dynamo-graph=wide --no-headers | wc -l)" -eq 16 ] || fail "want 16 adapters"
+  delete_graph wide
+}
+
+case_metrics_and_health_are_served() {
+  local m
+  m="$(curl -sf "http://127.0.0.1:$METRICS_PORT/metrics")"
+  grep -q '^dynamo_operator_reconciles_total [1-9]' <<<"$m" || fail "no reconcile counter"
+  grep -q '^dynamo_operator_reconcile_duration_seconds_bucket' <<<"$m" || fail "no duration histogram"
+  grep -q '^dynamo_operator_leader 1' <<<"$m" || fail "not leader"
+  curl -sf "http://127.0.0.1:$METRICS_PORT/healthz" | grep -q ok || fail "healthz"
+}
+
+# === measurements (E2E_MEASURE=1) ===
+
+quantiles() {
+  # p50 and p99 (ms) of the reconcile histogram, interpolated within buckets.
+  curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" | python3 -c '
+import sys, re
+b = []
+for l in sys.stdin:
+    m = re.match(r"dynamo_operator_reconcile_duration_seconds_bucket\{le=\"([^\"]+)\"\} (\S+)", l)
+    if m: b.append((float(m.group(1)), float(m.group(2))))
+total = b[-1][1]
+def q(p):
+    want, prev_le, prev_c = p * total, 0.0, 0.0
+    for le, c in b:
+        if c >= want:
+            if le == float("inf"): return prev_le * 1000
+            return (prev_le + (le - prev_le) * (want - prev_c) / max(c - prev_c, 1e-9)) * 1000
+        prev_le, prev_c = le, c
+print(f"reconciles={int(total)} p50_ms={q(0.5):.2f} p99_ms={q(0.99):.2f}")'
+}
+
+case_measure() {
+  [ "${E2E_MEASURE:-0}" = 1 ] || { log "skipped (set E2E_MEASURE=1)"; return 0; }
+  local t0 t1
+  t0=$(date +%s.%N)
+  wide_graph wide 16 4 | k apply -f - >/dev/null
+  wait_for "64 pods Running" 180 pods_running_eq nvidia.com/dynamo-graph=wide 64
+  t1=$(date +%s.%N)
+  log "FIGURE apply -> 64 pods Running (16 services x 4 gangs): $(echo "$t1 - $t0" | bc) s"
+  wait_for "wide ready" 60 state_is wide ready
+  delete_graph wide
+  # 100 graphs: frontend + one 1-GPU worker each.
+  stop_operator TERM
+  start_operator
+  local i
+  t0=$(date +%s.%N)
+  for i in $(seq 1 100); do
+    printf 'apiVersion: nvidia.com/v1alpha1\nkind: DynamoGraphDeployment\nmetadata: {name: g%s}\nspec:\n  services:\n    Frontend: {componentType: frontend}\n    Worker: {componentType: worker, resources: {limits: {gpu: "1"}}}\n---\n' "$i"
+  done | k apply -f - >/dev/null
+  wait_for "100 graphs ready" 300 bash -c "[ \$(kubectl -n $NS get dgd --no-headers | grep -c ' ready ') -ge 100 ]"
+  t1=$(date +%s.%N)
+  log "FIGURE 100 graphs (200 pods) apply -> all ready: $(echo "$t1 - $t0" | bc) s"
+  log "FIGURE operator RSS at 100 graphs: $(awk '/VmRSS/ {print $2/1024 " MiB"}' "/proc/$(op_pid)/status") (peak $(awk '/VmHWM/ {print $2/1024 " MiB"}' "/proc/$(op_pid)/status"))"
+  log "FIGURE reconcile latency at 100 graphs: $(quantiles)"
+  k delete dgd --all --wait=true >/dev/null
+}
+
+# === main ===
+
+selected() {
+  [ ${#FILTER[@]} -eq 0 ] && return 0
+  local w
+  for w in "${FILTER[@]}"; do [[ "$1" == *"$w"* ]] && return 0; done
+  return 1
+}
+
+run_case() {
+  local name="$1" t0 t1
+  selected "$name" || return 0
+  t0=$(date +%s.%N)
+  log "--- $name"
+  if ( set -e; "case_$name" ); then
+    PASSED=$((PASSED + 1))
+    t1=$(date +%s.%N)
+    log "ok   $name ($(printf '%.1f' "$(echo "$t1 - $t0" | bc)") s)"
+  else
+    FAILED=$((FAILED + 1))
+    FAILED_NAMES+=("$name")
+    log "FAILED $name; operator log tail:"
+    tail -n 20 "$OP_LOG" >&2 || true
+  fi
+}
+
+log "tools and cluster"
+hack/tools.sh >/dev/null
+hack/cluster.sh up >/dev/null
+eval "$(hack/cluster.sh env)"
+log "building the operator"
+nice -n 19 cargo build -q -p dynamo-operator
+log "helm install"
+helm upgrade --install dynamo-platform charts/dynamo-platform -n dynamo-system --create-namespace \
+  --set replicaCount=0 --wait >/dev/null
+kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+hack/cluster.sh sa-kubeconfig dynamo-system dynamo-platform "$CLUSTER_STATE/operator.kubeconfig" >/dev/null
+: >"$OP_LOG"
+start_operator
+
+run_case invalid_manifest_is_refused
+run_case agg_is_placed_running_and_ready
+run_case multinode_gang_lands_in_one_rack
+run_case oversized_gang_waits_then_places_when_a_node_joins
+run_case scaling_the_adapter_adds_and_removes_gangs
+run_case template_change_rolls_without_dropping_below_the_floor
+run_case deleting_the_graph_removes_everything
+run_case operator_killed_mid_reconcile_converges_without_duplicates
+run_case metrics_and_health_are_served
+run_case measure
+
+SUITE_END=$(date +%s.%N)
+log "suite time: $(printf '%.1f' "$(echo "$SUITE_END - $SUITE_START" | bc)") s"
+[ "$FAILED" -eq 0 ] || log "failed: ${FAILED_NAMES[*]}"
+echo "operator-e2e: $PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
