@@ -3,6 +3,9 @@
 //! without editing the graph. The operator creates them (seeded from the graph's `replicas`) and
 //! then treats their `spec.replicas` as the service's replica count.
 
+// kube's `printcolumn(...)` entries repeat `type_ = ...`; clippy mistakes that for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -28,7 +31,11 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Desired", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Current", type_ = "integer", json_path = ".status.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ScalingAdapterSpec {

@@ -7,6 +7,9 @@
 //! This module owns the types and their server-side validation rules; what the operator does with
 //! them lives in `dynamo-operator`.
 
+// kube's `printcolumn(...)` entries repeat `type_ = ...`; clippy mistakes that for duplicated attributes.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
@@ -38,7 +41,11 @@ use serde_json::Value;
         json_path = ".status.readyServices",
         description = "services with all their gangs ready / services"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [

@@ -9,7 +9,10 @@ use clap::Parser;
 use crate::placement::{DEFAULT_TOPOLOGY_LEVELS, TopologyLevels};
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "dynamo-operator", about = "Reconciles DynamoGraphDeployments into topology-packed pod gangs")]
+#[command(
+    name = "dynamo-operator",
+    about = "Reconciles DynamoGraphDeployments into topology-packed pod gangs"
+)]
 pub struct Args {
     /// Topology levels, broadest first, as NAME=NODE_LABEL,...; `packDomain` names one of them.
     #[arg(long, env = "DYN_TOPOLOGY_LEVELS", default_value = DEFAULT_TOPOLOGY_LEVELS)]

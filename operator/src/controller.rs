@@ -64,7 +64,9 @@ impl Error {
     /// Label for `dynamo_operator_reconcile_failures_total{error=...}`.
     pub fn metric_label(&self) -> String {
         match self {
-            Error::Kube { verb, kind, source, .. } => {
+            Error::Kube {
+                verb, kind, source, ..
+            } => {
                 let code = match source {
                     kube::Error::Api(s) => s.code.to_string(),
                     _ => "transport".into(),
@@ -77,7 +79,11 @@ impl Error {
     }
 }
 
-fn kube_err(verb: &'static str, kind: &'static str, name: &str) -> impl FnOnce(kube::Error) -> Error {
+fn kube_err(
+    verb: &'static str,
+    kind: &'static str,
+    name: &str,
+) -> impl FnOnce(kube::Error) -> Error {
     let name = name.to_string();
     move |source| Error::Kube {
         verb,
@@ -116,14 +122,22 @@ pub struct Context {
 /// Runs the controller until `cancel` fires.
 pub async fn run(client: Client, config: Config, metrics: Metrics, cancel: CancellationToken) {
     let ns = config.watch_namespace.clone();
-    let scoped = |c: &Client| -> (Api<DynamoGraphDeployment>, Api<DynamoGraphDeploymentScalingAdapter>, Api<Service>) {
+    let scoped = |c: &Client| -> (
+        Api<DynamoGraphDeployment>,
+        Api<DynamoGraphDeploymentScalingAdapter>,
+        Api<Service>,
+    ) {
         match &ns {
             Some(ns) => (
                 Api::namespaced(c.clone(), ns),
                 Api::namespaced(c.clone(), ns),
                 Api::namespaced(c.clone(), ns),
             ),
-            None => (Api::all(c.clone()), Api::all(c.clone()), Api::all(c.clone())),
+            None => (
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+                Api::all(c.clone()),
+            ),
         }
     };
     let (graphs, adapters_api, services_api) = scoped(&client);
@@ -211,9 +225,7 @@ async fn reconcile(dgd: Arc<DynamoGraphDeployment>, ctx: Arc<Context>) -> Result
     let start = tokio::time::Instant::now();
     ctx.metrics.reconciles.inc();
     let r = reconcile_graph(&dgd, &ctx).await;
-    ctx.metrics
-        .duration
-        .observe(start.elapsed().as_secs_f64());
+    ctx.metrics.duration.observe(start.elapsed().as_secs_f64());
     r
 }
 
@@ -281,9 +293,7 @@ async fn reconcile_graph(dgd: &DynamoGraphDeployment, ctx: &Context) -> Result<A
     let ours = our_pods(&g, ctx);
     let observed: Vec<PodObs> = {
         let pinned = ctx.pinned.lock().map(|p| p.clone()).unwrap_or_default();
-        ours.iter()
-            .filter_map(|p| observe(p, &pinned))
-            .collect()
+        ours.iter().filter_map(|p| observe(p, &pinned)).collect()
     };
     let now = Timestamp::now().as_second();
     let deadline = ctx.config.gang_deadline.as_secs() as i64;
@@ -436,7 +446,9 @@ async fn ensure_adapters(g: &Graph<'_>, ctx: &Context) -> Result<BTreeMap<String
     let api: Api<DynamoGraphDeploymentScalingAdapter> = Api::namespaced(ctx.client.clone(), &g.ns);
     let existing: BTreeMap<String, Arc<DynamoGraphDeploymentScalingAdapter>> = ctx
         .adapters
-        .state_filter(|a| a.metadata.namespace.as_deref() == Some(&g.ns) && owned_by(&a.metadata, &g.uid))
+        .state_filter(|a| {
+            a.metadata.namespace.as_deref() == Some(&g.ns) && owned_by(&a.metadata, &g.uid)
+        })
         .into_iter()
         .map(|a| (a.spec.dgd_ref.service.clone(), a))
         .collect();
@@ -470,19 +482,32 @@ async fn ensure_adapters(g: &Graph<'_>, ctx: &Context) -> Result<BTreeMap<String
                 // The cache is behind (e.g. just restarted): the adapter's value wins.
                 api.get(&adapter_name)
                     .await
-                    .map_err(kube_err("get", "DynamoGraphDeploymentScalingAdapter", &adapter_name))?
+                    .map_err(kube_err(
+                        "get",
+                        "DynamoGraphDeploymentScalingAdapter",
+                        &adapter_name,
+                    ))?
                     .spec
                     .replicas
             }
-            Err(e) => return Err(kube_err("create", "DynamoGraphDeploymentScalingAdapter", &adapter_name)(e)),
+            Err(e) => {
+                return Err(kube_err(
+                    "create",
+                    "DynamoGraphDeploymentScalingAdapter",
+                    &adapter_name,
+                )(e));
+            }
         };
         replicas.insert(name.clone(), n.max(0) as u32);
     }
     for (service, a) in &existing {
         if !g.dgd.spec.services.contains_key(service) {
             let n = a.name_any();
-            idempotent(api.delete(&n, &DeleteParams::default()).await)
-                .map_err(kube_err("delete", "DynamoGraphDeploymentScalingAdapter", &n))?;
+            idempotent(api.delete(&n, &DeleteParams::default()).await).map_err(kube_err(
+                "delete",
+                "DynamoGraphDeploymentScalingAdapter",
+                &n,
+            ))?;
         }
     }
     Ok(replicas)
@@ -533,7 +558,11 @@ async fn ensure_services(g: &Graph<'_>, ctx: &Context) -> Result<(), Error> {
     let names: Vec<String> = wanted.iter().map(ResourceExt::name_any).collect();
     for s in wanted {
         let n = s.name_any();
-        if ctx.services.get(&ObjectRef::new(&n).within(&g.ns)).is_none() {
+        if ctx
+            .services
+            .get(&ObjectRef::new(&n).within(&g.ns))
+            .is_none()
+        {
             idempotent(api.create(&PostParams::default(), &s).await)
                 .map_err(kube_err("create", "Service", &n))?;
         }
@@ -644,7 +673,9 @@ async fn delete_gang(
         DeleteReason::ScaledDown | DeleteReason::ServiceRemoved => (EventType::Normal, None),
         DeleteReason::Rollout => (
             EventType::Normal,
-            Some(format!("replacing gang {service}/{idx} with the new pod template")),
+            Some(format!(
+                "replacing gang {service}/{idx} with the new pod template"
+            )),
         ),
         DeleteReason::PartialBindTimeout => (
             EventType::Warning,
@@ -655,11 +686,15 @@ async fn delete_gang(
         ),
         DeleteReason::Broken => (
             EventType::Warning,
-            Some(format!("gang {service}/{idx} lost or failed a pod; recreating the whole gang")),
+            Some(format!(
+                "gang {service}/{idx} lost or failed a pod; recreating the whole gang"
+            )),
         ),
         DeleteReason::HalfPinned => (
             EventType::Warning,
-            Some(format!("gang {service}/{idx} was half pinned; recreating it")),
+            Some(format!(
+                "gang {service}/{idx} was half pinned; recreating it"
+            )),
         ),
     };
     if let Some(note) = note {
@@ -756,6 +791,9 @@ fn tolerations(pod: &Pod) -> Vec<Toleration> {
         .collect()
 }
 
+/// A placed gang: service, gang index, and each pod with its node.
+type GangPins = (String, u32, Vec<(Arc<Pod>, String)>);
+
 /// Places gangs (under the placement lock), pins their pods, and lifts their gates.
 /// Returns a message for each gang that fits nowhere.
 async fn place_gangs(
@@ -764,7 +802,7 @@ async fn place_gangs(
     ours: &[Arc<Pod>],
     gangs: &[(String, u32)],
 ) -> Result<Vec<String>, Error> {
-    let mut pins: Vec<(String, u32, Vec<(Arc<Pod>, String)>)> = Vec::new();
+    let mut pins: Vec<GangPins> = Vec::new();
     let mut unplaced = Vec::new();
     {
         let _lock = ctx.placement_lock.lock().await;
@@ -807,7 +845,8 @@ async fn place_gangs(
     for (service, idx, assigned) in &pins {
         for (pod, node) in assigned {
             let n = pod.name_any();
-            let affinity = gang::pinned_affinity(pod.spec.as_ref().and_then(|s| s.affinity.as_ref()), node);
+            let affinity =
+                gang::pinned_affinity(pod.spec.as_ref().and_then(|s| s.affinity.as_ref()), node);
             let patch = json!({
                 "metadata": {"annotations": {ANNOTATION_NODE: node}},
                 "spec": {"affinity": affinity},
@@ -824,7 +863,12 @@ async fn place_gangs(
     Ok(unplaced)
 }
 
-async fn ungate_gang(ctx: &Context, ours: &[Arc<Pod>], service: &str, idx: u32) -> Result<(), Error> {
+async fn ungate_gang(
+    ctx: &Context,
+    ours: &[Arc<Pod>],
+    service: &str,
+    idx: u32,
+) -> Result<(), Error> {
     let pods = gang_pods(ours, service, idx);
     let Some(ns) = pods.first().and_then(|p| p.namespace()) else {
         return Ok(());
@@ -849,15 +893,24 @@ async fn ungate<'a>(api: &Api<Pod>, pods: impl Iterator<Item = &'a Arc<Pod>>) ->
             "metadata": {"annotations": {ANNOTATION_UNGATED_AT: now}},
             "spec": {"schedulingGates": [{"$patch": "delete", "name": GANG_GATE}]},
         });
-        idempotent(api.patch(&n, &PatchParams::default(), &Patch::Strategic(patch)).await)
-            .map_err(kube_err("ungate", "Pod", &n))?;
+        idempotent(
+            api.patch(&n, &PatchParams::default(), &Patch::Strategic(patch))
+                .await,
+        )
+        .map_err(kube_err("ungate", "Pod", &n))?;
     }
     Ok(())
 }
 
 // === status ===
 
-fn condition(dgd: &DynamoGraphDeployment, type_: &str, ok: bool, reason: &str, message: &str) -> Condition {
+fn condition(
+    dgd: &DynamoGraphDeployment,
+    type_: &str,
+    ok: bool,
+    reason: &str,
+    message: &str,
+) -> Condition {
     let status = if ok { "True" } else { "False" };
     // Keep the transition time while the status stays the same.
     let since = dgd
@@ -902,16 +955,33 @@ fn graph_status(g: &Graph<'_>, p: &plan::Plan, unplaced: &[String]) -> DynamoGra
     let total = dgd.spec.services.len();
     let ready = ready_services == total;
     let placed = if unplaced.is_empty() {
-        condition(dgd, "GangsPlaced", true, "AllGangsPlaced", "every gang is placed")
+        condition(
+            dgd,
+            "GangsPlaced",
+            true,
+            "AllGangsPlaced",
+            "every gang is placed",
+        )
     } else {
-        let mut msg = unplaced.iter().take(3).cloned().collect::<Vec<_>>().join("; ");
+        let mut msg = unplaced
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
         if unplaced.len() > 3 {
             msg.push_str(&format!("; and {} more", unplaced.len() - 3));
         }
         condition(dgd, "GangsPlaced", false, "Unschedulable", &msg)
     };
     let ready_cond = if ready {
-        condition(dgd, "Ready", true, "AllGangsReady", "every service has all its gangs ready")
+        condition(
+            dgd,
+            "Ready",
+            true,
+            "AllGangsReady",
+            "every service has all its gangs ready",
+        )
     } else {
         condition(dgd, "Ready", false, "GangsNotReady", &not_ready.join(", "))
     };
@@ -926,7 +996,11 @@ fn graph_status(g: &Graph<'_>, p: &plan::Plan, unplaced: &[String]) -> DynamoGra
 }
 
 /// Writes the status when it changed; returns whether it did.
-async fn write_status(g: &Graph<'_>, ctx: &Context, status: DynamoGraphDeploymentStatus) -> Result<bool, Error> {
+async fn write_status(
+    g: &Graph<'_>,
+    ctx: &Context,
+    status: DynamoGraphDeploymentStatus,
+) -> Result<bool, Error> {
     if g.dgd.status.as_ref() == Some(&status) {
         return Ok(false);
     }
@@ -936,9 +1010,13 @@ async fn write_status(g: &Graph<'_>, ctx: &Context, status: DynamoGraphDeploymen
         "kind": "DynamoGraphDeployment",
         "status": status,
     });
-    api.patch_status(&g.name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch))
-        .await
-        .map_err(kube_err("patch_status", "DynamoGraphDeployment", &g.name))?;
+    api.patch_status(
+        &g.name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await
+    .map_err(kube_err("patch_status", "DynamoGraphDeployment", &g.name))?;
     Ok(true)
 }
 
@@ -971,14 +1049,28 @@ async fn write_adapter_status(g: &Graph<'_>, ctx: &Context, p: &plan::Plan) -> R
             "kind": "DynamoGraphDeploymentScalingAdapter",
             "status": status,
         });
-        api.patch_status(&adapter_name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(patch))
-            .await
-            .map_err(kube_err("patch_status", "DynamoGraphDeploymentScalingAdapter", &adapter_name))?;
+        api.patch_status(
+            &adapter_name,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(kube_err(
+            "patch_status",
+            "DynamoGraphDeploymentScalingAdapter",
+            &adapter_name,
+        ))?;
     }
     Ok(())
 }
 
-async fn publish(ctx: &Context, dgd: &DynamoGraphDeployment, type_: EventType, reason: &str, note: &str) {
+async fn publish(
+    ctx: &Context,
+    dgd: &DynamoGraphDeployment,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let ev = Event {
         type_,
         reason: reason.into(),

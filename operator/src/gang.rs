@@ -153,13 +153,17 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
     // Pass-through fields first; ours override.
     let extra = svc.extra_pod_spec.clone().unwrap_or_default();
     let main = extra.main_container.clone().unwrap_or_default();
-    let mut pod_spec: PodSpec = serde_json::from_value(Value::Object(
-        extra.pod_spec.clone().into_iter().collect(),
-    ))
-    .map_err(|e| format!("spec.services.{}.extraPodSpec: {e}", ctx.service))?;
+    let mut pod_spec: PodSpec =
+        serde_json::from_value(Value::Object(extra.pod_spec.clone().into_iter().collect()))
+            .map_err(|e| format!("spec.services.{}.extraPodSpec: {e}", ctx.service))?;
     let mut container: Container =
         serde_json::from_value(Value::Object(main.container.clone().into_iter().collect()))
-            .map_err(|e| format!("spec.services.{}.extraPodSpec.mainContainer: {e}", ctx.service))?;
+            .map_err(|e| {
+                format!(
+                    "spec.services.{}.extraPodSpec.mainContainer: {e}",
+                    ctx.service
+                )
+            })?;
 
     container.name = "main".into();
     container.image = Some(
@@ -291,7 +295,7 @@ fn resources(svc: &ServiceSpec, base: Option<ResourceRequirements>) -> ResourceR
     let mut out = base.unwrap_or_default();
     let r = svc.resources.clone().unwrap_or_default();
     let fill = |item: Option<&dynamo_crds::ResourceItem>,
-                    into: &mut Option<BTreeMap<String, Quantity>>| {
+                into: &mut Option<BTreeMap<String, Quantity>>| {
         let Some(item) = item else { return };
         let map = into.get_or_insert_with(BTreeMap::new);
         for (k, v) in [("cpu", &item.cpu), ("memory", &item.memory)] {
@@ -343,14 +347,18 @@ pub fn pinned_affinity(current: Option<&Affinity>, node: &str) -> Affinity {
         values: Some(vec![node.to_string()]),
     };
     let mut affinity = current.cloned().unwrap_or_default();
-    let na = affinity.node_affinity.get_or_insert_with(NodeAffinity::default);
+    let na = affinity
+        .node_affinity
+        .get_or_insert_with(NodeAffinity::default);
     let required = na
         .required_during_scheduling_ignored_during_execution
         .get_or_insert_with(|| NodeSelector {
             node_selector_terms: Vec::new(),
         });
     if required.node_selector_terms.is_empty() {
-        required.node_selector_terms.push(NodeSelectorTerm::default());
+        required
+            .node_selector_terms
+            .push(NodeSelectorTerm::default());
     }
     for term in &mut required.node_selector_terms {
         let fields = term.match_fields.get_or_insert_with(Vec::new);
@@ -432,9 +440,16 @@ spec:
             Some("llm-decode-1-0.llm-decode-pods.team.svc")
         );
         assert_eq!(env(&p, "A").as_deref(), Some("graph"));
-        assert_eq!(env(&p, "B").as_deref(), Some("service"), "service env overrides graph env");
+        assert_eq!(
+            env(&p, "B").as_deref(),
+            Some("service"),
+            "service env overrides graph env"
+        );
         let owner = &p.metadata.owner_references.clone().unwrap_or_default()[0];
-        assert_eq!((owner.uid.as_str(), owner.controller), ("uid-1", Some(true)));
+        assert_eq!(
+            (owner.uid.as_str(), owner.controller),
+            ("uid-1", Some(true))
+        );
     }
 
     #[test]
@@ -442,17 +457,30 @@ spec:
         let g = graph();
         let p = pod(&g, "Decode", 0, 0);
         let spec = p.spec.clone().expect("spec");
-        assert_eq!(spec.scheduling_gates.clone().unwrap_or_default()[0].name, GANG_GATE);
+        assert_eq!(
+            spec.scheduling_gates.clone().unwrap_or_default()[0].name,
+            GANG_GATE
+        );
         assert_eq!(pod_gpus(&p), 8);
         let c = &spec.containers[0];
         assert_eq!(c.working_dir.as_deref(), Some("/w"));
-        let limits = c.resources.clone().and_then(|r| r.limits).unwrap_or_default();
+        let limits = c
+            .resources
+            .clone()
+            .and_then(|r| r.limits)
+            .unwrap_or_default();
         assert_eq!(limits["cpu"].0, "4");
-        assert!(spec.tolerations.is_some_and(|t| t[0].key.as_deref() == Some("gpu")));
+        assert!(
+            spec.tolerations
+                .is_some_and(|t| t[0].key.as_deref() == Some("gpu"))
+        );
         let fe = pod(&g, "Frontend", 0, 0);
         let fc = &fe.spec.expect("spec").containers[0];
         assert_eq!(fc.image.as_deref(), Some("fe:1"));
-        assert_eq!(fc.ports.clone().unwrap_or_default()[0].container_port, FRONTEND_PORT);
+        assert_eq!(
+            fc.ports.clone().unwrap_or_default()[0].container_port,
+            FRONTEND_PORT
+        );
         assert_eq!(pod_gpus(&pod(&g, "Frontend", 0, 0)), 0);
     }
 
@@ -482,13 +510,17 @@ spec:
             .expect("required")
             .node_selector_terms;
         assert_eq!(terms.len(), 1);
-        assert_eq!(terms[0].match_fields.clone().unwrap_or_default()[0].values, Some(vec!["n1".to_string()]));
+        assert_eq!(
+            terms[0].match_fields.clone().unwrap_or_default()[0].values,
+            Some(vec!["n1".to_string()])
+        );
     }
 
     #[test]
     fn over_long_names_are_refused_with_the_name() {
         assert!(check_names("llm", "Decode").is_ok());
-        let err = check_names(&"g".repeat(40), "averyveryverylongservicename").expect_err("too long");
+        let err =
+            check_names(&"g".repeat(40), "averyveryverylongservicename").expect_err("too long");
         assert!(err.contains("63"), "{err}");
     }
 }

@@ -125,7 +125,9 @@ impl LeaderElector {
                     return true;
                 }
                 Ok(false) => tracing::debug!(lease = %self.name, "another operator leads; waiting"),
-                Err(e) => tracing::warn!(lease = %self.name, error = %e, "leader election failed; retrying"),
+                Err(e) => {
+                    tracing::warn!(lease = %self.name, error = %e, "leader election failed; retrying")
+                }
             }
             tokio::select! {
                 () = cancel.cancelled() => return false,
@@ -149,7 +151,9 @@ impl LeaderElector {
                     tracing::error!(lease = %self.name, "lost the lease to another operator");
                     return false;
                 }
-                Ok(Err(e)) => tracing::warn!(lease = %self.name, error = %e, "lease renewal failed"),
+                Ok(Err(e)) => {
+                    tracing::warn!(lease = %self.name, error = %e, "lease renewal failed")
+                }
                 Err(_) => tracing::warn!(lease = %self.name, "lease renewal timed out"),
             }
             // Stop before the lease could expire under us.
@@ -171,13 +175,17 @@ impl LeaderElector {
                 spec.holder_identity = None;
                 spec.renew_time = None;
                 spec.acquire_time = None;
-                self.api.replace(&self.name, &PostParams::default(), l).await?;
+                self.api
+                    .replace(&self.name, &PostParams::default(), l)
+                    .await?;
             }
             Ok::<_, kube::Error>(())
         };
         match tokio::time::timeout(self.duration / 3, work).await {
             Ok(Ok(())) => tracing::info!(lease = %self.name, "released the lease"),
-            Ok(Err(e)) => tracing::warn!(lease = %self.name, error = %e, "could not release the lease"),
+            Ok(Err(e)) => {
+                tracing::warn!(lease = %self.name, error = %e, "could not release the lease")
+            }
             Err(_) => tracing::warn!(lease = %self.name, "releasing the lease timed out"),
         }
     }
@@ -208,7 +216,10 @@ mod tests {
         let now = Timestamp::now();
         assert_eq!(decide(Some(&spec("b", 20)), "a", now), Decision::Take);
         assert_eq!(decide(Some(&spec("a", 5)), "a", now), Decision::Take);
-        assert_eq!(decide(Some(&LeaseSpec::default()), "a", now), Decision::Take);
+        assert_eq!(
+            decide(Some(&LeaseSpec::default()), "a", now),
+            Decision::Take
+        );
         assert_eq!(decide(None, "a", now), Decision::Take);
     }
 }

@@ -16,13 +16,20 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log).context("DYN_LOG")?)
         .init();
     let config = args.validate().map_err(anyhow::Error::msg)?;
-    let client = kube::Client::try_default().await.context("no usable kubeconfig or in-cluster config")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no usable kubeconfig or in-cluster config")?;
 
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let metrics = telemetry::Metrics::default();
     let healthy = Arc::new(AtomicBool::new(true));
-    tracker.spawn(telemetry::serve(config.metrics_addr, metrics.clone(), healthy.clone(), cancel.child_token()));
+    tracker.spawn(telemetry::serve(
+        config.metrics_addr,
+        metrics.clone(),
+        healthy.clone(),
+        cancel.child_token(),
+    ));
     tracker.spawn({
         let cancel = cancel.clone();
         async move {
@@ -34,7 +41,12 @@ async fn main() -> anyhow::Result<()> {
 
     let elector = config.leader_election.then(|| {
         let api = kube::Api::namespaced(client.clone(), &config.lease_namespace);
-        LeaderElector::new(api, &config.lease_name, &config.identity, config.lease_duration)
+        LeaderElector::new(
+            api,
+            &config.lease_name,
+            &config.identity,
+            config.lease_duration,
+        )
     });
     let mut lost = false;
     if let Some(e) = &elector {
@@ -63,7 +75,10 @@ async fn main() -> anyhow::Result<()> {
         e.release().await;
     }
     tracker.close();
-    if tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("tasks did not stop within 10s");
     }
     Ok(())
@@ -73,10 +88,11 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return ctrl_c.await.unwrap_or(()),
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return ctrl_c.await.unwrap_or(()),
+            };
         tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
     }
     #[cfg(not(unix))]

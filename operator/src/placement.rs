@@ -28,8 +28,7 @@ pub struct Level {
 pub struct TopologyLevels(Vec<Level>);
 
 /// The levels the chart and the operator use unless told otherwise.
-pub const DEFAULT_TOPOLOGY_LEVELS: &str =
-    "zone=topology.kubernetes.io/zone,rack=topology.dynamo.nvidia.com/rack,host=kubernetes.io/hostname";
+pub const DEFAULT_TOPOLOGY_LEVELS: &str = "zone=topology.kubernetes.io/zone,rack=topology.dynamo.nvidia.com/rack,host=kubernetes.io/hostname";
 
 impl TopologyLevels {
     /// Parses `name=label,name=label,...`, broadest first.
@@ -43,7 +42,9 @@ impl TopologyLevels {
             };
             let (name, label) = (name.trim(), label.trim());
             if name.is_empty() || label.is_empty() {
-                return Err(format!("topology level {part:?} has an empty name or label"));
+                return Err(format!(
+                    "topology level {part:?} has an empty name or label"
+                ));
             }
             if levels.iter().any(|l: &Level| l.name == name) {
                 return Err(format!("topology level {name:?} is listed twice"));
@@ -260,20 +261,23 @@ pub struct NoFit {
 
 impl std::fmt::Display for NoFit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per_pod = self.gpus_needed.checked_div(self.pods).unwrap_or(0);
         let scope = match &self.level {
-            Some(l) => format!("any single {l}"),
-            None => "the cluster".to_string(),
+            Some(l) => format!("inside one {l}"),
+            None => "in the cluster".to_string(),
         };
         write!(
             f,
-            "needs {} GPUs on {} separate nodes ({} per pod) in one domain, but no domain fits it in {scope}",
-            self.gpus_needed,
-            self.pods,
-            self.gpus_needed.checked_div(self.pods).unwrap_or(0)
+            "needs {} nodes with {per_pod} free GPUs each ({} GPUs) {scope}, and none has that free",
+            self.pods, self.gpus_needed
         )?;
-        match &self.largest_free_domain {
-            Some((d, g)) => write!(f, "; the largest has {g} free GPUs ({d})"),
-            None => write!(f, "; no node carries that level's label"),
+        match (&self.largest_free_domain, &self.level) {
+            (Some((d, g)), Some(l)) => {
+                write!(f, "; the {l} with the most free GPUs is {d} with {g}")
+            }
+            (Some((_, g)), None) => write!(f, "; {g} GPUs are free in all"),
+            (None, Some(l)) => write!(f, "; no ready node carries the {l} label"),
+            (None, None) => write!(f, "; no node is ready"),
         }
     }
 }
@@ -419,7 +423,11 @@ mod tests {
         assert_eq!(err.level.as_deref(), Some("rack"));
         assert_eq!(err.largest_free_domain.as_ref().map(|d| d.1), Some(32));
         let msg = err.to_string();
-        assert!(msg.contains("40 GPUs") && msg.contains("rack") && msg.contains("32 free"), "{msg}");
+        assert_eq!(
+            msg,
+            "needs 5 nodes with 8 free GPUs each (40 GPUs) inside one rack, and none has that free; \
+             the rack with the most free GPUs is z0-r0 with 32"
+        );
     }
 
     #[test]
@@ -429,7 +437,11 @@ mod tests {
             nodes.push(node(&format!("z0-r0-h{h}"), "z0", "z0-r0", 8));
         }
         let levels = TopologyLevels::default();
-        assert!(ClusterView::new(nodes.clone()).find(&levels, &gang(5, 8, "rack")).is_err());
+        assert!(
+            ClusterView::new(nodes.clone())
+                .find(&levels, &gang(5, 8, "rack"))
+                .is_err()
+        );
         nodes.push(node("z0-r0-h4", "z0", "z0-r0", 8));
         let p = ClusterView::new(nodes)
             .find(&levels, &gang(5, 8, "rack"))

@@ -231,10 +231,15 @@ fn plan_service(
         }
         let bound = gpods.iter().filter(|p| p.bound).count();
         if bound < gpods.len() {
-            let since = gpods.iter().filter_map(|p| p.ungated_at).min().unwrap_or(now);
+            let since = gpods
+                .iter()
+                .filter_map(|p| p.ungated_at)
+                .min()
+                .unwrap_or(now);
             let left = since + deadline_secs - now;
             if bound > 0 && left <= 0 {
-                out.actions.push(del(gang, DeleteReason::PartialBindTimeout));
+                out.actions
+                    .push(del(gang, DeleteReason::PartialBindTimeout));
             } else {
                 out.recheck_in = Some(out.recheck_in.map_or(left.max(1), |r| r.min(left.max(1))));
             }
@@ -302,8 +307,16 @@ mod tests {
         assert_eq!(
             p.actions,
             vec![
-                Action::Create { service: "W".into(), gang: 0, ranks: vec![0, 1] },
-                Action::Create { service: "W".into(), gang: 1, ranks: vec![0, 1] },
+                Action::Create {
+                    service: "W".into(),
+                    gang: 0,
+                    ranks: vec![0, 1]
+                },
+                Action::Create {
+                    service: "W".into(),
+                    gang: 1,
+                    ranks: vec![0, 1]
+                },
             ]
         );
     }
@@ -312,10 +325,28 @@ mod tests {
     fn complete_gated_gang_is_placed_then_ungated() {
         let pods = vec![gated(0, 0), gated(0, 1)];
         let p = plan(&[svc(1, 2, "h")], &pods, 0, 300);
-        assert_eq!(p.actions, vec![Action::Place { service: "W".into(), gang: 0 }]);
-        let pinned: Vec<PodObs> = pods.into_iter().map(|mut x| { x.pinned = true; x }).collect();
+        assert_eq!(
+            p.actions,
+            vec![Action::Place {
+                service: "W".into(),
+                gang: 0
+            }]
+        );
+        let pinned: Vec<PodObs> = pods
+            .into_iter()
+            .map(|mut x| {
+                x.pinned = true;
+                x
+            })
+            .collect();
         let p = plan(&[svc(1, 2, "h")], &pinned, 0, 300);
-        assert_eq!(p.actions, vec![Action::Ungate { service: "W".into(), gang: 0 }]);
+        assert_eq!(
+            p.actions,
+            vec![Action::Ungate {
+                service: "W".into(),
+                gang: 0
+            }]
+        );
     }
 
     #[test]

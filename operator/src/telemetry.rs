@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use prometheus_client::encoding::{EncodeLabelSet, text::encode};
-use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram};
+use prometheus_client::metrics::{
+    counter::Counter, family::Family, gauge::Gauge, histogram::Histogram,
+};
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -44,7 +46,8 @@ impl Default for Metrics {
         let reconciles = Counter::default();
         let failures = Family::<ErrorLabels, Counter>::default();
         let duration = Histogram::new([
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+            0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let gangs_placed = Counter::default();
         let gangs_unplaceable = Gauge::<i64, AtomicI64>::default();
@@ -60,7 +63,11 @@ impl Default for Metrics {
             "Time one graph reconcile took",
             duration.clone(),
         );
-        registry.register("gangs_placed", "Gangs pinned and un-gated", gangs_placed.clone());
+        registry.register(
+            "gangs_placed",
+            "Gangs pinned and un-gated",
+            gangs_placed.clone(),
+        );
         registry.register(
             "gangs_unplaceable",
             "Gangs that fit in no topology domain right now",
