@@ -304,6 +304,33 @@ case_metrics_and_health_are_served() {
   curl -sf "http://127.0.0.1:$METRICS_PORT/healthz" | grep -q ok || fail "healthz"
 }
 
+metric_is() { curl -sf "http://127.0.0.1:$1/metrics" | grep -q "^$2\$"; }
+
+case_standby_takes_over_when_the_leader_stops() {
+  # A second operator waits on the Lease and does nothing while the first leads.
+  local port2=$((METRICS_PORT + 1)) pid2
+  KUBECONFIG="$CLUSTER_STATE/operator.kubeconfig" \
+    DYN_METRICS_ADDR="127.0.0.1:$port2" DYN_LEASE_NAMESPACE=dynamo-system \
+    DYN_LEASE_DURATION="${E2E_LEASE_DURATION:-6s}" DYN_LOG="${DYN_LOG:-info,kube=warn}" \
+    "$OP_BIN" >>"$OP_LOG.standby" 2>&1 &
+  pid2=$!
+  wait_for "standby serves /healthz" 30 curl -sf "http://127.0.0.1:$port2/healthz"
+  sleep 3
+  metric_is "$port2" "dynamo_operator_leader 0" || { kill "$pid2"; fail "standby leads next to the leader"; }
+  # SIGTERM: the leader releases the Lease on its way out, so the standby takes over at once.
+  local t0=$(date +%s.%N)
+  stop_operator TERM
+  wait_for "standby leads" 15 metric_is "$port2" "dynamo_operator_leader 1" || { kill "$pid2"; exit 1; }
+  log "takeover after SIGTERM: $(printf '%.1f' "$(echo "$(date +%s.%N) - $t0" | bc)") s"
+  echo "$pid2" >"$OP_PID_FILE"
+  k apply -f manifests/agg.yaml >/dev/null
+  wait_for "agg ready under the new leader" 60 state_is agg ready
+  delete_graph agg
+  # Back to a leader on the usual port for the cases after this one.
+  stop_operator TERM
+  start_operator
+}
+
 # === measurements (E2E_MEASURE=1) ===
 
 quantiles() {
@@ -402,6 +429,7 @@ run_case template_change_rolls_without_dropping_below_the_floor
 run_case deleting_the_graph_removes_everything
 run_case operator_killed_mid_reconcile_converges_without_duplicates
 run_case metrics_and_health_are_served
+run_case standby_takes_over_when_the_leader_stops
 run_case measure
 
 SUITE_END=$(date +%s.%N)

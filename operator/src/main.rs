@@ -48,30 +48,30 @@ async fn main() -> anyhow::Result<()> {
             config.lease_duration,
         )
     });
-    let mut lost = false;
+    let lost = CancellationToken::new();
     if let Some(e) = &elector {
         if !e.acquire(&cancel).await {
             return Ok(());
         }
         let (e, cancel) = (e.clone(), cancel.clone());
-        let lost_token = CancellationToken::new();
         tracker.spawn({
-            let lost_token = lost_token.clone();
+            let lost = lost.clone();
             async move {
                 if !e.keep(&cancel).await {
-                    lost_token.cancel();
+                    lost.cancel();
                     cancel.cancel();
                 }
             }
         });
-        lost = lost_token.is_cancelled();
     }
     metrics.leader.set(1);
     controller::run(client, config, metrics.clone(), cancel.child_token()).await;
 
     healthy.store(false, Ordering::Relaxed);
     cancel.cancel();
-    if let (Some(e), false) = (&elector, lost) {
+    if let Some(e) = &elector
+        && !lost.is_cancelled()
+    {
         e.release().await;
     }
     tracker.close();
@@ -80,6 +80,9 @@ async fn main() -> anyhow::Result<()> {
         .is_err()
     {
         tracing::warn!("tasks did not stop within 10s");
+    }
+    if lost.is_cancelled() {
+        anyhow::bail!("lost leadership; exiting so that a restart waits for the lease");
     }
     Ok(())
 }
