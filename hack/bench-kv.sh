@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# KV-aware routing on a real trace: `dynamo bench` replays the first N requests of the Mooncake
+# KV-aware routing on a real trace: `dynamo bench` replays (prompts as token ids on /v1/completions, so
+# shared prefixes are exact) the first N requests of the Mooncake
 # conversation trace against `dynamo serve` with each router mode, then against NVIDIA Dynamo 1.6.1
 # (frontend + mocker, ../shared/peer) with the same client, the same tokenizer and the same engine
 # settings, in the same session. Writes docs/results/kv/<label>.{json,png} and a summary table.
@@ -25,7 +26,7 @@ trap 'stop_ours; "$PEER_DIR/stop.sh" >/dev/null 2>&1 || true' EXIT
 
 bench() { # LABEL: replay against $BASE_URL
   "${NICE[@]}" "$BIN" bench --url "$BASE_URL" --model "$MODEL_NAME" --model-path "$MODEL_DIR" \
-    --trace "$TRACE" --limit "$N" --time-scale "$comp" --label "$1" --out "$OUT" --endpoint chat \
+    --trace "$TRACE" --limit "$N" --time-scale "$comp" --label "$1" --out "$OUT" --endpoint completions \
     | tee "$OUT/$1.txt"
 }
 

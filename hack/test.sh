@@ -37,3 +37,12 @@ fi
 # The openai client against `dynamo serve`; vLLM's KV event publisher (pyzmq + msgspec) against the
 # sidecar's ingest and the router's index.
 DYNAMO_BIN="$ROOT/target/debug/dynamo" "$VENV/bin/python" -m pytest -q e2e/openai e2e/vllm
+
+step "control-plane tools (etcd, kube-apiserver/-scheduler/-controller-manager, kubectl, kwok, helm; cached in .cache/tools)"
+hack/tools.sh
+
+step "test control plane smoke test"
+e2e/cluster/smoke.sh
+
+step "operator e2e (helm install, operator with the chart's ServiceAccount, kwok GPU nodes)"
+e2e/operator/run.sh

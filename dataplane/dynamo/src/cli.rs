@@ -106,8 +106,10 @@ pub struct FrontendArgs {
     /// How requests are spread over workers.
     #[arg(long, env = "DYN_ROUTER_MODE", value_enum, default_value = "kv")]
     pub router_mode: RouterMode,
-    /// kv mode: weight of prefill work (uncached prompt blocks) against decode load.
-    #[arg(long, env = "DYN_KV_OVERLAP_WEIGHT", default_value_t = 1.0)]
+    /// kv mode: weight of prefill work (uncached prompt blocks, queued and new) against decode load
+    /// (active KV blocks). Prefill blocks cost far more time than decode blocks: 16 measured best on
+    /// the Mooncake conversation trace (docs/kv-routing.md); 1 is Dynamo's default.
+    #[arg(long, env = "DYN_KV_OVERLAP_WEIGHT", default_value_t = 16.0)]
     pub kv_overlap_weight: f64,
     /// kv mode: 0 picks the cheapest worker; > 0 samples workers by softmax over cost (in blocks).
     #[arg(long, env = "DYN_KV_TEMPERATURE", default_value_t = 0.0)]

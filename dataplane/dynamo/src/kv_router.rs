@@ -58,7 +58,7 @@ pub struct KvRouterConfig {
 impl Default for KvRouterConfig {
     fn default() -> Self {
         KvRouterConfig {
-            overlap_weight: 1.0,
+            overlap_weight: 16.0,
             temperature: 0.0,
             busy_threshold: 0.95,
             events: true,
@@ -597,7 +597,11 @@ mod tests {
 
     #[test]
     fn router_prefers_the_worker_holding_the_prefix_and_releases_load_on_drop() {
-        let router = Arc::new(KvRouter::new(2, KvRouterConfig::default()));
+        let config = KvRouterConfig {
+            overlap_weight: 1.0,
+            ..KvRouterConfig::default()
+        };
+        let router = Arc::new(KvRouter::new(2, config));
         let tokens: Vec<u32> = (0..640).collect();
         let hashes = block_hashes(&tokens, 64);
         let mut parent = None;
@@ -641,5 +645,105 @@ mod tests {
         );
         assert_eq!(router.load[1].active_blocks.load(Ordering::Relaxed), 0);
         assert_eq!(router.load[1].prefill_tokens.load(Ordering::Relaxed), 0);
+    }
+}
+
+#[cfg(test)]
+mod approx_tests {
+    use super::*;
+    use rand::{SeedableRng, rngs::SmallRng};
+
+    fn approx(ttl: Duration) -> Arc<KvRouter> {
+        Arc::new(KvRouter::new(
+            2,
+            KvRouterConfig {
+                events: false,
+                approx_ttl: ttl,
+                ..KvRouterConfig::default()
+            },
+        ))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn approximate_mode_remembers_a_routed_prefix_until_its_ttl() {
+        let router = approx(Duration::from_secs(10));
+        let tokens: Vec<u32> = (0..640).collect();
+        let mut rng = SmallRng::seed_from_u64(1);
+        let first = router
+            .choose(&tokens, &[0, 1], 0, &mut rng)
+            .expect("choice");
+        assert_eq!(first.overlap_blocks, 0);
+        let again = router
+            .choose(&tokens, &[0, 1], 1, &mut rng)
+            .expect("choice");
+        assert_eq!(
+            (again.candidate, again.overlap_blocks),
+            (first.candidate, 10)
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        router.expire();
+        assert_eq!(router.indexer().stats().worker_block_refs, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn approximate_mode_forgets_the_oldest_blocks_beyond_capacity() {
+        let router = approx(Duration::from_secs(3600));
+        router.set_worker_info(0, 10, 64);
+        router.set_worker_info(1, 10, 64);
+        let mut rng = SmallRng::seed_from_u64(1);
+        for p in 0..4u32 {
+            let tokens: Vec<u32> = (0..640).map(|t| t + p * 10_000).collect();
+            router.choose(&tokens, &[0], 0, &mut rng);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        // 4 prompts x 10 blocks on a 10-block worker: only the newest prompt is remembered.
+        assert_eq!(router.indexer().stats().worker_block_refs, 10);
+        let newest: Vec<u32> = (0..640).map(|t| t + 3 * 10_000).collect();
+        let c = router.choose(&newest, &[0], 0, &mut rng).expect("choice");
+        assert_eq!(c.overlap_blocks, 10);
+    }
+
+    #[test]
+    fn a_worker_past_the_busy_threshold_is_skipped_while_another_has_room() {
+        let router = Arc::new(KvRouter::new(2, KvRouterConfig::default()));
+        router.set_worker_info(0, 100, 64);
+        router.set_worker_info(1, 100, 64);
+        let tokens: Vec<u32> = (0..640).collect();
+        let blocks = block_hashes(&tokens, 64)
+            .iter()
+            .map(|h| (h.local, h.sequence))
+            .collect();
+        router
+            .indexer()
+            .apply(
+                0,
+                IndexEvent::Stored {
+                    parent: None,
+                    blocks,
+                },
+            )
+            .expect("applies");
+        let mut rng = SmallRng::seed_from_u64(1);
+        let choice = router
+            .choose(&tokens, &[0, 1], 0, &mut rng)
+            .expect("choice");
+        assert_eq!(
+            choice.candidate, 0,
+            "the cache wins while worker 0 has room"
+        );
+        // Book 96 of worker 0's 100 blocks: past 0.95, so worker 1 gets the request despite the cache.
+        let big = KvChoice {
+            candidate: 0,
+            overlap_blocks: 0,
+            request_blocks: 96,
+        };
+        let _claim = router.claim(0, 96 * 64, &big);
+        let choice = router
+            .choose(&tokens, &[0, 1], 0, &mut rng)
+            .expect("choice");
+        assert_eq!(choice.candidate, 1);
+        // With every worker busy, the cheapest still gets it.
+        let _other = router.claim(1, 96 * 64, &big);
+        assert!(router.choose(&tokens, &[0, 1], 0, &mut rng).is_some());
     }
 }
