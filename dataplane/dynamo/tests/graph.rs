@@ -550,7 +550,13 @@ async fn kv_mode_sends_a_repeated_prefix_back_to_the_worker_that_cached_it() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     // Round-robin would spread these over 4 workers (3 of 4 cold); kv sends each to the cache.
-    for turn in 0..4 {
+    turns_hit_the_cache(&g, &shared, 0..4).await;
+    g.stop().await;
+}
+
+/// Sends `shared` plus a per-turn suffix for each turn; each must be served mostly from the cache.
+async fn turns_hit_the_cache(g: &Graph, shared: &str, turns: std::ops::Range<u32>) {
+    for turn in turns {
         let (s, r) = g
             .post(
                 "/v1/chat/completions",
@@ -563,7 +569,6 @@ async fn kv_mode_sends_a_repeated_prefix_back_to_the_worker_that_cached_it() {
             .unwrap_or(0);
         assert!(cached >= 256, "turn {turn} missed the cache: {r}");
     }
-    g.stop().await;
 }
 
 #[tokio::test]
@@ -574,22 +579,10 @@ async fn kv_mode_without_events_learns_from_its_own_decisions() {
     };
     let g = Graph::start_full(4, 1000.0, 1 << 20, RouterMode::Kv, kv).await;
     let shared = "An approximate router only knows where it sent things before. ".repeat(40);
-    for turn in 0..4 {
-        let (s, r) = g
-            .post(
-                "/v1/chat/completions",
-                chat(&format!("{shared} turn {turn}"), 2),
-            )
-            .await;
-        assert_eq!(s, 200, "{r}");
-        let cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
-            .as_u64()
-            .unwrap_or(0);
-        // No waiting for events: the router booked the first turn's blocks on its worker.
-        if turn > 0 {
-            assert!(cached >= 256, "turn {turn} missed the cache: {r}");
-        }
-    }
+    // No waiting for events: the router booked the first turn's blocks on its worker.
+    let (s, r) = g.post("/v1/chat/completions", chat(&shared, 2)).await;
+    assert_eq!(s, 200, "{r}");
+    turns_hit_the_cache(&g, &shared, 1..4).await;
     let (_, metrics) = g.get_text("/metrics").await;
     assert!(
         metrics.contains("dynamo_router_decisions_total{model=\"tiny\"} 4"),
