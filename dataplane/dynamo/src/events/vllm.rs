@@ -555,6 +555,11 @@ mod tests {
     #[test]
     fn malformed_payloads_are_errors_not_panics() {
         assert_eq!(decode_batch(&[0x92, 0x01]), Err(DecodeError::NotMsgpack));
+        // A 4-billion-element array header with nothing behind it: no huge allocation, an error.
+        assert_eq!(
+            decode_batch(&[0xdd, 0xff, 0xff, 0xff, 0xff]),
+            Err(DecodeError::NotMsgpack)
+        );
         assert_eq!(
             decode_batch(&encode(&Value::from(3))),
             Err(DecodeError::NotABatch)
@@ -593,5 +598,46 @@ mod tests {
             decode_batch(&encode(&bad_token)),
             Err(DecodeError::BadField)
         );
+    }
+
+    fn valid_payload() -> Vec<u8> {
+        encode(&Value::Array(vec![
+            Value::from(1.5),
+            Value::Array(vec![
+                Value::Array(vec![
+                    s("BlockStored"),
+                    ints(&[11, 12]),
+                    Value::from(3),
+                    ints(&[1, 2, 3, 4]),
+                    Value::from(2),
+                    Value::Nil,
+                    s("GPU"),
+                ]),
+                Value::Array(vec![s("BlockRemoved"), ints(&[11]), Value::Nil]),
+            ]),
+        ]))
+    }
+
+    proptest::proptest! {
+        /// Untrusted bytes from the network: any input decodes or errors, never panics.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode_batch(&bytes).and_then(to_kinds);
+        }
+
+        /// A valid batch with bytes flipped or cut short decodes or errors, never panics.
+        #[test]
+        fn corrupted_batches_never_panic(
+            flips in proptest::collection::vec((0usize..64, proptest::num::u8::ANY), 0..8),
+            cut in 0usize..64,
+        ) {
+            let mut bytes = valid_payload();
+            for (i, b) in flips {
+                let n = bytes.len();
+                bytes[i % n] = b;
+            }
+            bytes.truncate(bytes.len().saturating_sub(cut % 8));
+            let _ = decode_batch(&bytes).and_then(to_kinds);
+        }
     }
 }
