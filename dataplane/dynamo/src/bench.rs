@@ -45,7 +45,7 @@ pub struct BenchArgs {
         long,
         env = "DYN_BENCH_TRACE",
         conflicts_with = "synthetic",
-        required_unless_present = "synthetic"
+        required_unless_present_any = ["synthetic", "report_only"]
     )]
     pub trace: Option<PathBuf>,
     /// Replay only the first N trace lines.
@@ -100,6 +100,9 @@ pub struct BenchArgs {
     /// Earlier result files to put beside this run in the table and the chart.
     #[arg(long, num_args = 1..)]
     pub compare: Vec<PathBuf>,
+    /// Send nothing: draw the table and the chart (OUT/LABEL.png) of the `--compare` files only.
+    #[arg(long, requires = "compare")]
+    pub report_only: bool,
 }
 
 /// The OpenAI endpoint to send to.
@@ -168,6 +171,17 @@ pub struct Outcome {
 
 /// The `dynamo bench` command: load the tokenizer, run, write the files, print the table.
 pub async fn main(args: BenchArgs) -> anyhow::Result<()> {
+    if args.report_only {
+        let runs = read_compared(&args.compare)?;
+        let refs: Vec<&Report> = runs.iter().collect();
+        let (table, png, _) = render(&refs);
+        std::fs::create_dir_all(&args.out)?;
+        let path = args.out.join(format!("{}.png", args.label));
+        std::fs::write(&path, png)?;
+        println!("{table}");
+        println!("wrote {}", path.display());
+        return Ok(());
+    }
     let model = match &args.model_path {
         Some(dir) => Model::from_dir(dir, None)?,
         None => Model::builtin(),
@@ -199,20 +213,7 @@ pub async fn run(args: &BenchArgs, model: &Model) -> Result<Outcome, BenchError>
     if lines.is_empty() {
         return Err(BenchError::EmptyWorkload);
     }
-    let compared = args
-        .compare
-        .iter()
-        .map(|path| {
-            let text = std::fs::read_to_string(path).map_err(|source| BenchError::ReadCompare {
-                path: path.clone(),
-                source,
-            })?;
-            serde_json::from_str::<Report>(&text).map_err(|source| BenchError::ParseCompare {
-                path: path.clone(),
-                source,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    let compared = read_compared(&args.compare)?;
 
     let records = replay(args, model, &lines).await?;
     let oracle = workload::oracle_hit_rate(&lines);
@@ -223,23 +224,11 @@ pub async fn run(args: &BenchArgs, model: &Model) -> Result<Outcome, BenchError>
         records,
     };
 
-    let mut runs: Vec<&Report> = vec![&report];
-    runs.extend(&compared);
-    let series: Vec<(String, Vec<f64>)> =
-        runs.iter().map(|r| (r.label.clone(), r.ttfts())).collect();
-    let (png, legend) = png::ttft_cdf(&series);
-    let mut table = report::table(&runs);
-    table.push_str(&format!("chart: {}; ", legend.title));
-    let colours: Vec<String> = legend
-        .series
-        .iter()
-        .map(|(l, c)| format!("{l}={c}"))
-        .collect();
-    table.push_str(&format!(
-        "x 0..{:.1} ms; {}\n",
-        legend.x_max_ms,
-        colours.join(", ")
-    ));
+    let (table, png, legend) = {
+        let mut runs: Vec<&Report> = vec![&report];
+        runs.extend(&compared);
+        render(&runs)
+    };
     if let serde_json::Value::Object(map) = &mut report.config {
         map.insert(
             "chart".into(),
@@ -265,6 +254,44 @@ pub async fn run(args: &BenchArgs, model: &Model) -> Result<Outcome, BenchError>
         png_path,
         table,
     })
+}
+
+fn read_compared(paths: &[PathBuf]) -> Result<Vec<Report>, BenchError> {
+    paths
+        .iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(path).map_err(|source| BenchError::ReadCompare {
+                path: path.clone(),
+                source,
+            })?;
+            serde_json::from_str::<Report>(&text).map_err(|source| BenchError::ParseCompare {
+                path: path.clone(),
+                source,
+            })
+        })
+        .collect()
+}
+
+fn series(runs: &[&Report]) -> Vec<(String, Vec<f64>)> {
+    runs.iter().map(|r| (r.label.clone(), r.ttfts())).collect()
+}
+
+/// The side-by-side table (with the chart's legend), the TTFT CDF PNG of `runs` and its legend.
+fn render(runs: &[&Report]) -> (String, Vec<u8>, png::Legend) {
+    let (png, legend) = png::ttft_cdf(&series(runs));
+    let mut table = report::table(runs);
+    table.push_str(&format!("chart: {}; ", legend.title));
+    let colours: Vec<String> = legend
+        .series
+        .iter()
+        .map(|(l, c)| format!("{l}={c}"))
+        .collect();
+    table.push_str(&format!(
+        "x 0..{:.1} ms; {}\n",
+        legend.x_max_ms,
+        colours.join(", ")
+    ));
+    (table, png, legend)
 }
 
 fn config_json(args: &BenchArgs, model: &Model) -> serde_json::Value {
