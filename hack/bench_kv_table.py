@@ -13,16 +13,17 @@ for path in sys.argv[1:]:
     engine, mode, point, blocks = m.groups() if m else (r["label"], "?", "?", "?")
     runs.append(dict(engine=engine, mode=mode, point=point, blocks=blocks, s=r["summary"]))
 
-def find(engine, mode, point):
-    return next((x for x in runs if (x["engine"], x["mode"], x["point"]) == (engine, mode, point)), None)
+def find(engine, mode, point, blocks):
+    key = (engine, mode, point, blocks)
+    return next((x for x in runs if (x["engine"], x["mode"], x["point"], x["blocks"]) == key), None)
 
 print("| engine | router | trace × | blocks/worker | ok | req/s | TTFT p50 | TTFT p90 | TTFT p99 | ITL p50 | "
       "hit rate | of oracle | TTFT p50 / p90 vs own round-robin | TTFT p50 / p90 vs Dynamo kv |")
 print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for x in runs:
     s = x["s"]
-    rr = find(x["engine"], "round-robin", x["point"])
-    dk = find("dynamo-1.6.1", "kv", x["point"])
+    rr = find(x["engine"], "round-robin", x["point"], x["blocks"])
+    dk = find("dynamo-1.6.1", "kv", x["point"], x["blocks"])
     def ratio(o):
         if not o or not o["s"]["ttft_p50_ms"]:
             return "-"
