@@ -53,6 +53,10 @@ pub struct KvRouterConfig {
     pub events: bool,
     /// Approximate mode: how long a routed prompt's blocks count as cached on its worker.
     pub approx_ttl: Duration,
+    /// Weight of each worker's recent cache churn (uncached blocks routed to it, decaying with a
+    /// 30 s half-life): spreading new prompts evenly keeps every worker's cached prefixes alive
+    /// about as long. 0 disables.
+    pub churn_weight: f64,
 }
 
 impl Default for KvRouterConfig {
@@ -63,6 +67,7 @@ impl Default for KvRouterConfig {
             busy_threshold: 0.95,
             events: true,
             approx_ttl: Duration::from_secs(120),
+            churn_weight: 0.5,
         }
     }
 }
@@ -153,7 +158,11 @@ pub struct KvRouter {
     load: Vec<WorkerLoad>,
     stats: RouterStats,
     learned: Mutex<Learned>,
+    /// Per worker: decayed uncached blocks routed to it, and when that was last decayed.
+    churn: Mutex<Vec<(f64, Instant)>>,
 }
+
+const CHURN_HALF_LIFE_S: f64 = 30.0;
 
 /// The outcome of a routing decision.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -175,6 +184,7 @@ impl KvRouter {
             load: (0..workers).map(|_| WorkerLoad::default()).collect(),
             stats: RouterStats::default(),
             learned: Mutex::new(Learned::default()),
+            churn: Mutex::new(vec![(0.0, Instant::now()); workers]),
         }
     }
 
@@ -226,9 +236,25 @@ impl KvRouter {
         let overlap_of = |w: usize| overlaps.matched_blocks(w as u64);
         let request_tokens = tokens.len() as u64;
         let any_free = candidates.iter().any(|&w| !self.busy(w));
+        let churn: Vec<f64> = if self.config.churn_weight > 0.0 {
+            let now = Instant::now();
+            let mut churn = self.churn.lock().unwrap_or_else(|p| p.into_inner());
+            candidates
+                .iter()
+                .map(|&w| {
+                    let (v, at) = &mut churn[w];
+                    *v *= 0.5f64.powf(now.duration_since(*at).as_secs_f64() / CHURN_HALF_LIFE_S);
+                    *at = now;
+                    *v * self.config.churn_weight
+                })
+                .collect()
+        } else {
+            vec![0.0; candidates.len()]
+        };
         let costs: Vec<f64> = candidates
             .iter()
-            .map(|&w| {
+            .zip(&churn)
+            .map(|(&w, &churn)| {
                 if any_free && self.busy(w) {
                     self.stats.busy_skips.fetch_add(1, Ordering::Relaxed);
                     return f64::INFINITY;
@@ -241,7 +267,7 @@ impl KvRouter {
                     overlap_of(w),
                     load.prefill_tokens.load(Ordering::Relaxed),
                     load.active_blocks.load(Ordering::Relaxed),
-                )
+                ) + churn
             })
             .collect();
         let candidate = pick_by_cost(&costs, self.config.temperature, tick, rng)?;
@@ -391,6 +417,12 @@ impl KvRouter {
         let load = &self.load[index];
         load.prefill_tokens
             .fetch_add(prefill_tokens, Ordering::Relaxed);
+        if self.config.churn_weight > 0.0 {
+            let mut churn = self.churn.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((v, _)) = churn.get_mut(index) {
+                *v += prefill_tokens as f64 / bs as f64;
+            }
+        }
         load.active_blocks.fetch_add(blocks, Ordering::Relaxed);
         KvClaim {
             router: self.clone(),
@@ -745,5 +777,26 @@ mod approx_tests {
         // With every worker busy, the cheapest still gets it.
         let _other = router.claim(1, 96 * 64, &big);
         assert!(router.choose(&tokens, &[0, 1], 0, &mut rng).is_some());
+    }
+
+    #[test]
+    fn new_prompts_go_to_the_worker_with_the_least_recent_churn() {
+        let router = Arc::new(KvRouter::new(2, KvRouterConfig::default()));
+        let mut rng = SmallRng::seed_from_u64(1);
+        // Worker 0 just took (and finished) a large cold prompt: its cached prefixes are being churned.
+        let cold: Vec<u32> = (0..64 * 100).collect();
+        let choice = KvChoice {
+            candidate: 0,
+            overlap_blocks: 0,
+            request_blocks: 100,
+        };
+        drop(router.claim(0, cold.len() as u64, &choice));
+        let fresh: Vec<u32> = (10_000..10_640).collect();
+        for tick in 0..4 {
+            let c = router
+                .choose(&fresh, &[0, 1], tick, &mut rng)
+                .expect("choice");
+            assert_eq!(c.candidate, 1, "tick {tick}");
+        }
     }
 }

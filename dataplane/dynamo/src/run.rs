@@ -32,6 +32,7 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
             overlap_weight: args.kv_overlap_weight,
             temperature: args.kv_temperature,
             busy_threshold: args.kv_busy_threshold,
+            churn_weight: args.kv_churn_weight,
             events: !args.no_kv_events,
             approx_ttl: args.kv_approx_ttl,
         },
