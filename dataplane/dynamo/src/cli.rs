@@ -119,8 +119,9 @@ pub struct FrontendArgs {
     #[arg(long, env = "DYN_KV_BUSY_THRESHOLD", default_value_t = 0.95)]
     pub kv_busy_threshold: f64,
     /// kv mode: weight of each worker's recent cache churn (uncached blocks routed to it, 30 s
-    /// half-life), which spreads new prompts so cached prefixes live about as long everywhere.
-    #[arg(long, env = "DYN_KV_CHURN_WEIGHT", default_value_t = 0.5)]
+    /// half-life), which spreads new prompts so cached prefixes live about as long everywhere
+    /// (0: off; its effect on the Mooncake trace was within run-to-run noise).
+    #[arg(long, env = "DYN_KV_CHURN_WEIGHT", default_value_t = 0.0)]
     pub kv_churn_weight: f64,
     /// kv mode without KV events (approximate): learn what each worker caches from the router's own
     /// decisions, for engines that publish no events.
