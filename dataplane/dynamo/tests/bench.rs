@@ -1,16 +1,18 @@
 //! `dynamo bench` against the whole local graph in one process (real sidecars with the mocker
 //! engine behind a real frontend, on ephemeral ports), replaying a small Mooncake-style trace.
 
+mod common;
+
 use std::{sync::Arc, time::Duration};
 
 use clap::Parser;
 use dynamo_dataplane::{
     bench::{self, BenchArgs},
-    frontend::{Frontend, FrontendConfig},
+    frontend::Frontend,
+    kv_router::KvRouterConfig,
     router::RouterMode,
-    sidecar::{Sidecar, SidecarConfig},
+    sidecar::Sidecar,
 };
-use dynamo_mocker::MockerConfig;
 use dynamo_model::Model;
 
 #[derive(Parser)]
@@ -19,51 +21,24 @@ struct Cli {
     bench: BenchArgs,
 }
 
-fn mocker(model: &Model, speedup: f64) -> MockerConfig {
-    let card = model.card();
-    MockerConfig {
-        vocab_size: card.vocab_size,
-        eos_token_ids: card.eos_token_ids.clone(),
-        special_token_ids: card.special_token_ids.clone(),
-        speedup,
-        num_gpu_blocks: 4096,
-        ..MockerConfig::default()
-    }
-}
-
 async fn graph(model: &Arc<Model>, workers: usize) -> (Frontend, Vec<Sidecar>) {
     let mut sidecars = Vec::new();
     for i in 0..workers {
-        let sc = Sidecar::start(SidecarConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            worker_id: format!("w{i}"),
-            model_name: model.card().name.clone(),
-            context_length: model.card().context_length,
-            mocker: mocker(model, 1000.0),
-            drain: Duration::from_secs(5),
-            vllm_events: None,
-        })
-        .await
-        .expect("sidecar starts");
-        sidecars.push(sc);
+        sidecars.push(common::start_sidecar(model, i, 1000.0).await);
     }
-    let frontend = Frontend::start(
-        FrontendConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            workers: sidecars
-                .iter()
-                .map(|s| format!("http://{}", s.addr))
-                .collect(),
-            router_mode: RouterMode::RoundRobin,
-            kv: Default::default(),
-            max_body_bytes: 1 << 22,
-            health_interval: Duration::from_millis(200),
-            drain: Duration::from_secs(5),
-        },
-        model.clone(),
-    )
-    .await
-    .expect("frontend starts");
+    let urls = sidecars
+        .iter()
+        .map(|s| format!("http://{}", s.addr))
+        .collect();
+    let config = common::frontend_config(
+        urls,
+        RouterMode::RoundRobin,
+        KvRouterConfig::default(),
+        1 << 22,
+    );
+    let frontend = Frontend::start(config, model.clone())
+        .await
+        .expect("frontend starts");
     (frontend, sidecars)
 }
 

@@ -1,16 +1,17 @@
 //! The whole local graph in one process, on ephemeral ports: real sidecars (gRPC, mocker engine)
 //! behind a real frontend, driven over real HTTP. Each test states the behaviour it checks.
 
+mod common;
+
 use std::{sync::Arc, time::Duration};
 
 use dynamo_dataplane::{
-    frontend::{Frontend, FrontendConfig},
+    frontend::Frontend,
     kv_router::KvRouterConfig,
     proto::{LoadRequest, worker_client::WorkerClient},
     router::RouterMode,
-    sidecar::{Sidecar, SidecarConfig},
+    sidecar::Sidecar,
 };
-use dynamo_mocker::MockerConfig;
 use dynamo_model::Model;
 use serde_json::{Value, json};
 
@@ -20,18 +21,6 @@ struct Graph {
     workers: Vec<Option<Sidecar>>,
     worker_urls: Vec<String>,
     model: Arc<Model>,
-}
-
-fn mocker(model: &Model, speedup: f64) -> MockerConfig {
-    let card = model.card();
-    MockerConfig {
-        vocab_size: card.vocab_size,
-        eos_token_ids: card.eos_token_ids.clone(),
-        special_token_ids: card.special_token_ids.clone(),
-        speedup,
-        num_gpu_blocks: 4096,
-        ..MockerConfig::default()
-    }
 }
 
 impl Graph {
@@ -54,34 +43,18 @@ impl Graph {
         let mut workers = Vec::new();
         let mut worker_urls = Vec::new();
         for i in 0..n {
-            let sc = Sidecar::start(SidecarConfig {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                worker_id: format!("w{i}"),
-                model_name: model.card().name.clone(),
-                context_length: model.card().context_length,
-                mocker: mocker(&model, speedup),
-                drain: Duration::from_secs(5),
-                vllm_events: None,
-            })
-            .await
-            .expect("sidecar starts");
+            let sc = common::start_sidecar(&model, i, speedup).await;
             worker_urls.push(format!("http://{}", sc.addr));
             workers.push(Some(sc));
         }
+        // With no worker, a URL nothing listens on: the frontend starts and answers 503.
+        let urls = if worker_urls.is_empty() {
+            vec!["http://127.0.0.1:1".into()]
+        } else {
+            worker_urls.clone()
+        };
         let frontend = Frontend::start(
-            FrontendConfig {
-                listen: "127.0.0.1:0".parse().expect("addr"),
-                workers: if worker_urls.is_empty() {
-                    vec!["http://127.0.0.1:1".into()]
-                } else {
-                    worker_urls.clone()
-                },
-                router_mode: mode,
-                kv,
-                max_body_bytes,
-                health_interval: Duration::from_millis(200),
-                drain: Duration::from_secs(5),
-            },
+            common::frontend_config(urls, mode, kv, max_body_bytes),
             model.clone(),
         )
         .await
@@ -611,15 +584,12 @@ async fn a_router_that_starts_late_gets_a_snapshot_of_every_worker_cache() {
     let expected = first.indexer().stats().worker_block_refs;
     // A second frontend on the same workers: no request goes through it, yet it learns the blocks.
     let late = Frontend::start(
-        FrontendConfig {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            workers: g.worker_urls.clone(),
-            router_mode: RouterMode::Kv,
-            kv: KvRouterConfig::default(),
-            max_body_bytes: 1 << 20,
-            health_interval: Duration::from_millis(200),
-            drain: Duration::from_secs(5),
-        },
+        common::frontend_config(
+            g.worker_urls.clone(),
+            RouterMode::Kv,
+            KvRouterConfig::default(),
+            1 << 20,
+        ),
         g.model.clone(),
     )
     .await

@@ -1,0 +1,55 @@
+//! Pieces of a local graph shared by the integration tests: real sidecars with the mocker engine on
+//! ephemeral ports, and the frontend settings that point at them.
+
+use std::time::Duration;
+
+use dynamo_dataplane::{
+    frontend::FrontendConfig,
+    kv_router::KvRouterConfig,
+    router::RouterMode,
+    sidecar::{Sidecar, SidecarConfig},
+};
+use dynamo_mocker::MockerConfig;
+use dynamo_model::Model;
+
+/// Starts sidecar `w{index}` on 127.0.0.1 with a mocker of 4,096 blocks running `speedup` times
+/// faster than real time.
+pub async fn start_sidecar(model: &Model, index: usize, speedup: f64) -> Sidecar {
+    let card = model.card();
+    Sidecar::start(SidecarConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        worker_id: format!("w{index}"),
+        model_name: card.name.clone(),
+        context_length: card.context_length,
+        mocker: MockerConfig {
+            vocab_size: card.vocab_size,
+            eos_token_ids: card.eos_token_ids.clone(),
+            special_token_ids: card.special_token_ids.clone(),
+            speedup,
+            num_gpu_blocks: 4096,
+            ..MockerConfig::default()
+        },
+        drain: Duration::from_secs(5),
+        vllm_events: None,
+    })
+    .await
+    .expect("sidecar starts")
+}
+
+/// A frontend on an ephemeral port in front of `workers` (gRPC URLs), probing them every 200 ms.
+pub fn frontend_config(
+    workers: Vec<String>,
+    router_mode: RouterMode,
+    kv: KvRouterConfig,
+    max_body_bytes: usize,
+) -> FrontendConfig {
+    FrontendConfig {
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        workers,
+        router_mode,
+        kv,
+        max_body_bytes,
+        health_interval: Duration::from_millis(200),
+        drain: Duration::from_secs(5),
+    }
+}
