@@ -231,14 +231,13 @@ impl KvRouter {
         rng: &mut R,
     ) -> Option<KvChoice> {
         let bs = self.block_size();
-        let hashes: Vec<u64> = block_hashes(tokens, bs as usize)
-            .iter()
-            .map(|b| b.local)
-            .collect();
-        let overlaps = self.indexer.find_matches(&hashes);
+        let blocks = block_hashes(tokens, bs as usize);
+        let locals: Vec<u64> = blocks.iter().map(|b| b.local).collect();
+        let overlaps = self.indexer.find_matches(&locals);
         let overlap_of = |w: usize| overlaps.matched_blocks(w as u64);
         let request_tokens = tokens.len() as u64;
-        let any_free = candidates.iter().any(|&w| !self.busy(w));
+        let busy: Vec<bool> = candidates.iter().map(|&w| self.busy(w)).collect();
+        let any_free = busy.contains(&false);
         let churn: Vec<f64> = if self.config.churn_weight > 0.0 {
             let now = Instant::now();
             let mut churn = self.churn.lock().unwrap_or_else(|p| p.into_inner());
@@ -257,8 +256,9 @@ impl KvRouter {
         let costs: Vec<f64> = candidates
             .iter()
             .zip(&churn)
-            .map(|(&w, &churn)| {
-                if any_free && self.busy(w) {
+            .zip(&busy)
+            .map(|((&w, &churn), &busy)| {
+                if any_free && busy {
                     self.stats.busy_skips.fetch_add(1, Ordering::Relaxed);
                     return f64::INFINITY;
                 }
@@ -288,7 +288,8 @@ impl KvRouter {
             .overlap_blocks
             .fetch_add(u64::from(choice.overlap_blocks), Ordering::Relaxed);
         if !self.config.events {
-            self.learn(candidates[candidate], &hashes_full(tokens, bs));
+            let full: Vec<(u64, u64)> = blocks.iter().map(|b| (b.local, b.sequence)).collect();
+            self.learn(candidates[candidate], &full);
         }
         Some(choice)
     }
@@ -531,15 +532,6 @@ impl KvRouter {
             }
         }
     }
-}
-
-/// (local, sequence) hashes of the prompt's full blocks.
-fn hashes_full(tokens: &[u32], block_size: u32) -> Vec<(u64, u64)> {
-    let bs = block_size.max(1) as usize;
-    block_hashes(&tokens[..tokens.len() / bs * bs], bs)
-        .iter()
-        .map(|b| (b.local, b.sequence))
-        .collect()
 }
 
 fn to_index_event(event: proto::KvEvent) -> Option<IndexEvent> {
