@@ -8,7 +8,7 @@
 pub mod vllm;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     hash::BuildHasherDefault,
     sync::{Arc, Mutex},
 };
@@ -95,7 +95,7 @@ impl Mirror {
     fn snapshot(&self, seq: u64) -> Vec<proto::KvEvent> {
         let mut order: Vec<(&u64, &MirrorBlock)> = self.blocks.iter().collect();
         order.sort_unstable_by_key(|(_, b)| b.order);
-        let mut emitted: HashMap<u64, (), U64Build> = HashMap::default();
+        let mut emitted: HashSet<u64, U64Build> = HashSet::default();
         // Children seen before their parent (re-stored later), waiting for it.
         let mut waiting: HashMap<u64, Vec<u64>, U64Build> = HashMap::default();
         let mut out = Vec::with_capacity(order.len());
@@ -112,7 +112,7 @@ impl Mirror {
         for (&hash, b) in order {
             let ready = match b.parent {
                 None => true,
-                Some(p) => emitted.contains_key(&p),
+                Some(p) => emitted.contains(&p),
             };
             if !ready {
                 if let Some(p) = b.parent.filter(|p| self.blocks.contains_key(p)) {
@@ -122,7 +122,7 @@ impl Mirror {
             }
             let mut stack = vec![hash];
             while let Some(h) = stack.pop() {
-                if emitted.insert(h, ()).is_some() {
+                if !emitted.insert(h) {
                     continue;
                 }
                 if let Some(block) = self.blocks.get(&h) {

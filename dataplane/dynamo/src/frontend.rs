@@ -80,6 +80,8 @@ pub struct Frontend {
     pub state: Arc<AppState>,
     stop_accepting: CancellationToken,
     health_stop: CancellationToken,
+    /// The KV event followers (kv mode), stopped by `health_stop`.
+    kv_tasks: TaskTracker,
     server: tokio::task::JoinHandle<()>,
 }
 
@@ -95,9 +97,9 @@ impl Frontend {
         let probe_timeout = Duration::from_secs(1);
         pool.probe_all(probe_timeout).await;
         let health_stop = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        pool.follow_kv_events(&tasks, &health_stop);
-        tasks.close();
+        let kv_tasks = TaskTracker::new();
+        pool.follow_kv_events(&kv_tasks, &health_stop);
+        kv_tasks.close();
         tokio::spawn(pool.clone().run_health(
             config.health_interval,
             probe_timeout,
@@ -125,6 +127,7 @@ impl Frontend {
             state,
             stop_accepting,
             health_stop,
+            kv_tasks,
             server,
         })
     }
@@ -139,6 +142,8 @@ impl Frontend {
             tracing::warn!(%error, "frontend server task failed");
         }
         self.health_stop.cancel();
+        // Each follower returns as soon as it sees the cancellation.
+        self.kv_tasks.wait().await;
     }
 }
 

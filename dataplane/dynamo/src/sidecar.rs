@@ -17,15 +17,16 @@ use dynamo_mocker::{Engine, FinishReason, MockerConfig, Output, SubmitError};
 use futures::Stream;
 use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
 use tokio::sync::{broadcast, mpsc};
-
-use crate::events::{
-    EventLog,
-    vllm::{IngestStats, ZmqSource},
-};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::proto::{self, worker_server::WorkerServer};
+use crate::{
+    events::{
+        EventLog,
+        vllm::{IngestStats, ZmqSource},
+    },
+    proto::{self, worker_server::WorkerServer},
+};
 
 /// How many numbered KV events the sidecar keeps for subscribers that reconnect after a gap.
 const EVENT_RING: usize = 8192;
