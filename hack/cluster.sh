@@ -68,7 +68,14 @@ pid_of() {
 start() { # name args...
   local name="$1"; shift
   setsid "$BIN/$name" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
-  echo $! >"$PIDS/$name.pid"
+  local pid=$! i
+  echo "$pid" >"$PIDS/$name.pid"
+  # Until the fork has exec'ed, /proc/PID/cmdline is this shell's and pid_of would call the
+  # component gone: wait (at most 1 s) until it is recognizable, or has really exited.
+  for ((i = 0; i < 50; i++)); do
+    [ -n "$(pid_of "$name")" ] || ! kill -0 "$pid" 2>/dev/null && return 0
+    sleep 0.02
+  done
 }
 
 stop_all() {
@@ -166,7 +173,11 @@ extendedKeyUsage=serverAuth,clientAuth"
 
 b64() { base64 -w0 <"$1"; }
 
-write_kubeconfig() { # file user cert key
+# write_kubeconfig FILE USER CONTEXT CREDENTIALS [NAMESPACE]: a kubeconfig for this cluster whose user
+# entry holds CREDENTIALS (YAML lines, indented under `user:`).
+write_kubeconfig() {
+  local ns=""
+  [ -n "${5:-}" ] && ns=", namespace: $5"
   cat >"$1" <<EOF
 apiVersion: v1
 kind: Config
@@ -178,14 +189,18 @@ clusters:
 users:
 - name: $2
   user:
-    client-certificate-data: $(b64 "$3")
-    client-key-data: $(b64 "$4")
+$4
 contexts:
-- name: $2@dynamo-test
-  context: {cluster: dynamo-test, user: $2}
-current-context: $2@dynamo-test
+- name: $3
+  context: {cluster: dynamo-test, user: "$2"$ns}
+current-context: $3
 EOF
   chmod 600 "$1"
+}
+
+cert_kubeconfig() { # file user cert key
+  write_kubeconfig "$1" "$2" "$2@dynamo-test" "    client-certificate-data: $(b64 "$3")
+    client-key-data: $(b64 "$4")"
 }
 
 # ---------------------------------------------------------------- readiness
@@ -291,10 +306,10 @@ cmd_up() {
   pick_ports
   load_ports
   gen_pki
-  write_kubeconfig "$KUBECONFIG_ADMIN" kubernetes-admin "$PKI/admin.crt" "$PKI/admin.key"
-  write_kubeconfig "$STATE/controller-manager.kubeconfig" system:kube-controller-manager "$PKI/controller-manager.crt" "$PKI/controller-manager.key"
-  write_kubeconfig "$STATE/scheduler.kubeconfig" system:kube-scheduler "$PKI/scheduler.crt" "$PKI/scheduler.key"
-  write_kubeconfig "$STATE/kwok.kubeconfig" kwok-controller "$PKI/kwok.crt" "$PKI/kwok.key"
+  cert_kubeconfig "$KUBECONFIG_ADMIN" kubernetes-admin "$PKI/admin.crt" "$PKI/admin.key"
+  cert_kubeconfig "$STATE/controller-manager.kubeconfig" system:kube-controller-manager "$PKI/controller-manager.crt" "$PKI/controller-manager.key"
+  cert_kubeconfig "$STATE/scheduler.kubeconfig" system:kube-scheduler "$PKI/scheduler.crt" "$PKI/scheduler.key"
+  cert_kubeconfig "$STATE/kwok.kubeconfig" kwok-controller "$PKI/kwok.crt" "$PKI/kwok.key"
 
   start etcd --name=dynamo-test --data-dir="$STATE/etcd" \
     --listen-client-urls="http://127.0.0.1:$ETCD_PORT" --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
@@ -393,24 +408,7 @@ cmd_sa_kubeconfig() {
   local ns="$1" sa="$2" out="$3" token
   token="$(kc create token "$sa" -n "$ns" --duration="${4:-24h}")" || die "cannot create a token for serviceaccount $ns/$sa"
   mkdir -p "$(dirname "$out")"
-  cat >"$out" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: dynamo-test
-  cluster:
-    server: https://127.0.0.1:$APISERVER_PORT
-    certificate-authority-data: $(b64 "$PKI/ca.crt")
-users:
-- name: system:serviceaccount:$ns:$sa
-  user:
-    token: $token
-contexts:
-- name: $sa@dynamo-test
-  context: {cluster: dynamo-test, user: "system:serviceaccount:$ns:$sa", namespace: $ns}
-current-context: $sa@dynamo-test
-EOF
-  chmod 600 "$out"
+  write_kubeconfig "$out" "system:serviceaccount:$ns:$sa" "$sa@dynamo-test" "    token: $token" "$ns"
   echo "$out"
 }
 
