@@ -123,6 +123,11 @@ pub struct FrontendArgs {
     /// (0: off; its effect on the Mooncake trace was within run-to-run noise).
     #[arg(long, env = "DYN_KV_CHURN_WEIGHT", default_value_t = 0.0)]
     pub kv_churn_weight: f64,
+    /// kv mode: weight of prefill work already queued on a worker, per block. Lighter than the
+    /// prompt's own uncached blocks, which are new work for the fleet: a worker holding the prefix
+    /// is not given up for a short queue (docs/kv-routing.md).
+    #[arg(long, env = "DYN_KV_QUEUE_WEIGHT", default_value_t = crate::kv_router::DEFAULT_QUEUE_WEIGHT)]
+    pub kv_queue_weight: f64,
     /// kv mode without KV events (approximate): learn what each worker caches from the router's own
     /// decisions, for engines that publish no events.
     #[arg(long, env = "DYN_KV_NO_EVENTS")]

@@ -1,9 +1,10 @@
 //! The `kv` routing policy: send a request where it is cheapest to serve, counting the prompt blocks
-//! a worker would still have to prefill (those not already in its prefix cache) and the decode load
-//! it already carries:
+//! a worker would still have to prefill (those not already in its prefix cache), the prefill already
+//! queued there and the decode load it carries:
 //!
-//! `cost = overlap_weight × prefill_blocks + decode_blocks`, where
-//! `prefill_blocks = (prefill tokens already queued on the worker + this prompt's uncached tokens) / block_size`
+//! `cost = overlap_weight × new_prefill_blocks + queue_weight × queued_prefill_blocks + decode_blocks`,
+//! where `new_prefill_blocks` are this prompt's uncached tokens / block_size,
+//! `queued_prefill_blocks` the prefill tokens already routed to the worker and not yet done / block_size,
 //! and `decode_blocks = KV blocks of the worker's active requests + this request's blocks`, plus
 //! optionally `churn_weight × uncached blocks recently routed to the worker` (30 s half-life), which
 //! spreads new prompts so that every worker's cached prefixes survive about as long (off by default:
@@ -42,6 +43,9 @@ use crate::proto::{self, kv_event::Kind, worker_client::WorkerClient};
 /// Block size assumed until a worker reports its own.
 const DEFAULT_BLOCK_SIZE: u32 = 64;
 
+/// Default weight of queued prefill blocks (docs/kv-routing.md has the measurements).
+pub const DEFAULT_QUEUE_WEIGHT: f64 = 4.0;
+
 /// Tuning of the `kv` policy.
 #[derive(Debug, Clone, Copy)]
 pub struct KvRouterConfig {
@@ -60,6 +64,8 @@ pub struct KvRouterConfig {
     /// 30 s half-life): spreading new prompts evenly keeps every worker's cached prefixes alive
     /// about as long. 0 disables.
     pub churn_weight: f64,
+    /// Weight of prefill work already queued on a worker, per block (see [`kv_cost`]).
+    pub queue_weight: f64,
 }
 
 impl Default for KvRouterConfig {
@@ -71,14 +77,21 @@ impl Default for KvRouterConfig {
             events: true,
             approx_ttl: Duration::from_secs(120),
             churn_weight: 0.0,
+            queue_weight: DEFAULT_QUEUE_WEIGHT,
         }
     }
 }
 
 /// Cost of serving a request of `request_tokens` on a worker that already holds `overlap_blocks`
 /// of its leading blocks, has `pending_prefill_tokens` queued and `active_blocks` in use.
+///
+/// The prompt's own uncached blocks weigh `overlap_weight` each; prefill already queued on the
+/// worker weighs `queue_weight` per block. Both delay this request's first token alike, but only the
+/// new prefill is extra work for the fleet (and a second copy of a prefix it already caches), so the
+/// queue is weighed lighter: a worker holding the prefix is not given up for a short queue.
 pub fn kv_cost(
     overlap_weight: f64,
+    queue_weight: f64,
     block_size: u32,
     request_tokens: u64,
     overlap_blocks: u32,
@@ -88,8 +101,8 @@ pub fn kv_cost(
     let bs = u64::from(block_size.max(1));
     let request_blocks = request_tokens.div_ceil(bs);
     let new_tokens = request_tokens.saturating_sub(u64::from(overlap_blocks) * bs);
-    let prefill_blocks = (pending_prefill_tokens + new_tokens) as f64 / bs as f64;
-    overlap_weight * prefill_blocks + (active_blocks + request_blocks) as f64
+    (overlap_weight * new_tokens as f64 + queue_weight * pending_prefill_tokens as f64) / bs as f64
+        + (active_blocks + request_blocks) as f64
 }
 
 /// Picks among `costs` (index into it): the minimum (ties rotate with `tick`), or a softmax draw.
@@ -140,6 +153,7 @@ struct RouterStats {
     decisions: AtomicU64,
     request_blocks: AtomicU64,
     overlap_blocks: AtomicU64,
+    best_overlap_blocks: AtomicU64,
     busy_skips: AtomicU64,
 }
 
@@ -265,6 +279,7 @@ impl KvRouter {
                 let load = &self.load[w];
                 kv_cost(
                     self.config.overlap_weight,
+                    self.config.queue_weight,
                     bs,
                     request_tokens,
                     overlap_of(w),
@@ -287,6 +302,10 @@ impl KvRouter {
         self.stats
             .overlap_blocks
             .fetch_add(u64::from(choice.overlap_blocks), Ordering::Relaxed);
+        let best = candidates.iter().map(|&w| overlap_of(w)).max().unwrap_or(0);
+        self.stats
+            .best_overlap_blocks
+            .fetch_add(u64::from(best), Ordering::Relaxed);
         if !self.config.events {
             let full: Vec<(u64, u64)> = blocks.iter().map(|b| (b.local, b.sequence)).collect();
             self.learn(candidates[candidate], &full);
@@ -361,7 +380,7 @@ impl KvRouter {
     pub fn encode_metrics(&self, out: &mut String, model: &str) {
         let stats = self.indexer.stats();
         let s = &self.stats;
-        let lines: [(&str, &str, &str, f64); 6] = [
+        let lines: [(&str, &str, &str, f64); 7] = [
             (
                 "dynamo_router_decisions_total",
                 "counter",
@@ -379,6 +398,12 @@ impl KvRouter {
                 "counter",
                 "prompt blocks the chosen worker held, as the index predicted",
                 s.overlap_blocks.load(Ordering::Relaxed) as f64,
+            ),
+            (
+                "dynamo_router_best_overlap_blocks_total",
+                "counter",
+                "prompt blocks the best-matching candidate held (the chosen one may hold fewer when it is loaded)",
+                s.best_overlap_blocks.load(Ordering::Relaxed) as f64,
             ),
             (
                 "dynamo_router_busy_skips_total",
@@ -588,22 +613,39 @@ mod tests {
 
     #[test]
     fn cached_prefix_lowers_the_cost_by_the_blocks_saved() {
-        let cold = kv_cost(1.0, 64, 640, 0, 0, 0);
-        let warm = kv_cost(1.0, 64, 640, 8, 0, 0);
+        let cold = kv_cost(1.0, 1.0, 64, 640, 0, 0, 0);
+        let warm = kv_cost(1.0, 1.0, 64, 640, 8, 0, 0);
         assert_eq!(cold - warm, 8.0);
     }
 
     #[test]
     fn busy_worker_loses_to_an_idle_one_with_less_cache() {
         // Worker A holds 4 of 10 blocks but has 40 active blocks; B holds nothing and is idle.
-        let a = kv_cost(1.0, 64, 640, 4, 0, 40);
-        let b = kv_cost(1.0, 64, 640, 0, 0, 0);
+        let a = kv_cost(1.0, 1.0, 64, 640, 4, 0, 40);
+        let b = kv_cost(1.0, 1.0, 64, 640, 0, 0, 0);
         assert!(b < a, "a={a} b={b}");
     }
 
     #[test]
     fn queued_prefill_counts_against_a_worker() {
-        assert!(kv_cost(1.0, 64, 640, 0, 6400, 0) > kv_cost(1.0, 64, 640, 0, 0, 0));
+        assert!(kv_cost(1.0, 1.0, 64, 640, 0, 6400, 0) > kv_cost(1.0, 1.0, 64, 640, 0, 0, 0));
+    }
+
+    #[test]
+    fn a_short_queue_does_not_outweigh_a_cached_prefix() {
+        // A holds 8 of the prompt's 10 blocks and is prefilling another 10-block prompt; B is idle
+        // and cold. Counting A's queue as heavily as new work sends the prompt to B (and
+        // recomputes 8 cached blocks there); the default queue weight keeps it on A.
+        let a = |queue_weight| kv_cost(16.0, queue_weight, 64, 640, 8, 640, 10);
+        let b = kv_cost(16.0, DEFAULT_QUEUE_WEIGHT, 64, 640, 0, 0, 0);
+        assert!(a(16.0) > b, "a={} b={b}", a(16.0));
+        assert!(
+            a(DEFAULT_QUEUE_WEIGHT) < b,
+            "a={} b={b}",
+            a(DEFAULT_QUEUE_WEIGHT)
+        );
+        // A long enough queue still sends it elsewhere.
+        assert!(kv_cost(16.0, DEFAULT_QUEUE_WEIGHT, 64, 640, 8, 64 * 64, 10) > b);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
             temperature: args.kv_temperature,
             busy_threshold: args.kv_busy_threshold,
             churn_weight: args.kv_churn_weight,
+            queue_weight: args.kv_queue_weight,
             events: !args.no_kv_events,
             approx_ttl: args.kv_approx_ttl,
         },
