@@ -6,13 +6,13 @@
 # settings, in the same session. Writes docs/results/kv/<label>.{json,png} and a summary table.
 #
 # usage: hack/bench-kv.sh
-# env:   N=1000 WORKERS=4 SPEEDUP=3 POINTS="3 6" (trace time compression per point)
+# env:   N=1000 WORKERS=4 SPEEDUP=3 POINTS="3 9" (trace time compression per point)
 #        MODES="kv round-robin random" PEER_MODES="kv round-robin" (empty: skip Dynamo)
 #        BLOCKS=16384 (KV blocks per worker, both engines) BLOCK_SIZE=64 OUT=docs/results/kv
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 source "$ROOT/hack/bench-lib.sh"
-N="${N:-1000}" WORKERS="${WORKERS:-4}" SPEEDUP="${SPEEDUP:-3}" POINTS="${POINTS:-3 6}"
+N="${N:-1000}" WORKERS="${WORKERS:-4}" SPEEDUP="${SPEEDUP:-3}" POINTS="${POINTS:-3 9}"
 MODES="${MODES-kv round-robin random}" PEER_MODES="${PEER_MODES-kv round-robin}"
 BLOCKS="${BLOCKS:-16384}" BLOCK_SIZE="${BLOCK_SIZE:-64}"
 OUT="${OUT:-$ROOT/docs/results/kv}"

@@ -1,5 +1,5 @@
-//! The TTFT CDF chart (`OUT/LABEL.png`), drawn into an RGB buffer and written as a PNG with
-//! stored (uncompressed) deflate blocks: no image or font dependencies. The chart has no text;
+//! The TTFT CDF chart (`OUT/LABEL.png`), drawn into an RGB buffer and written as a PNG (zlib via
+//! `miniz_oxide`): no image or font dependencies. The chart has no text;
 //! the colour of each run and the axis ranges are printed and written to the result JSON.
 
 use serde::Serialize;
@@ -136,7 +136,11 @@ impl Canvas {
         ihdr.extend_from_slice(&(H as u32).to_be_bytes());
         ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
         chunk(&mut out, b"IHDR", &ihdr);
-        chunk(&mut out, b"IDAT", &zlib_stored(&raw));
+        chunk(
+            &mut out,
+            b"IDAT",
+            &miniz_oxide::deflate::compress_to_vec_zlib(&raw, 6),
+        );
         chunk(&mut out, b"IEND", &[]);
         out
     }
@@ -149,26 +153,6 @@ fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
     out.extend_from_slice(data);
     let crc = crc32(&out[start..]);
     out.extend_from_slice(&crc.to_be_bytes());
-}
-
-/// A zlib stream of stored deflate blocks.
-fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = data.chunks(65_535).collect();
-    for (i, b) in blocks.iter().enumerate() {
-        out.push(u8::from(i + 1 == blocks.len()));
-        let len = b.len() as u16;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(b);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &byte in data {
-        a = (a + u32::from(byte)) % 65_521;
-        b = (b + a) % 65_521;
-    }
-    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
-    out
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -204,5 +188,12 @@ mod tests {
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
         assert!(png.ends_with(&[0xAE, 0x42, 0x60, 0x82]), "IEND crc");
         assert_eq!(legend.series.len(), 2);
+        // IHDR (8 + 25 bytes), then IDAT: its zlib stream holds every row, and compresses well.
+        let idat_len = u32::from_be_bytes(png[33..37].try_into().expect("4 bytes")) as usize;
+        assert_eq!(&png[37..41], b"IDAT");
+        let raw = miniz_oxide::inflate::decompress_to_vec_zlib(&png[41..41 + idat_len])
+            .expect("a valid zlib stream");
+        assert_eq!(raw.len(), H * (W * 3 + 1));
+        assert!(png.len() < 50_000, "{} bytes", png.len());
     }
 }
