@@ -247,8 +247,11 @@ impl KvRouter {
         let bs = self.block_size();
         let blocks = block_hashes(tokens, bs as usize);
         let locals: Vec<u64> = blocks.iter().map(|b| b.local).collect();
-        let overlaps = self.indexer.find_matches(&locals);
-        let overlap_of = |w: usize| overlaps.matched_blocks(w as u64);
+        let matches = self.indexer.find_matches(&locals);
+        let overlaps: Vec<u32> = candidates
+            .iter()
+            .map(|&w| matches.matched_blocks(w as u64))
+            .collect();
         let request_tokens = tokens.len() as u64;
         let busy: Vec<bool> = candidates.iter().map(|&w| self.busy(w)).collect();
         let any_free = busy.contains(&false);
@@ -269,9 +272,10 @@ impl KvRouter {
         };
         let costs: Vec<f64> = candidates
             .iter()
+            .zip(&overlaps)
             .zip(&churn)
             .zip(&busy)
-            .map(|((&w, &churn), &busy)| {
+            .map(|(((&w, &overlap), &churn), &busy)| {
                 if any_free && busy {
                     self.stats.busy_skips.fetch_add(1, Ordering::Relaxed);
                     return f64::INFINITY;
@@ -282,7 +286,7 @@ impl KvRouter {
                     self.config.queue_weight,
                     bs,
                     request_tokens,
-                    overlap_of(w),
+                    overlap,
                     load.prefill_tokens.load(Ordering::Relaxed),
                     load.active_blocks.load(Ordering::Relaxed),
                 ) + churn
@@ -291,7 +295,7 @@ impl KvRouter {
         let candidate = pick_by_cost(&costs, self.config.temperature, tick, rng)?;
         let choice = KvChoice {
             candidate,
-            overlap_blocks: overlap_of(candidates[candidate]),
+            overlap_blocks: overlaps[candidate],
             request_blocks: u32::try_from(request_tokens.div_ceil(u64::from(bs.max(1))))
                 .unwrap_or(u32::MAX),
         };
@@ -302,7 +306,7 @@ impl KvRouter {
         self.stats
             .overlap_blocks
             .fetch_add(u64::from(choice.overlap_blocks), Ordering::Relaxed);
-        let best = candidates.iter().map(|&w| overlap_of(w)).max().unwrap_or(0);
+        let best = overlaps.iter().copied().max().unwrap_or(0);
         self.stats
             .best_overlap_blocks
             .fetch_add(u64::from(best), Ordering::Relaxed);
