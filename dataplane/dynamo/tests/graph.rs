@@ -524,6 +524,20 @@ async fn kv_mode_sends_a_repeated_prefix_back_to_the_worker_that_cached_it() {
     }
     // Round-robin would spread these over 4 workers (3 of 4 cold); kv sends each to the cache.
     turns_hit_the_cache(&g, &shared, 0..4).await;
+    // An idle fleet never pulls a request away from its cache: the chosen worker held as much of
+    // each prompt as the best-matching one.
+    let (_, metrics) = g.get_text("/metrics").await;
+    let value = |name: &str| -> f64 {
+        let prefix = format!("{name}{{model=\"tiny\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {metrics}"))
+    };
+    let chosen = value("dynamo_router_overlap_blocks_total");
+    assert!(chosen > 0.0, "{metrics}");
+    assert_eq!(chosen, value("dynamo_router_best_overlap_blocks_total"));
     g.stop().await;
 }
 
