@@ -40,7 +40,7 @@ def load(trace, limit, bs):
             total += length
             full = length // bs
             blocks, node = [], -1
-            for j, h in enumerate(r["hash_ids"]):
+            for h in r["hash_ids"]:
                 node = ids.setdefault((node, h), len(ids))
                 for k in range(TRACE_BLOCK // bs):
                     if len(blocks) < full:

@@ -106,17 +106,17 @@ pub struct FrontendArgs {
     /// How requests are spread over workers.
     #[arg(long, env = "DYN_ROUTER_MODE", value_enum, default_value = "kv")]
     pub router_mode: RouterMode,
-    /// kv mode: weight of prefill work (uncached prompt blocks, queued and new) against decode load
-    /// (active KV blocks). Prefill blocks cost far more time than decode blocks: 16 measured best on
-    /// the Mooncake conversation trace (docs/kv-routing.md); 1 is Dynamo's default.
-    #[arg(long, env = "DYN_KV_OVERLAP_WEIGHT", default_value_t = 16.0)]
+    /// kv mode: weight of the prompt's uncached blocks (the prefill it would add to a worker) against
+    /// decode load (active KV blocks). Prefill blocks cost far more time than decode blocks: 16
+    /// measured best on the Mooncake conversation trace (docs/kv-routing.md); 1 is Dynamo's default.
+    #[arg(long, env = "DYN_KV_OVERLAP_WEIGHT", default_value_t = crate::kv_router::DEFAULT_OVERLAP_WEIGHT)]
     pub kv_overlap_weight: f64,
     /// kv mode: 0 picks the cheapest worker; > 0 samples workers by softmax over cost (in blocks).
     #[arg(long, env = "DYN_KV_TEMPERATURE", default_value_t = 0.0)]
     pub kv_temperature: f64,
     /// kv mode: skip a worker whose booked KV blocks exceed this fraction of its capacity while a
     /// less busy one exists (1 disables).
-    #[arg(long, env = "DYN_KV_BUSY_THRESHOLD", default_value_t = 0.95)]
+    #[arg(long, env = "DYN_KV_BUSY_THRESHOLD", default_value_t = crate::kv_router::DEFAULT_BUSY_THRESHOLD)]
     pub kv_busy_threshold: f64,
     /// kv mode: weight of each worker's recent cache churn (uncached blocks routed to it, 30 s
     /// half-life), which spreads new prompts so cached prefixes live about as long everywhere

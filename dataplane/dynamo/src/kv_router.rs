@@ -43,8 +43,11 @@ use crate::proto::{self, kv_event::Kind, worker_client::WorkerClient};
 /// Block size assumed until a worker reports its own.
 const DEFAULT_BLOCK_SIZE: u32 = 64;
 
-/// Default weight of queued prefill blocks (docs/kv-routing.md has the measurements).
+/// Defaults of the `kv` policy, shared by [`KvRouterConfig::default`] and the CLI
+/// (docs/kv-routing.md has the measurements behind the weights).
+pub const DEFAULT_OVERLAP_WEIGHT: f64 = 16.0;
 pub const DEFAULT_QUEUE_WEIGHT: f64 = 4.0;
+pub const DEFAULT_BUSY_THRESHOLD: f64 = 0.95;
 
 /// Tuning of the `kv` policy.
 #[derive(Debug, Clone, Copy)]
@@ -71,9 +74,9 @@ pub struct KvRouterConfig {
 impl Default for KvRouterConfig {
     fn default() -> Self {
         KvRouterConfig {
-            overlap_weight: 16.0,
+            overlap_weight: DEFAULT_OVERLAP_WEIGHT,
             temperature: 0.0,
-            busy_threshold: 0.95,
+            busy_threshold: DEFAULT_BUSY_THRESHOLD,
             events: true,
             approx_ttl: Duration::from_secs(120),
             churn_weight: 0.0,
@@ -640,16 +643,17 @@ mod tests {
         // A holds 8 of the prompt's 10 blocks and is prefilling another 10-block prompt; B is idle
         // and cold. Counting A's queue as heavily as new work sends the prompt to B (and
         // recomputes 8 cached blocks there); the default queue weight keeps it on A.
-        let a = |queue_weight| kv_cost(16.0, queue_weight, 64, 640, 8, 640, 10);
-        let b = kv_cost(16.0, DEFAULT_QUEUE_WEIGHT, 64, 640, 0, 0, 0);
-        assert!(a(16.0) > b, "a={} b={b}", a(16.0));
+        let w = DEFAULT_OVERLAP_WEIGHT;
+        let a = |queue_weight| kv_cost(w, queue_weight, 64, 640, 8, 640, 10);
+        let b = kv_cost(w, DEFAULT_QUEUE_WEIGHT, 64, 640, 0, 0, 0);
+        assert!(a(w) > b, "a={} b={b}", a(w));
         assert!(
             a(DEFAULT_QUEUE_WEIGHT) < b,
             "a={} b={b}",
             a(DEFAULT_QUEUE_WEIGHT)
         );
         // A long enough queue still sends it elsewhere.
-        assert!(kv_cost(16.0, DEFAULT_QUEUE_WEIGHT, 64, 640, 8, 64 * 64, 10) > b);
+        assert!(kv_cost(w, DEFAULT_QUEUE_WEIGHT, 64, 640, 8, 64 * 64, 10) > b);
     }
 
     #[test]
