@@ -3,7 +3,8 @@
 # shared prefixes are exact) the first N requests of the Mooncake
 # conversation trace against `dynamo serve` with each router mode, then against NVIDIA Dynamo 1.6.1
 # (frontend + mocker, ../shared/peer) with the same client, the same tokenizer and the same engine
-# settings, in the same session. Writes docs/results/kv/<label>.{json,png} and a summary table.
+# settings, in the same session. Writes docs/results/kv/<label>.{json,png,txt}, our frontend's router
+# counters (<label>.router.txt, kv mode) and a summary table.
 #
 # usage: hack/bench-kv.sh
 # env:   N=1000 WORKERS=4 SPEEDUP=3 POINTS="3 9" (trace time compression per point)
@@ -37,6 +38,8 @@ for comp in $POINTS; do
     echo "== $label"
     start_ours "$mode" "$WORKERS" "$SPEEDUP"
     bench "$label"
+    # The router's own counters (predicted overlap, best candidate's overlap, busy skips).
+    curl -sf -m 5 "$BASE_URL/metrics" | grep '^dynamo_router_' > "$OUT/$label.router.txt" || true
     stop_ours
     labels+=("$OUT/$label.json")
   done
