@@ -12,15 +12,12 @@
 
 use bytes::BytesMut;
 use criterion::{Criterion, criterion_group};
-use dynamo_dataplane::kv_router::{KvRouter, KvRouterConfig};
-use dynamo_dataplane::{
-    frontend::{
-        openai::Usage,
-        sse::{ChunkWriter, Kind},
-    },
-    router::{RouterMode, select},
+use dynamo_frontend::{
+    openai::Usage,
+    sse::{ChunkWriter, Kind},
 };
-use dynamo_kv::{IndexEvent, block_hashes};
+use dynamo_kv::policy::{KvRouter, KvRouterConfig, RouterMode, select};
+use dynamo_kv::{KvEvent, block_hashes};
 use rand::{Rng, SeedableRng, rngs::SmallRng};
 use std::{
     hint::black_box,
@@ -99,22 +96,19 @@ fn prompt(conv: u32, tokens: usize) -> Vec<u32> {
 
 /// A router over `workers` workers whose index holds ~`per_worker` blocks of each worker.
 fn filled_router(workers: usize, per_worker: usize) -> Arc<KvRouter> {
-    let router = Arc::new(KvRouter::new(workers, KvRouterConfig::default()));
+    let router = Arc::new(KvRouter::new(KvRouterConfig::default()));
+    for w in 0..workers {
+        router.add_worker(w as u64);
+    }
     let per_prompt = PROMPT_TOKENS / BLOCK;
     let mut conv = 0;
     for w in 0..workers {
         for _ in 0..per_worker.div_ceil(per_prompt) {
             conv += 1;
-            let blocks = block_hashes(&prompt(conv, PROMPT_TOKENS), BLOCK)
-                .iter()
-                .map(|b| (b.local, b.sequence))
-                .collect();
-            let _ = router.indexer().apply(
+            let hashes = block_hashes(&prompt(conv, PROMPT_TOKENS), BLOCK);
+            let _ = router.apply(
                 w as u64,
-                IndexEvent::Stored {
-                    parent: None,
-                    blocks,
-                },
+                KvEvent::stored(None, hashes.iter().map(|b| (b.local, b.sequence))),
             );
         }
     }
@@ -125,7 +119,7 @@ fn kv_router(c: &mut Criterion) {
     let mut rng = SmallRng::seed_from_u64(1);
     for workers in [4usize, 64] {
         let router = filled_router(workers, (1 << 20) / workers);
-        let candidates: Vec<usize> = (0..workers).collect();
+        let candidates: Vec<u64> = (0..workers as u64).collect();
         // A follow-up turn of conversation 7: its prefix is cached on one worker.
         let tokens = prompt(7, PROMPT_TOKENS);
         let mut tick = 0usize;
@@ -152,21 +146,16 @@ fn kv_decision_latency_at_1000_rps() {
             while !stop.load(Ordering::Relaxed) {
                 conv += 1;
                 let hashes = block_hashes(&prompt(conv, PROMPT_TOKENS), BLOCK);
-                let blocks: Vec<(u64, u64)> =
-                    hashes.iter().map(|b| (b.local, b.sequence)).collect();
                 let w = u64::from(conv) % workers as u64;
-                let _ = router.indexer().apply(
+                let _ = router.apply(
                     w,
-                    IndexEvent::Stored {
-                        parent: None,
-                        blocks,
-                    },
+                    KvEvent::stored(None, hashes.iter().map(|b| (b.local, b.sequence))),
                 );
                 let removed = hashes.iter().map(|b| b.sequence).collect();
-                let _ = router.indexer().apply(
+                let _ = router.apply(
                     w,
-                    IndexEvent::Removed {
-                        sequence_hashes: removed,
+                    KvEvent::Removed {
+                        block_hashes: removed,
                     },
                 );
                 applied += 2 * hashes.len() as u64;
@@ -178,7 +167,7 @@ fn kv_decision_latency_at_1000_rps() {
             }
         })
     };
-    let candidates: Vec<usize> = (0..workers).collect();
+    let candidates: Vec<u64> = (0..workers as u64).collect();
     let mut rng = SmallRng::seed_from_u64(2);
     let mut latencies = Vec::with_capacity(5000);
     let started = Instant::now();

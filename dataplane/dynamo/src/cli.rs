@@ -9,7 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use dynamo_mocker::{MockerConfig, TimingModel};
 use dynamo_model::Model;
 
-use crate::router::RouterMode;
+use dynamo_frontend::discovery::DiscoveryMode;
+use dynamo_kv::policy::{RouterMode, kv as policy};
+use dynamo_sidecar::engine::EngineKind;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -31,7 +33,7 @@ pub enum Command {
     /// A worker sidecar with its engine (today: the built-in mocker).
     Sidecar(SidecarArgs),
     /// Load-test any OpenAI endpoint with a trace or a synthetic workload.
-    Bench(crate::bench::BenchArgs),
+    Bench(dynamo_bench::BenchArgs),
 }
 
 /// Which model to serve: a Hugging Face directory, or the built-in tiny model.
@@ -78,9 +80,15 @@ impl ModelArgs {
 /// Process-lifecycle flags shared by the frontend and the sidecar.
 #[derive(Debug, Clone, Args)]
 pub struct ProcessArgs {
-    /// Longest time to let in-flight streams finish on shutdown.
-    #[arg(long, env = "DYN_DRAIN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    /// Longest time to let in-flight streams finish on shutdown (a worker's streams still open
+    /// then are migrated by the frontend). Keep settle + drain below the pod's
+    /// terminationGracePeriodSeconds (30 s by default).
+    #[arg(long, env = "DYN_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+    /// Readiness turns 503 this long before the process stops accepting on SIGTERM, so load
+    /// balancers and routers stop sending first.
+    #[arg(long, env = "DYN_SHUTDOWN_SETTLE", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub shutdown_settle: Duration,
     /// Print one JSON line `{"ready": {"addr": ...}}` on stdout once serving (used by `dynamo serve`).
     #[arg(long, hide = true)]
     pub ready_stdout: bool,
@@ -95,28 +103,39 @@ pub struct FrontendArgs {
     /// Address for the HTTP API.
     #[arg(long, env = "DYN_HTTP_ADDR", default_value = "0.0.0.0:8000")]
     pub listen: SocketAddr,
-    /// A worker sidecar's gRPC URL, e.g. http://10.0.0.7:9000 (repeat, or comma-separate).
-    #[arg(
-        long = "worker",
-        env = "DYN_WORKERS",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// How workers are discovered: `static` (the --worker list), `serve` (worker sets from
+    /// `dynamo serve` on stdin), or `kubernetes` (the Ready endpoints of the graph's worker
+    /// Services, watched in --namespace).
+    #[arg(long, env = "DYN_DISCOVERY", value_enum, default_value = "static")]
+    pub discovery: DiscoveryMode,
+    /// Static discovery: a worker sidecar's gRPC URL, e.g. http://10.0.0.7:9000 (repeat, or
+    /// comma-separate).
+    #[arg(long = "worker", env = "DYN_WORKERS", value_delimiter = ',')]
     pub workers: Vec<String>,
+    /// Kubernetes discovery: the namespace of the graph (the operator sets it from the pod's own).
+    #[arg(long, env = "DYN_K8S_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Kubernetes discovery: the DynamoGraphDeployment whose workers to watch.
+    #[arg(long, env = "DYN_GRAPH")]
+    pub graph: Option<String>,
+    /// How many times a request may move to another worker when its worker fails before or
+    /// during its stream (the client sees one unbroken stream); 0 disables migration.
+    #[arg(long, env = "DYN_MIGRATION_LIMIT", default_value_t = 3)]
+    pub migration_limit: u32,
     /// How requests are spread over workers.
     #[arg(long, env = "DYN_ROUTER_MODE", value_enum, default_value = "kv")]
     pub router_mode: RouterMode,
     /// kv mode: weight of the prompt's uncached blocks (the prefill it would add to a worker) against
     /// decode load (active KV blocks). Prefill blocks cost far more time than decode blocks: 16
     /// measured best on the Mooncake conversation trace (docs/kv-routing.md); 1 is Dynamo's default.
-    #[arg(long, env = "DYN_KV_OVERLAP_WEIGHT", default_value_t = crate::kv_router::DEFAULT_OVERLAP_WEIGHT)]
+    #[arg(long, env = "DYN_KV_OVERLAP_WEIGHT", default_value_t = policy::DEFAULT_OVERLAP_WEIGHT)]
     pub kv_overlap_weight: f64,
     /// kv mode: 0 picks the cheapest worker; > 0 samples workers by softmax over cost (in blocks).
     #[arg(long, env = "DYN_KV_TEMPERATURE", default_value_t = 0.0)]
     pub kv_temperature: f64,
     /// kv mode: skip a worker whose booked KV blocks exceed this fraction of its capacity while a
     /// less busy one exists (1 disables).
-    #[arg(long, env = "DYN_KV_BUSY_THRESHOLD", default_value_t = crate::kv_router::DEFAULT_BUSY_THRESHOLD)]
+    #[arg(long, env = "DYN_KV_BUSY_THRESHOLD", default_value_t = policy::DEFAULT_BUSY_THRESHOLD)]
     pub kv_busy_threshold: f64,
     /// kv mode: weight of each worker's recent cache churn (uncached blocks routed to it, 30 s
     /// half-life), which spreads new prompts so cached prefixes live about as long everywhere
@@ -126,7 +145,7 @@ pub struct FrontendArgs {
     /// kv mode: weight of prefill work already queued on a worker, per block. Lighter than the
     /// prompt's own uncached blocks, which are new work for the fleet: a worker holding the prefix
     /// is not given up for a short queue (docs/kv-routing.md).
-    #[arg(long, env = "DYN_KV_QUEUE_WEIGHT", default_value_t = crate::kv_router::DEFAULT_QUEUE_WEIGHT)]
+    #[arg(long, env = "DYN_KV_QUEUE_WEIGHT", default_value_t = policy::DEFAULT_QUEUE_WEIGHT)]
     pub kv_queue_weight: f64,
     /// kv mode without KV events (approximate): learn what each worker caches from the router's own
     /// decisions, for engines that publish no events.
@@ -194,8 +213,8 @@ pub struct SidecarArgs {
     #[arg(long, env = "DYN_WORKER_ID")]
     pub worker_id: Option<String>,
     /// The engine behind the sidecar.
-    #[arg(long, env = "DYN_ENGINE", default_value = "mocker", value_parser = ["mocker"])]
-    pub engine: String,
+    #[arg(long, env = "DYN_ENGINE", value_enum, default_value = "mocker")]
+    pub engine: EngineKind,
     /// Publish the KV events of this vLLM ZMQ publisher (`--kv-events-config`'s `endpoint`, e.g.
     /// tcp://127.0.0.1:5557) instead of the built-in engine's.
     #[arg(long, env = "DYN_VLLM_KV_EVENTS")]
@@ -233,6 +252,10 @@ pub struct ServeArgs {
     /// Override every worker service's replica count.
     #[arg(long)]
     pub workers: Option<u32>,
+    /// Port of the control API on 127.0.0.1 (GET/POST /workers, DELETE /workers/NAME), which adds
+    /// and removes workers at run time; 0 picks a free port (printed at start).
+    #[arg(long, env = "DYN_SERVE_CONTROL_PORT", default_value_t = 0)]
+    pub control_port: u16,
     #[command(flatten)]
     pub model: ModelArgs,
 }

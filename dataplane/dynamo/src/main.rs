@@ -4,7 +4,6 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use dynamo_dataplane::{
-    bench,
     cli::{Cli, Command},
     run, serve,
 };
@@ -18,7 +17,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let default_level = match cli.command {
         Command::Serve(_) => "info",
-        _ => "warn,dynamo_dataplane=info",
+        _ => "warn,dynamo_dataplane=info,dynamo_frontend=info,dynamo_sidecar=info",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_env("DYN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -60,6 +59,6 @@ fn main() -> anyhow::Result<()> {
         Command::Bench(args) => tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?
-            .block_on(bench::main(args)),
+            .block_on(dynamo_bench::main(args)),
     }
 }

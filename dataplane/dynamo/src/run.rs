@@ -3,15 +3,17 @@
 
 use std::time::Duration;
 
-use crate::{
-    cli::{FrontendArgs, SidecarArgs},
-    frontend::{Frontend, FrontendConfig},
-    net::shutdown_signal,
-    sidecar::{Sidecar, SidecarConfig},
+use anyhow::bail;
+use dynamo_frontend::{
+    Frontend, FrontendConfig,
+    discovery::{self, DiscoveryMode},
 };
+use dynamo_kv::policy::KvRouterConfig;
+use dynamo_protocol::net::shutdown_signal;
+use dynamo_sidecar::{Sidecar, SidecarConfig, vllm::ZmqSource};
+use tokio_util::sync::CancellationToken;
 
-/// How long readiness reports 503 before the frontend stops accepting (lets load balancers notice).
-const SETTLE: Duration = Duration::from_millis(500);
+use crate::cli::{FrontendArgs, ProcessArgs, SidecarArgs};
 
 fn announce_ready(enabled: bool, addr: std::net::SocketAddr) {
     if enabled {
@@ -22,13 +24,36 @@ fn announce_ready(enabled: bool, addr: std::net::SocketAddr) {
     }
 }
 
+/// How long readiness reports 503 before the process stops accepting: none when the parent
+/// (`dynamo serve`) stops it, which has already stopped sending.
+fn settle(process: &ProcessArgs, why: &str) -> Duration {
+    if why == "stdin closed" {
+        Duration::ZERO
+    } else {
+        process.shutdown_settle
+    }
+}
+
 pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
+    match args.discovery {
+        DiscoveryMode::Static if args.workers.is_empty() => bail!(
+            "no workers to route to: give --worker http://HOST:PORT (repeatable, or DYN_WORKERS), \
+             or discover them with --discovery kubernetes (in a cluster) or --discovery serve (under `dynamo serve`)"
+        ),
+        DiscoveryMode::Kubernetes if args.graph.is_none() => bail!(
+            "--discovery kubernetes needs the graph's name: set --graph NAME (or DYN_GRAPH; the operator sets it)"
+        ),
+        _ => {}
+    }
     let config = FrontendConfig {
         listen: args.listen,
-        workers: args.workers.clone(),
+        workers: match args.discovery {
+            DiscoveryMode::Static => args.workers.clone(),
+            _ => Vec::new(),
+        },
         router_mode: args.router_mode,
-        kv: crate::kv_router::KvRouterConfig {
+        kv: KvRouterConfig {
             overlap_weight: args.kv_overlap_weight,
             temperature: args.kv_temperature,
             busy_threshold: args.kv_busy_threshold,
@@ -40,18 +65,49 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         health_interval: args.health_interval,
         drain: args.process.drain_timeout,
+        migration_limit: args.migration_limit,
     };
     let fe = Frontend::start(config, model.clone()).await?;
-    tracing::info!(addr = %fe.addr, model = %model.card().name, workers = args.workers.len(), router = args.router_mode.as_str(), "frontend listening");
+    // The discovery source runs beside the server; `serve` discovery ending (stdin closed) stops
+    // the frontend, as `--exit-on-stdin-eof` does for the other modes.
+    let source_ended = CancellationToken::new();
+    {
+        let (tasks, stop) = fe.tasks();
+        let pool = fe.pool().clone();
+        let ended = source_ended.clone();
+        match args.discovery {
+            DiscoveryMode::Static => {}
+            DiscoveryMode::Serve => {
+                tasks.spawn(async move {
+                    if let Err(error) = discovery::run(discovery::Serve::stdin(), pool, stop).await
+                    {
+                        tracing::error!(error = %anyhow::Error::from(error), "worker discovery failed");
+                    }
+                    ended.cancel();
+                });
+            }
+            DiscoveryMode::Kubernetes => {
+                let graph = args.graph.clone().unwrap_or_default();
+                let source = discovery::kube::Kubernetes::connect(&args.namespace, &graph).await?;
+                tracing::info!(namespace = %args.namespace, selector = %discovery::kube::selector(&graph), "watching worker EndpointSlices");
+                tasks.spawn(async move {
+                    if let Err(error) = discovery::run(source, pool, stop).await {
+                        tracing::error!(error = %anyhow::Error::from(error), "worker discovery failed");
+                    }
+                    ended.cancel();
+                });
+            }
+        }
+    }
+    tracing::info!(addr = %fe.addr, model = %model.card().name, discovery = ?args.discovery, workers = fe.pool().live_count(), router = args.router_mode.as_str(), "frontend listening");
     announce_ready(args.process.ready_stdout, fe.addr);
-    let why = shutdown_signal(args.process.exit_on_stdin_eof).await;
-    tracing::info!(why, "frontend draining");
-    let settle = if args.process.exit_on_stdin_eof {
-        Duration::ZERO
-    } else {
-        SETTLE
+    let watch_stdin = args.process.exit_on_stdin_eof && args.discovery != DiscoveryMode::Serve;
+    let why = tokio::select! {
+        why = shutdown_signal(watch_stdin) => why,
+        () = source_ended.cancelled() => "stdin closed",
     };
-    fe.shutdown(settle).await;
+    tracing::info!(why, "frontend draining");
+    fe.shutdown(settle(&args.process, why)).await;
     Ok(())
 }
 
@@ -67,23 +123,21 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         worker_id: worker_id.clone(),
         model_name: model.card().name.clone(),
         context_length: model.card().context_length,
+        engine: args.engine,
         mocker,
         drain: args.process.drain_timeout,
-        vllm_events: args
-            .vllm_kv_events
-            .clone()
-            .map(|endpoint| crate::events::vllm::ZmqSource {
-                endpoint,
-                replay: args.vllm_kv_events_replay.clone(),
-                topic: args.vllm_kv_events_topic.clone(),
-            }),
+        vllm_events: args.vllm_kv_events.clone().map(|endpoint| ZmqSource {
+            endpoint,
+            replay: args.vllm_kv_events_replay.clone(),
+            topic: args.vllm_kv_events_topic.clone(),
+        }),
     };
     let sc = Sidecar::start(config).await?;
-    tracing::info!(addr = %sc.addr, worker_id, "sidecar listening");
+    tracing::info!(addr = %sc.addr, worker_id, instance = %format!("{:016x}", sc.instance_id), engine = args.engine.as_str(), "sidecar listening");
     announce_ready(args.process.ready_stdout, sc.addr);
     let why = shutdown_signal(args.process.exit_on_stdin_eof).await;
     tracing::info!(why, "sidecar draining");
-    sc.shutdown().await;
+    sc.shutdown(settle(&args.process, why)).await;
     Ok(())
 }
 

@@ -1,19 +1,43 @@
 //! `dynamo serve <manifest>`: runs a graph as local processes, the way the operator runs it as
 //! pods. Each worker replica is a `dynamo sidecar` child process (its engine inside), reachable only
-//! through its gRPC port; the frontend is a `dynamo frontend` child pointed at those ports.
+//! through its gRPC port; the frontend is a `dynamo frontend --discovery serve` child that learns
+//! the worker set from `serve` on its stdin (one JSON line per change).
+//!
+//! `serve` keeps the graph whole: a worker that dies is reported, dropped from the frontend's set
+//! and restarted with backoff (1 s doubling to 30 s; reset after a minute of good health). A small
+//! control API on 127.0.0.1 adds and removes workers at run time (`GET /workers`,
+//! `POST /workers?service=NAME`, `DELETE /workers/NAME`): a removed worker first leaves the
+//! frontend's set, then drains its in-flight streams and exits.
 //!
 //! Children run in their own process group (a terminal Ctrl-C reaches only `serve`, which then stops
 //! them in order: frontend first, so in-flight streams drain, then the workers). Each child's stdin
 //! is a pipe that `serve` closes to stop it; a child whose parent dies therefore exits too.
 
-use std::{path::Path, process::Stdio, time::Duration};
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::{Context, bail};
+use axum::{
+    Json, Router,
+    extract::{Path as UrlPath, Query, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{delete, get},
+};
+use dynamo_frontend::discovery::WorkerSet;
 use tokio::{
-    io::{AsyncBufReadExt, BufReader},
-    process::{Child, Command},
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    process::{ChildStdin, Command},
+    sync::{mpsc, oneshot},
     time::Instant,
 };
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     cli::ServeArgs,
@@ -24,15 +48,76 @@ use crate::{
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a child may take to exit once asked.
 const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+/// First restart delay of a worker that died; doubles per quick death up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A worker that ran this long before dying is restarted after [`FIRST_BACKOFF`] again.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
 
-/// A started child process.
+/// How `serve` starts children.
+struct Launcher {
+    exe: PathBuf,
+    /// Flags every worker gets (speedup, model).
+    worker_extra: Vec<String>,
+}
+
+/// A started child process. The child itself is owned by its waiter task, which reports the exit.
 struct Proc {
     name: String,
-    child: Child,
-    /// Held apart from `child`: tokio's `Child::wait` closes a stdin it still owns, and closing it
-    /// is how we ask the child to stop.
-    stdin: Option<tokio::process::ChildStdin>,
+    /// Held apart from the child: closing it is how we ask the child to stop.
+    stdin: Option<ChildStdin>,
     addr: String,
+    pid: Option<u32>,
+    /// Cancelled to kill the child (after a stop deadline).
+    kill: CancellationToken,
+    started: Instant,
+}
+
+/// One worker replica's place in the graph: its service and its current process, if any.
+struct Slot {
+    service: usize,
+    proc: Option<Proc>,
+    /// Incremented per start of this slot, so a late exit of an earlier incarnation is ignored.
+    generation: u64,
+    backoff: Duration,
+    /// Removed through the control API: not restarted.
+    removed: bool,
+    restarts: u32,
+}
+
+/// What the supervisor is told.
+enum Command_ {
+    Exited {
+        name: String,
+        generation: u64,
+        status: String,
+    },
+    Restart {
+        name: String,
+    },
+    Add {
+        service: Option<String>,
+        reply: oneshot::Sender<Result<WorkerView, String>>,
+    },
+    Remove {
+        name: String,
+        reply: oneshot::Sender<Result<WorkerView, String>>,
+    },
+    List {
+        reply: oneshot::Sender<Vec<WorkerView>>,
+    },
+}
+
+/// A worker as the control API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct WorkerView {
+    name: String,
+    service: String,
+    /// `http://127.0.0.1:PORT`, when running.
+    url: Option<String>,
+    pid: Option<u32>,
+    state: &'static str,
+    restarts: u32,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -42,32 +127,37 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Load the model once here so a bad --model-path fails before anything starts.
     let model = args.model.load()?;
     let exe = std::env::current_exe().context("cannot find the dynamo executable")?;
+    let mut worker_extra = Vec::new();
+    if let Some(s) = args.speedup_ratio {
+        worker_extra.extend(["--speedup-ratio".into(), s.to_string()]);
+    }
+    worker_extra.extend(args.model.to_args());
+    let launcher = Arc::new(Launcher { exe, worker_extra });
+    let tasks = TaskTracker::new();
+    let (tx, rx) = mpsc::unbounded_channel();
 
-    let mut workers: Vec<Proc> = Vec::new();
     let start = Instant::now();
-    let result = async {
-        for svc in &graph.workers {
-            let replicas = args.workers.unwrap_or(svc.replicas);
-            for i in 0..replicas {
-                let name = format!("{}-{i}", svc.name);
-                let mut extra = vec![
-                    "--listen".to_string(),
-                    "127.0.0.1:0".into(),
-                    "--worker-id".into(),
-                    name.clone(),
-                ];
-                if let Some(s) = args.speedup_ratio {
-                    extra.extend(["--speedup-ratio".into(), s.to_string()]);
-                }
-                extra.extend(args.model.to_args());
-                workers.push(spawn(&exe, "sidecar", svc, &name, &extra).await?);
+    let mut sup = Supervisor {
+        launcher: launcher.clone(),
+        services: graph.workers.clone(),
+        slots: BTreeMap::new(),
+        next_index: vec![0; graph.workers.len()],
+        frontend_stdin: None,
+        tx: tx.clone(),
+        tasks: tasks.clone(),
+    };
+    let initial = async {
+        for (s, svc) in graph.workers.iter().enumerate() {
+            for _ in 0..args.workers.unwrap_or(svc.replicas) {
+                sup.add(s).await?;
             }
         }
         anyhow::Ok(())
     }
     .await;
-    if let Err(e) = result {
-        stop_all(&mut workers).await;
+    let mut rx = rx;
+    if let Err(e) = initial {
+        sup.stop_all(&mut rx).await;
         return Err(e);
     }
 
@@ -75,21 +165,43 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let mut extra = vec![
         "--listen".to_string(),
         format!("{}:{}", args.host, args.port),
+        "--discovery".into(),
+        "serve".into(),
     ];
-    for w in &workers {
-        extra.extend(["--worker".into(), format!("http://{}", w.addr)]);
-    }
     if let Some(mode) = args.router_mode {
         extra.extend(["--router-mode".into(), mode.as_str().into()]);
     }
     extra.extend(args.model.to_args());
-    let mut frontend = match spawn(&exe, "frontend", fe, &fe.name, &extra).await {
+    let mut frontend = match spawn(
+        &launcher.exe,
+        "frontend",
+        fe,
+        &fe.name,
+        &extra,
+        0,
+        &tx,
+        &tasks,
+    )
+    .await
+    {
         Ok(p) => p,
         Err(e) => {
-            stop_all(&mut workers).await;
+            sup.stop_all(&mut rx).await;
             return Err(e);
         }
     };
+    sup.frontend_stdin = frontend.stdin.take();
+    sup.publish().await;
+    let expected = sup.running().count();
+    let frontend_addr: SocketAddr = frontend
+        .addr
+        .parse()
+        .context("the frontend reported an invalid address")?;
+    if let Err(e) = wait_routable(frontend_addr, expected).await {
+        eprintln!("dynamo serve: {e:#}");
+    }
+
+    let control = bind_control(args.control_port, tx.clone(), &tasks).await?;
 
     let name = &model.card().name;
     let port = args.port;
@@ -99,11 +211,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         graph.name,
         start.elapsed().as_secs_f64(),
         frontend.addr,
-        workers.len(),
+        expected,
     );
-    for w in &workers {
-        eprintln!("  worker {} on grpc://{}", w.name, w.addr);
+    for (n, slot) in &sup.slots {
+        if let Some(p) = &slot.proc {
+            eprintln!("  worker {n} on grpc://{}", p.addr);
+        }
     }
+    eprintln!("  control API on http://{control} (GET/POST /workers, DELETE /workers/NAME)");
     eprintln!("Try it:");
     eprintln!(
         "  curl -s http://localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'"
@@ -112,57 +227,339 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     eprintln!();
 
     // Run until Ctrl-C / SIGTERM, or until the frontend dies.
-    let outcome = tokio::select! {
-        why = crate::net::shutdown_signal(false) => {
-            eprintln!("dynamo serve: {why}: draining the frontend, then stopping workers");
-            Ok(())
+    let outcome = loop {
+        let cmd = tokio::select! {
+            why = dynamo_protocol::net::shutdown_signal(false) => {
+                eprintln!("dynamo serve: {why}: draining the frontend, then stopping workers");
+                break Ok(());
+            }
+            cmd = rx.recv() => cmd,
+        };
+        let Some(cmd) = cmd else { break Ok(()) };
+        if let Command_::Exited { name, status, .. } = &cmd
+            && name == &frontend.name
+        {
+            break Err(anyhow::anyhow!(
+                "the frontend exited unexpectedly ({status})"
+            ));
         }
-        status = frontend.child.wait() => Err(anyhow::anyhow!("the frontend exited unexpectedly ({})", describe(status))),
-        () = watch_workers(&mut workers) => Ok(()),
+        sup.handle(cmd).await;
     };
-    stop(&mut frontend).await;
-    stop_all(&mut workers).await;
+    stop(&mut frontend, &mut rx).await;
+    sup.stop_all(&mut rx).await;
+    tasks.close();
+    // Waiters and log forwarders end with their children.
+    let _ = tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await;
     eprintln!("dynamo serve: stopped");
     outcome
 }
 
-/// Reports workers that exit on their own; the frontend routes around them. Never returns.
-async fn watch_workers(workers: &mut [Proc]) {
-    let mut gone = vec![false; workers.len()];
-    loop {
-        let waits = workers
-            .iter_mut()
-            .enumerate()
-            .filter(|(i, _)| !gone[*i])
-            .map(|(i, w)| Box::pin(async move { (i, w.child.wait().await) }));
-        let waits: Vec<_> = waits.collect();
-        if waits.is_empty() {
-            std::future::pending::<()>().await;
-        }
-        let ((i, status), _, _) = futures::future::select_all(waits).await;
-        gone[i] = true;
-        eprintln!(
-            "dynamo serve: worker {} exited ({}); the frontend routes around it",
-            workers[i].name,
-            describe(status)
+// === impl Supervisor ===
+
+/// Owns the worker processes: starts, restarts, adds and removes them, and tells the frontend.
+struct Supervisor {
+    launcher: Arc<Launcher>,
+    services: Vec<LocalService>,
+    slots: BTreeMap<String, Slot>,
+    /// Next replica index per service (names are never reused within a run).
+    next_index: Vec<u32>,
+    frontend_stdin: Option<ChildStdin>,
+    tx: mpsc::UnboundedSender<Command_>,
+    tasks: TaskTracker,
+}
+
+impl Supervisor {
+    fn running(&self) -> impl Iterator<Item = &Proc> {
+        self.slots.values().filter_map(|s| s.proc.as_ref())
+    }
+
+    /// Starts a new replica of service `s` and returns its name.
+    async fn add(&mut self, s: usize) -> anyhow::Result<String> {
+        let name = format!("{}-{}", self.services[s].name, self.next_index[s]);
+        self.next_index[s] += 1;
+        let proc = self.start(s, &name, 1).await?;
+        self.slots.insert(
+            name.clone(),
+            Slot {
+                service: s,
+                proc: Some(proc),
+                generation: 1,
+                backoff: FIRST_BACKOFF,
+                removed: false,
+                restarts: 0,
+            },
         );
+        Ok(name)
+    }
+
+    async fn start(&self, s: usize, name: &str, generation: u64) -> anyhow::Result<Proc> {
+        let mut extra = vec![
+            "--listen".to_string(),
+            "127.0.0.1:0".into(),
+            "--worker-id".into(),
+            name.to_owned(),
+        ];
+        extra.extend(self.launcher.worker_extra.iter().cloned());
+        spawn(
+            &self.launcher.exe,
+            "sidecar",
+            &self.services[s],
+            name,
+            &extra,
+            generation,
+            &self.tx,
+            &self.tasks,
+        )
+        .await
+    }
+
+    /// Sends the current worker set to the frontend.
+    async fn publish(&mut self) {
+        let set = WorkerSet {
+            workers: self
+                .running()
+                .map(|p| format!("http://{}", p.addr))
+                .collect(),
+        };
+        let Some(stdin) = &mut self.frontend_stdin else {
+            return;
+        };
+        let mut line = serde_json::to_string(&set).unwrap_or_default();
+        line.push('\n');
+        if let Err(error) = stdin.write_all(line.as_bytes()).await {
+            eprintln!("dynamo serve: could not send the worker set to the frontend: {error}");
+        }
+    }
+
+    fn view(&self, name: &str, slot: &Slot) -> WorkerView {
+        WorkerView {
+            name: name.to_owned(),
+            service: self.services[slot.service].name.clone(),
+            url: slot.proc.as_ref().map(|p| format!("http://{}", p.addr)),
+            pid: slot.proc.as_ref().and_then(|p| p.pid),
+            state: match (&slot.proc, slot.removed) {
+                (_, true) => "removing",
+                (Some(_), false) => "running",
+                (None, false) => "restarting",
+            },
+            restarts: slot.restarts,
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command_) {
+        match cmd {
+            Command_::Exited {
+                name,
+                generation,
+                status,
+            } => {
+                let Some(slot) = self.slots.get_mut(&name) else {
+                    return;
+                };
+                if slot.generation != generation || slot.proc.is_none() {
+                    return;
+                }
+                let proc = slot.proc.take();
+                if slot.removed {
+                    self.slots.remove(&name);
+                    return;
+                }
+                let ran = proc.map_or(Duration::ZERO, |p| p.started.elapsed());
+                if ran >= HEALTHY_RUN {
+                    slot.backoff = FIRST_BACKOFF;
+                }
+                let delay = slot.backoff;
+                slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                eprintln!(
+                    "dynamo serve: worker {name} exited ({status}); the frontend routes around it and its requests move to other workers; restarting in {delay:?}"
+                );
+                self.publish().await;
+                let tx = self.tx.clone();
+                self.tasks.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(Command_::Restart { name });
+                });
+            }
+            Command_::Restart { name } => {
+                let Some(slot) = self.slots.get(&name) else {
+                    return;
+                };
+                if slot.removed || slot.proc.is_some() {
+                    return;
+                }
+                let (s, generation) = (slot.service, slot.generation + 1);
+                match self.start(s, &name, generation).await {
+                    Ok(proc) => {
+                        eprintln!(
+                            "dynamo serve: worker {name} restarted on grpc://{}",
+                            proc.addr
+                        );
+                        if let Some(slot) = self.slots.get_mut(&name) {
+                            slot.proc = Some(proc);
+                            slot.generation = generation;
+                            slot.restarts += 1;
+                        }
+                        self.publish().await;
+                    }
+                    Err(e) => {
+                        let slot = self.slots.get_mut(&name);
+                        let delay = slot.map_or(MAX_BACKOFF, |slot| {
+                            slot.generation = generation;
+                            let d = slot.backoff;
+                            slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                            d
+                        });
+                        eprintln!(
+                            "dynamo serve: worker {name} could not restart ({e:#}); trying again in {delay:?}"
+                        );
+                        let tx = self.tx.clone();
+                        self.tasks.spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = tx.send(Command_::Restart { name });
+                        });
+                    }
+                }
+            }
+            Command_::Add { service, reply } => {
+                let s = match &service {
+                    None if self.services.len() == 1 => Ok(0),
+                    None => Err(format!(
+                        "the graph has several worker services; name one with ?service= ({})",
+                        self.service_names()
+                    )),
+                    Some(n) => self
+                        .services
+                        .iter()
+                        .position(|x| &x.name == n)
+                        .ok_or_else(|| {
+                            format!(
+                                "no worker service {n:?} in the graph ({})",
+                                self.service_names()
+                            )
+                        }),
+                };
+                let result = match s {
+                    Ok(s) => match self.add(s).await {
+                        Ok(name) => {
+                            self.publish().await;
+                            eprintln!("dynamo serve: worker {name} added");
+                            Ok(self.view(&name, &self.slots[&name]))
+                        }
+                        Err(e) => Err(format!("{e:#}")),
+                    },
+                    Err(e) => Err(e),
+                };
+                let _ = reply.send(result);
+            }
+            Command_::Remove { name, reply } => {
+                let Some(slot) = self.slots.get_mut(&name) else {
+                    let _ = reply.send(Err(format!("no worker named {name:?}")));
+                    return;
+                };
+                slot.removed = true;
+                let view = self.view(&name, &self.slots[&name]);
+                // Out of the frontend's set first, so it sends nothing new; then drain and exit.
+                self.publish().await;
+                if let Some(slot) = self.slots.get_mut(&name) {
+                    match &mut slot.proc {
+                        Some(p) => ask_to_stop(p),
+                        None => {
+                            self.slots.remove(&name);
+                        }
+                    }
+                }
+                eprintln!("dynamo serve: worker {name} removed; it drains its streams and exits");
+                let _ = reply.send(Ok(view));
+            }
+            Command_::List { reply } => {
+                let views = self.slots.iter().map(|(n, s)| self.view(n, s)).collect();
+                let _ = reply.send(views);
+            }
+        }
+    }
+
+    fn service_names(&self) -> String {
+        self.services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Stops every worker (closes their stdin, kills those that outlive the deadline), reading
+    /// their exit reports from `rx`.
+    async fn stop_all(&mut self, rx: &mut mpsc::UnboundedReceiver<Command_>) {
+        for slot in self.slots.values_mut() {
+            slot.removed = true;
+            if let Some(p) = &mut slot.proc {
+                ask_to_stop(p);
+            }
+        }
+        self.slots.retain(|_, s| s.proc.is_some());
+        let wait = async {
+            while !self.slots.is_empty() {
+                let Some(cmd) = rx.recv().await else { return };
+                if let Command_::Exited {
+                    name, generation, ..
+                } = cmd
+                    && self
+                        .slots
+                        .get(&name)
+                        .is_some_and(|s| s.generation == generation)
+                {
+                    self.slots.remove(&name);
+                }
+            }
+        };
+        if tokio::time::timeout(STOP_TIMEOUT, wait).await.is_err() {
+            for (n, slot) in &self.slots {
+                if let Some(p) = &slot.proc {
+                    eprintln!("dynamo serve: {n} did not stop within {STOP_TIMEOUT:?}; killing it");
+                    p.kill.cancel();
+                }
+            }
+        }
     }
 }
 
-fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
-    match status {
-        Ok(s) => s.to_string(),
-        Err(e) => e.to_string(),
+fn ask_to_stop(p: &mut Proc) {
+    drop(p.stdin.take());
+}
+
+/// Stops the frontend: closes its stdin and waits for its exit report, killing it after the
+/// deadline. Other reports that arrive meanwhile are dropped (every worker stops next).
+async fn stop(p: &mut Proc, rx: &mut mpsc::UnboundedReceiver<Command_>) {
+    ask_to_stop(p);
+    let wait = async {
+        while let Some(cmd) = rx.recv().await {
+            if let Command_::Exited { name, .. } = cmd
+                && name == p.name
+            {
+                return;
+            }
+        }
+    };
+    if tokio::time::timeout(STOP_TIMEOUT, wait).await.is_err() {
+        eprintln!(
+            "dynamo serve: {} did not stop within {STOP_TIMEOUT:?}; killing it",
+            p.name
+        );
+        p.kill.cancel();
     }
 }
 
-/// Starts `dynamo <sub> <manifest args> <extra>` and waits for its ready line.
+/// Starts `dynamo <sub> <manifest args> <extra>`, waits for its ready line, and leaves a task
+/// that reports its exit on `tx`.
+#[allow(clippy::too_many_arguments)]
 async fn spawn(
     exe: &Path,
     sub: &str,
     svc: &LocalService,
     name: &str,
     extra: &[String],
+    generation: u64,
+    tx: &mpsc::UnboundedSender<Command_>,
+    tasks: &TaskTracker,
 ) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(exe);
     cmd.arg(sub)
@@ -179,7 +576,7 @@ async fn spawn(
     let mut child = cmd
         .spawn()
         .with_context(|| format!("could not start {name} ({} {sub})", exe.display()))?;
-    forward_logs(name, child.stderr.take());
+    forward_logs(name, child.stderr.take(), tasks);
     let stdin = child.stdin.take();
     let stdout = child.stdout.take().context("child stdout")?;
     let mut lines = BufReader::new(stdout).lines();
@@ -207,13 +604,41 @@ async fn spawn(
         }
     };
     // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    tasks.spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let kill = CancellationToken::new();
+    let pid = child.id();
+    {
+        let (kill, tx, name) = (kill.clone(), tx.clone(), name.to_owned());
+        tasks.spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                () = kill.cancelled() => {
+                    let _ = child.kill().await;
+                    child.wait().await
+                }
+            };
+            let _ = tx.send(Command_::Exited {
+                name,
+                generation,
+                status: describe(status),
+            });
+        });
+    }
     Ok(Proc {
         name: name.to_owned(),
-        child,
         stdin,
         addr,
+        pid,
+        kill,
+        started: Instant::now(),
     })
+}
+
+fn describe(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(e) => e.to_string(),
+    }
 }
 
 /// `{"ready":{"addr":"127.0.0.1:41234"}}` → the address.
@@ -222,10 +647,10 @@ fn parse_ready(line: &str) -> Option<String> {
     v.get("ready")?.get("addr")?.as_str().map(str::to_owned)
 }
 
-fn forward_logs(name: &str, stderr: Option<tokio::process::ChildStderr>) {
+fn forward_logs(name: &str, stderr: Option<tokio::process::ChildStderr>, tasks: &TaskTracker) {
     let Some(stderr) = stderr else { return };
     let name = name.to_owned();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut lines = BufReader::new(stderr).lines();
         while let Ok(Some(line)) = lines.next_line().await {
             eprintln!("[{name}] {line}");
@@ -233,26 +658,117 @@ fn forward_logs(name: &str, stderr: Option<tokio::process::ChildStderr>) {
     });
 }
 
-/// Asks a child to stop (closes its stdin) and waits, killing it after the deadline.
-async fn stop(p: &mut Proc) {
-    drop(p.stdin.take());
-    match tokio::time::timeout(STOP_TIMEOUT, p.child.wait()).await {
-        Ok(_) => {}
-        Err(_) => {
-            eprintln!(
-                "dynamo serve: {} did not stop within {STOP_TIMEOUT:?}; killing it",
-                p.name
-            );
-            let _ = p.child.kill().await;
+/// Waits until the frontend's `/health` reports `live_workers` ≥ `expected` (it has probed the
+/// workers `serve` sent it), for at most 10 s.
+async fn wait_routable(frontend: SocketAddr, expected: usize) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(
+        if frontend.ip().is_unspecified() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            frontend.ip()
+        },
+        frontend.port(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = 0;
+    while Instant::now() < deadline {
+        if let Ok(Some(live)) = live_workers(addr).await {
+            last = live;
+            if live >= expected {
+                return Ok(());
+            }
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the frontend routes to {last} of {expected} workers after 10 s; serving anyway")
+}
+
+/// `live_workers` from one `GET /health` (HTTP/1.0, so the body ends with the connection).
+async fn live_workers(addr: SocketAddr) -> std::io::Result<Option<usize>> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), stream.read_to_end(&mut body))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    let text = String::from_utf8_lossy(&body);
+    let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(serde_json::from_str::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| v.get("live_workers")?.as_u64())
+        .map(|n| n as usize))
+}
+
+// === control API ===
+
+#[derive(serde::Deserialize)]
+struct AddQuery {
+    service: Option<String>,
+}
+
+/// Serves the control API on 127.0.0.1:`port` (0: any free port); returns its address.
+async fn bind_control(
+    port: u16,
+    tx: mpsc::UnboundedSender<Command_>,
+    tasks: &TaskTracker,
+) -> anyhow::Result<SocketAddr> {
+    let app = Router::new()
+        .route("/workers", get(list_workers).post(add_worker))
+        .route("/workers/{name}", delete(remove_worker))
+        .with_state(tx);
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))
+        .await
+        .with_context(|| format!("could not bind the control API on 127.0.0.1:{port}"))?;
+    let addr = listener.local_addr()?;
+    tasks.spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            eprintln!("dynamo serve: control API stopped: {error}");
+        }
+    });
+    Ok(addr)
+}
+
+type Tx = State<mpsc::UnboundedSender<Command_>>;
+
+async fn list_workers(State(tx): Tx) -> Response {
+    let (reply, rx) = oneshot::channel();
+    let _ = tx.send(Command_::List { reply });
+    match rx.await {
+        Ok(v) => Json(serde_json::json!({ "workers": v })).into_response(),
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }
 }
 
-async fn stop_all(procs: &mut [Proc]) {
-    for p in procs.iter_mut() {
-        drop(p.stdin.take());
+async fn add_worker(State(tx): Tx, Query(q): Query<AddQuery>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    let _ = tx.send(Command_::Add {
+        service: q.service,
+        reply,
+    });
+    answer(rx.await, StatusCode::CREATED)
+}
+
+async fn remove_worker(State(tx): Tx, UrlPath(name): UrlPath<String>) -> Response {
+    let (reply, rx) = oneshot::channel();
+    let _ = tx.send(Command_::Remove { name, reply });
+    answer(rx.await, StatusCode::OK)
+}
+
+fn answer(
+    result: Result<Result<WorkerView, String>, oneshot::error::RecvError>,
+    ok: StatusCode,
+) -> Response {
+    match result {
+        Ok(Ok(view)) => (ok, Json(view)).into_response(),
+        Ok(Err(message)) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": message })),
+        )
+            .into_response(),
+        Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }
-    futures::future::join_all(procs.iter_mut().map(stop)).await;
 }
 
 #[cfg(test)]

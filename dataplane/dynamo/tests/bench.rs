@@ -6,14 +6,11 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use clap::Parser;
-use dynamo_dataplane::{
-    bench::{self, BenchArgs},
-    frontend::Frontend,
-    kv_router::KvRouterConfig,
-    router::RouterMode,
-    sidecar::Sidecar,
-};
+use dynamo_bench::{self as bench, BenchArgs};
+use dynamo_frontend::Frontend;
+use dynamo_kv::policy::{KvRouterConfig, RouterMode};
 use dynamo_model::Model;
+use dynamo_sidecar::Sidecar;
 
 #[derive(Parser)]
 struct Cli {
@@ -165,7 +162,7 @@ async fn bench_replays_a_trace_and_writes_its_results() {
 
     frontend.shutdown(Duration::ZERO).await;
     for s in sidecars {
-        s.shutdown().await;
+        s.shutdown(Duration::ZERO).await;
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

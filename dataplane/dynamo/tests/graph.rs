@@ -5,14 +5,11 @@ mod common;
 
 use std::{sync::Arc, time::Duration};
 
-use dynamo_dataplane::{
-    frontend::Frontend,
-    kv_router::KvRouterConfig,
-    proto::{LoadRequest, worker_client::WorkerClient},
-    router::RouterMode,
-    sidecar::Sidecar,
-};
+use dynamo_frontend::Frontend;
+use dynamo_kv::policy::{KvRouterConfig, RouterMode};
 use dynamo_model::Model;
+use dynamo_protocol::proto::{LoadRequest, worker_client::WorkerClient};
+use dynamo_sidecar::Sidecar;
 use serde_json::{Value, json};
 
 struct Graph {
@@ -109,7 +106,7 @@ impl Graph {
             f.shutdown(Duration::ZERO).await;
         }
         for w in self.workers.iter_mut().filter_map(Option::take) {
-            w.shutdown().await;
+            w.shutdown(Duration::ZERO).await;
         }
     }
 }
@@ -371,7 +368,7 @@ async fn no_live_worker_answers_503() {
 async fn a_dead_worker_is_routed_around() {
     let mut g = Graph::start(2, 1000.0).await;
     let dead = g.workers[0].take().expect("worker 0");
-    dead.shutdown().await;
+    dead.shutdown(Duration::ZERO).await;
     for _ in 0..6 {
         let (s, b) = g
             .post("/v1/chat/completions", chat("still there?", 3))

@@ -9,7 +9,7 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
-use dynamo_kv::{IndexEvent, KvIndexer, WorkerId, sequence_hash};
+use dynamo_kv::{KvEvent, KvIndexer, WorkerId, sequence_hash};
 
 /// Blocks per `Stored` event, as an engine batching a prefill would emit.
 const EVENT_BLOCKS: usize = 16;
@@ -35,7 +35,7 @@ fn sequence_locals(group: u64, shared: usize, id: u64, total: usize) -> Vec<u64>
 }
 
 /// `Stored` events of `EVENT_BLOCKS` blocks each, chained by parent, covering `locals`.
-fn store_events(locals: &[u64]) -> Vec<IndexEvent> {
+fn store_events(locals: &[u64]) -> Vec<KvEvent> {
     let mut parent = None;
     locals
         .chunks(EVENT_BLOCKS)
@@ -49,7 +49,7 @@ fn store_events(locals: &[u64]) -> Vec<IndexEvent> {
                     (l, s)
                 })
                 .collect();
-            let event = IndexEvent::Stored { parent, blocks };
+            let event = KvEvent::stored(parent, blocks);
             parent = prev;
             event
         })
@@ -58,7 +58,7 @@ fn store_events(locals: &[u64]) -> Vec<IndexEvent> {
 
 fn apply_rate(c: &mut Criterion) {
     // 64 sequences of 256 blocks in 8 groups sharing a 32-block prefix, one of 16 workers each.
-    let events: Vec<(WorkerId, IndexEvent)> = (0..64u64)
+    let events: Vec<(WorkerId, KvEvent)> = (0..64u64)
         .flat_map(|i| {
             store_events(&sequence_locals(i % 8, 32, i, 256))
                 .into_iter()
@@ -68,7 +68,7 @@ fn apply_rate(c: &mut Criterion) {
     let blocks: usize = events
         .iter()
         .map(|(_, e)| match e {
-            IndexEvent::Stored { blocks, .. } => blocks.len(),
+            KvEvent::Stored { blocks, .. } => blocks.len(),
             _ => 0,
         })
         .sum();
@@ -102,7 +102,7 @@ fn big_index() -> (KvIndexer, Vec<u64>, Vec<u64>) {
     let mut stored = 0usize;
     let mut apply = |w: WorkerId, locals: &[u64]| {
         for e in store_events(locals) {
-            if let IndexEvent::Stored { blocks, .. } = &e {
+            if let KvEvent::Stored { blocks, .. } = &e {
                 stored += blocks.len();
             }
             ix.apply(w, e).expect("parents are stored first");

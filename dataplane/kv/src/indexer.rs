@@ -1,9 +1,9 @@
 //! KV radix indexer: which worker holds which prefix of KV blocks.
 //!
 //! Owns a prefix tree over chained block hashes, with each node's set of workers, and answers "how many
-//! leading blocks of this request does each worker hold" ([`KvIndexer::find_matches`]). It applies events in
-//! its own terms ([`IndexEvent`]); converting wire events (mocker, vLLM msgpack) into them, ordering, replay
-//! and transport are the caller's business. Pure logic: no I/O, no async.
+//! leading blocks of this request does each worker hold" ([`KvIndexer::find_matches`]). It applies the
+//! crate's [`KvEvent`]s; decoding wire formats (gRPC, vLLM msgpack), ordering, replay and transport are the
+//! caller's business. Pure logic: no I/O, no async.
 //!
 //! # Semantics (as Dynamo's radix tree)
 //! - The tree is navigated from the root by **local** block hash: a node's children are keyed by local hash.
@@ -51,23 +51,10 @@ use std::mem::size_of;
 
 use parking_lot::RwLock;
 
+use crate::event::{KvEvent, StoredBlock};
+
 /// Identity of a worker as the router knows it.
 pub type WorkerId = u64;
-
-/// An event in the indexer's own terms, for one worker.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum IndexEvent {
-    /// The worker stored `blocks`, a chain that follows the block whose sequence hash is `parent`
-    /// (`None`: the chain starts at the root). Each block is `(local hash, sequence hash)`.
-    Stored {
-        parent: Option<u64>,
-        blocks: Vec<(u64, u64)>,
-    },
-    /// The worker evicted the blocks with these sequence hashes.
-    Removed { sequence_hashes: Vec<u64> },
-    /// The worker dropped its whole cache.
-    Cleared,
-}
 
 /// Why an event was not applied.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -155,15 +142,18 @@ impl KvIndexer {
     }
 
     /// Applies one event of `worker`. On error the event was not applied (and was counted).
-    pub fn apply(&self, worker: WorkerId, event: IndexEvent) -> Result<(), ApplyError> {
+    pub fn apply(&self, worker: WorkerId, event: KvEvent) -> Result<(), ApplyError> {
         let mut tree = self.tree.write();
         match event {
-            IndexEvent::Stored { parent, blocks } => tree.store(worker, parent, &blocks),
-            IndexEvent::Removed { sequence_hashes } => {
-                tree.remove(worker, &sequence_hashes);
+            KvEvent::Stored {
+                parent_hash,
+                blocks,
+            } => tree.store(worker, parent_hash, &blocks),
+            KvEvent::Removed { block_hashes } => {
+                tree.remove(worker, &block_hashes);
                 Ok(())
             }
-            IndexEvent::Cleared => {
+            KvEvent::Cleared => {
                 if let Some(&d) = tree.dense.get(&worker) {
                     tree.clear_worker(d);
                 }
@@ -370,7 +360,7 @@ impl Tree {
         &mut self,
         worker: WorkerId,
         parent: Option<u64>,
-        blocks: &[(u64, u64)],
+        blocks: &[StoredBlock],
     ) -> Result<(), ApplyError> {
         let (d, mut cur) = match parent {
             None => (self.worker_index(worker), ROOT),
@@ -392,7 +382,11 @@ impl Tree {
                 }
             }
         };
-        for &(local, sequence) in blocks {
+        for &StoredBlock {
+            block_hash: sequence,
+            tokens_hash: local,
+        } in blocks
+        {
             let child = match self.nodes[cur as usize].children.get(local) {
                 Some(c) => {
                     if self.nodes[c as usize].sequence != sequence {

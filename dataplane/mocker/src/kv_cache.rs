@@ -16,30 +16,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use dynamo_kv::BlockHash;
-
-/// A change to the set of cached blocks, as published to the router's KV indexer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KvEvent {
-    /// Newly registered full blocks of one sequence, in sequence order.
-    Stored {
-        /// Sequence hash of the block just before the first stored one (`None` at the start of a sequence).
-        parent_hash: Option<u64>,
-        blocks: Vec<StoredBlock>,
-    },
-    /// Sequence hashes evicted from the cache.
-    Removed { block_hashes: Vec<u64> },
-    /// Every cached block was dropped (part of the event protocol; the mocker itself does not emit it today).
-    Cleared,
-}
-
-/// One block of a [`KvEvent::Stored`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoredBlock {
-    /// Sequence hash (chained over all blocks up to this one).
-    pub block_hash: u64,
-    /// Local hash of this block's tokens alone.
-    pub tokens_hash: u64,
-}
+pub use dynamo_kv::{KvEvent, StoredBlock};
 
 /// Hasher for keys that are already well mixed (block hashes) or small counters (request ids): one multiply.
 #[derive(Default, Clone, Copy)]

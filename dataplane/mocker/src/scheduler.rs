@@ -44,7 +44,12 @@ pub struct Request {
     /// Extra ids that end generation with [`FinishReason::Stop`] (always honoured).
     pub stop_token_ids: Vec<u32>,
     /// Seed of this request's output tokens; without one, derived from the config seed and a request counter.
+    /// With a seed, output token `i` depends only on (seed, prompt, i): see [`Request::resumed_tokens`].
     pub seed: Option<u64>,
+    /// The last `resumed_tokens` of `token_ids` are output an earlier attempt at this request already
+    /// generated (a migration): the prompt is the ids before them, and the next token is output
+    /// token number `resumed_tokens`, the same one an undisturbed run would draw.
+    pub resumed_tokens: u32,
 }
 
 /// One message on a request's output stream.
@@ -95,6 +100,10 @@ pub enum SubmitError {
         "request needs {needed} KV blocks (prompt + max_tokens) but the engine has only {total}"
     )]
     TooLarge { needed: usize, total: usize },
+    #[error(
+        "resumed_tokens ({resumed}) must be smaller than the number of token ids ({tokens}): the prompt itself cannot be empty"
+    )]
+    ResumedPastPrompt { resumed: u32, tokens: usize },
     #[error("engine has stopped")]
     Stopped,
 }
@@ -119,7 +128,10 @@ struct Seq {
     generated: u32,
     ignore_eos: bool,
     stop_token_ids: Vec<u32>,
-    rng: SmallRng,
+    /// Seed mixed with the prompt: output token `i` is drawn from an RNG seeded with (key, i).
+    sampling_key: u64,
+    /// Index of the next output token (counting output generated before a migration).
+    output_index: u32,
     /// Physical blocks, in sequence order; they cover the first `computed` tokens.
     blocks: Vec<BlockId>,
     /// Hashes of full blocks of `tokens` (at least those of computed blocks when prefix caching is on).
@@ -175,6 +187,12 @@ impl Request {
         if self.max_tokens == 0 {
             return Err(SubmitError::ZeroMaxTokens);
         }
+        if self.resumed_tokens as usize >= self.token_ids.len() {
+            return Err(SubmitError::ResumedPastPrompt {
+                resumed: self.resumed_tokens,
+                tokens: self.token_ids.len(),
+            });
+        }
         let tokens = self.token_ids.len() + self.max_tokens as usize;
         let needed = tokens.div_ceil(config.block_size.max(1));
         if needed > config.num_gpu_blocks {
@@ -229,8 +247,11 @@ impl Scheduler {
             max_tokens,
             ignore_eos,
             stop_token_ids,
+            resumed_tokens,
             ..
         } = req;
+        let prompt_len = token_ids.len() - resumed_tokens as usize;
+        let sampling_key = seed ^ prompt_key(&token_ids[..prompt_len]);
         token_ids.reserve(max_tokens as usize);
         self.seqs.insert(
             id,
@@ -240,7 +261,8 @@ impl Scheduler {
                 generated: 0,
                 ignore_eos,
                 stop_token_ids,
-                rng: SmallRng::seed_from_u64(seed),
+                sampling_key,
+                output_index: resumed_tokens,
                 blocks: Vec::new(),
                 hashes: Vec::new(),
                 registered: 0,
@@ -527,6 +549,23 @@ fn free_blocks(pool: &mut BlockPool, seq: &mut Seq) {
     seq.blocks.clear();
 }
 
+/// A 64-bit key of a prompt's tokens (FNV-1a, finished with a mix): part of every sampling seed,
+/// so that a seeded request's output depends on its prompt, as a real engine's does.
+fn prompt_key(tokens: &[u32]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &t in tokens {
+        h = (h ^ u64::from(t)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    splitmix64(h)
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// Draws the next output token of `seq`, appends it, and says whether the sequence is now finished.
 fn sample(
     seq: &mut Seq,
@@ -535,17 +574,21 @@ fn sample(
     sampleable: u32,
 ) -> (u32, Option<FinishReason>) {
     let eos = config.eos_token_ids.first().copied();
+    let mut rng = SmallRng::seed_from_u64(splitmix64(
+        seq.sampling_key ^ u64::from(seq.output_index).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+    ));
+    seq.output_index += 1;
     let token = match eos {
         Some(eos)
             if !seq.ignore_eos
                 && config.mean_output_tokens > 0
-                && seq.rng.random_range(0..config.mean_output_tokens) == 0 =>
+                && rng.random_range(0..config.mean_output_tokens) == 0 =>
         {
             eos
         }
         _ => {
             // The r-th id of the vocabulary that is not excluded.
-            let mut t = seq.rng.random_range(0..sampleable);
+            let mut t = rng.random_range(0..sampleable);
             for &e in excluded {
                 if e > t {
                     break;
@@ -967,6 +1010,68 @@ mod tests {
         };
         assert_eq!(generate(7), generate(7));
         assert_ne!(generate(7), generate(8));
+    }
+
+    #[test]
+    fn a_resumed_request_continues_the_same_seeded_output() {
+        let tokens = |outputs: Vec<Output>| -> Vec<u32> {
+            outputs
+                .into_iter()
+                .filter_map(|o| match o {
+                    Output::Token(t) => Some(t),
+                    _ => None,
+                })
+                .collect()
+        };
+        let config = MockerConfig {
+            mean_output_tokens: 0,
+            ..cfg()
+        };
+        let mut s = Scheduler::new(config.clone()).expect("valid config");
+        let whole = s
+            .add_request(Request {
+                seed: Some(42),
+                ..req(0..5, 30)
+            })
+            .expect("accepted");
+        let whole = tokens(run(&mut s).0.remove(&whole).expect("outputs"));
+        assert_eq!(whole.len(), 30);
+        // The first 12 tokens came from a worker that died; another one resumes after them.
+        let mut s = Scheduler::new(config).expect("valid config");
+        let mut prompt: Vec<u32> = (0..5).collect();
+        prompt.extend_from_slice(&whole[..12]);
+        let resumed = s
+            .add_request(Request {
+                token_ids: prompt,
+                max_tokens: 18,
+                seed: Some(42),
+                resumed_tokens: 12,
+                ..Request::default()
+            })
+            .expect("accepted");
+        let rest = tokens(run(&mut s).0.remove(&resumed).expect("outputs"));
+        assert_eq!(rest, whole[12..]);
+        // The same tokens as a fresh prompt are another request, with other output.
+        let mut s = Scheduler::new(cfg()).expect("valid config");
+        let mut prompt: Vec<u32> = (0..5).collect();
+        prompt.extend_from_slice(&whole[..12]);
+        let fresh = s
+            .add_request(Request {
+                token_ids: prompt,
+                max_tokens: 18,
+                seed: Some(42),
+                ..Request::default()
+            })
+            .expect("accepted");
+        assert_ne!(tokens(run(&mut s).0.remove(&fresh).expect("outputs")), rest);
+        assert!(matches!(
+            Request {
+                resumed_tokens: 3,
+                ..req(0..3, 5)
+            }
+            .validate(&cfg()),
+            Err(SubmitError::ResumedPastPrompt { .. })
+        ));
     }
 
     #[test]

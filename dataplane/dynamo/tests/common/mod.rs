@@ -3,14 +3,11 @@
 
 use std::time::Duration;
 
-use dynamo_dataplane::{
-    frontend::FrontendConfig,
-    kv_router::KvRouterConfig,
-    router::RouterMode,
-    sidecar::{Sidecar, SidecarConfig},
-};
+use dynamo_frontend::FrontendConfig;
+use dynamo_kv::policy::{KvRouterConfig, RouterMode};
 use dynamo_mocker::MockerConfig;
 use dynamo_model::Model;
+use dynamo_sidecar::{Sidecar, SidecarConfig, engine::EngineKind};
 
 /// Starts sidecar `w{index}` on 127.0.0.1 with a mocker of 4,096 blocks running `speedup` times
 /// faster than real time.
@@ -30,6 +27,7 @@ pub async fn start_sidecar(model: &Model, index: usize, speedup: f64) -> Sidecar
             ..MockerConfig::default()
         },
         drain: Duration::from_secs(5),
+        engine: EngineKind::Mocker,
         vllm_events: None,
     })
     .await
@@ -51,5 +49,6 @@ pub fn frontend_config(
         max_body_bytes,
         health_interval: Duration::from_millis(200),
         drain: Duration::from_secs(5),
+        migration_limit: 3,
     }
 }

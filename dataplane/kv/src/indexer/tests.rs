@@ -18,11 +18,8 @@ fn chain(parent: Option<u64>, locals: &[u64]) -> Vec<(u64, u64)> {
         .collect()
 }
 
-fn stored(parent: Option<u64>, locals: &[u64]) -> IndexEvent {
-    IndexEvent::Stored {
-        parent,
-        blocks: chain(parent, locals),
-    }
+fn stored(parent: Option<u64>, locals: &[u64]) -> KvEvent {
+    KvEvent::stored(parent, chain(parent, locals))
 }
 
 fn seq_of(locals: &[u64]) -> u64 {
@@ -95,8 +92,8 @@ fn removing_a_middle_block_stops_the_match_there() -> Result<(), ApplyError> {
     ix.apply(2, stored(None, &[10, 11, 12, 13]))?;
     ix.apply(
         1,
-        IndexEvent::Removed {
-            sequence_hashes: vec![seq_of(&[10, 11])],
+        KvEvent::Removed {
+            block_hashes: vec![seq_of(&[10, 11])],
         },
     )?;
     assert_eq!(
@@ -137,14 +134,14 @@ fn removing_an_unknown_hash_is_a_counted_no_op() -> Result<(), ApplyError> {
     ix.apply(1, stored(None, &[10]))?;
     ix.apply(
         1,
-        IndexEvent::Removed {
-            sequence_hashes: vec![999],
+        KvEvent::Removed {
+            block_hashes: vec![999],
         },
     )?;
     ix.apply(
         2,
-        IndexEvent::Removed {
-            sequence_hashes: vec![seq_of(&[10])],
+        KvEvent::Removed {
+            block_hashes: vec![seq_of(&[10])],
         },
     )?;
     assert_eq!(ix.stats().unknown_removes, 2);
@@ -175,7 +172,7 @@ fn cleared_drops_every_block_of_that_worker_only() -> Result<(), ApplyError> {
     let ix = KvIndexer::new();
     ix.apply(1, stored(None, &[10, 11, 12]))?;
     ix.apply(2, stored(None, &[10, 11]))?;
-    ix.apply(1, IndexEvent::Cleared)?;
+    ix.apply(1, KvEvent::Cleared)?;
     assert_eq!(sorted(&ix.find_matches(&[10, 11, 12])), vec![(2, 2)]);
     let st = ix.stats();
     assert_eq!((st.blocks, st.worker_block_refs, st.workers), (2, 2, 2));
@@ -237,25 +234,28 @@ struct Model {
 }
 
 impl Model {
-    fn apply(&mut self, worker: WorkerId, event: &IndexEvent) -> bool {
+    fn apply(&mut self, worker: WorkerId, event: &KvEvent) -> bool {
         match event {
-            IndexEvent::Stored { parent, blocks } => {
-                if let Some(p) = parent
+            KvEvent::Stored {
+                parent_hash,
+                blocks,
+            } => {
+                if let Some(p) = parent_hash
                     && !self.held.get(&worker).is_some_and(|h| h.contains(p))
                 {
                     return false;
                 }
                 let h = self.held.entry(worker).or_default();
-                h.extend(blocks.iter().map(|b| b.1));
+                h.extend(blocks.iter().map(|b| b.block_hash));
             }
-            IndexEvent::Removed { sequence_hashes } => {
+            KvEvent::Removed { block_hashes } => {
                 if let Some(h) = self.held.get_mut(&worker) {
-                    for s in sequence_hashes {
+                    for s in block_hashes {
                         h.remove(s);
                     }
                 }
             }
-            IndexEvent::Cleared => {
+            KvEvent::Cleared => {
                 if let Some(h) = self.held.get_mut(&worker) {
                     h.clear();
                 }
@@ -331,15 +331,15 @@ proptest! {
                     prop_assert_eq!(ix.apply(worker, event).is_ok(), ok);
                 }
                 Op::Remove { worker, paths } => {
-                    let event = IndexEvent::Removed {
-                        sequence_hashes: paths.iter().map(|p| seq_of(p)).collect(),
+                    let event = KvEvent::Removed {
+                        block_hashes: paths.iter().map(|p| seq_of(p)).collect(),
                     };
                     model.apply(worker, &event);
                     prop_assert!(ix.apply(worker, event).is_ok());
                 }
                 Op::Clear { worker } => {
-                    model.apply(worker, &IndexEvent::Cleared);
-                    prop_assert!(ix.apply(worker, IndexEvent::Cleared).is_ok());
+                    model.apply(worker, &KvEvent::Cleared);
+                    prop_assert!(ix.apply(worker, KvEvent::Cleared).is_ok());
                 }
                 Op::RemoveWorker { worker } => {
                     model.held.remove(&worker);

@@ -3,9 +3,8 @@
 //! with no usable history can start from a snapshot, and fans live events out to subscribers.
 //!
 //! Events come from the built-in engine ([`EventLog::pump`]) or from an external engine's vLLM
-//! ZMQ publisher ([`vllm`]). This module does not index or route; the router does.
-
-pub mod vllm;
+//! ZMQ publisher ([`crate::vllm`]), as [`KvEvent`]s; they leave as the event plane's messages.
+//! This module does not index or route; the router does.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -13,12 +12,12 @@ use std::{
     sync::{Arc, Mutex},
 };
 
+use dynamo_kv::KvEvent;
 use dynamo_kv::indexer::U64Hasher;
-use dynamo_mocker::KvEvent;
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
-use crate::proto::{self, kv_event::Kind};
+use dynamo_protocol::proto::{self, kv_event::Kind};
 
 type U64Build = BuildHasherDefault<U64Hasher>;
 
@@ -64,11 +63,14 @@ struct MirrorBlock {
 }
 
 impl Mirror {
-    fn apply(&mut self, kind: &Kind) {
-        match kind {
-            Kind::Stored(s) => {
-                let mut parent = s.parent_hash;
-                for b in &s.blocks {
+    fn apply(&mut self, event: &KvEvent) {
+        match event {
+            KvEvent::Stored {
+                parent_hash,
+                blocks,
+            } => {
+                let mut parent = *parent_hash;
+                for b in blocks {
                     self.stored += 1;
                     self.blocks.insert(
                         b.block_hash,
@@ -81,12 +83,12 @@ impl Mirror {
                     parent = Some(b.block_hash);
                 }
             }
-            Kind::Removed(r) => {
-                for h in &r.block_hashes {
+            KvEvent::Removed { block_hashes } => {
+                for h in block_hashes {
                     self.blocks.remove(h);
                 }
             }
-            Kind::Cleared(_) => self.blocks.clear(),
+            KvEvent::Cleared => self.blocks.clear(),
         }
     }
 
@@ -157,18 +159,18 @@ impl EventLog {
         self.block_size
     }
 
-    /// Numbers `kinds`, records them and sends them to live subscribers as one batch.
-    pub fn append(&self, kinds: impl IntoIterator<Item = Kind>) {
+    /// Numbers `events`, records them and sends them to live subscribers as one batch.
+    pub fn append(&self, events: impl IntoIterator<Item = KvEvent>) {
         let mut batch = Vec::new();
         {
             let mut ring = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-            for kind in kinds {
+            for event in events {
                 let seq = ring.next_seq;
                 ring.next_seq += 1;
-                ring.mirror.apply(&kind);
+                ring.mirror.apply(&event);
                 let e = proto::KvEvent {
                     seq,
-                    kind: Some(kind),
+                    kind: Some(Kind::from(event)),
                 };
                 if ring.events.len() == ring.cap {
                     ring.events.pop_front();
@@ -185,13 +187,13 @@ impl EventLog {
 
     /// Forwards the built-in engine's events until its channel closes.
     pub async fn pump(self, mut rx: mpsc::UnboundedReceiver<KvEvent>) {
-        let mut kinds = Vec::new();
+        let mut events = Vec::new();
         while let Some(first) = rx.recv().await {
-            kinds.push(to_kind(first));
+            events.push(first);
             while let Ok(next) = rx.try_recv() {
-                kinds.push(to_kind(next));
+                events.push(next);
             }
-            self.append(kinds.drain(..));
+            self.append(events.drain(..));
         }
     }
 
@@ -259,47 +261,18 @@ impl EventLog {
     }
 }
 
-fn to_kind(event: KvEvent) -> Kind {
-    match event {
-        KvEvent::Stored {
-            parent_hash,
-            blocks,
-        } => Kind::Stored(proto::KvStored {
-            parent_hash,
-            blocks: blocks
-                .into_iter()
-                .map(|b| proto::StoredBlock {
-                    block_hash: b.block_hash,
-                    tokens_hash: b.tokens_hash,
-                })
-                .collect(),
-        }),
-        KvEvent::Removed { block_hashes } => Kind::Removed(proto::KvRemoved { block_hashes }),
-        KvEvent::Cleared => Kind::Cleared(proto::KvCleared {}),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn stored(parent: Option<u64>, hashes: &[u64]) -> Kind {
-        Kind::Stored(proto::KvStored {
-            parent_hash: parent,
-            blocks: hashes
-                .iter()
-                .map(|&h| proto::StoredBlock {
-                    block_hash: h,
-                    tokens_hash: h + 1000,
-                })
-                .collect(),
-        })
+    fn stored(parent: Option<u64>, hashes: &[u64]) -> KvEvent {
+        KvEvent::stored(parent, hashes.iter().map(|&h| (h + 1000, h)))
     }
 
-    fn removed(hashes: &[u64]) -> Kind {
-        Kind::Removed(proto::KvRemoved {
+    fn removed(hashes: &[u64]) -> KvEvent {
+        KvEvent::Removed {
             block_hashes: hashes.to_vec(),
-        })
+        }
     }
 
     fn stored_hashes(batch: &proto::KvEventBatch) -> Vec<(Option<u64>, u64)> {
@@ -385,7 +358,7 @@ mod tests {
     #[test]
     fn cleared_empties_the_mirror() {
         let log = EventLog::new(8, 64);
-        log.append([stored(None, &[1, 2]), Kind::Cleared(proto::KvCleared {})]);
+        log.append([stored(None, &[1, 2]), KvEvent::Cleared]);
         assert_eq!(log.mirrored_blocks(), 0);
         let sub = log.subscribe(0, true).expect("snapshot");
         assert!(sub.head.expect("a snapshot").events.is_empty());

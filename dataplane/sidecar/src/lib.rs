@@ -2,7 +2,9 @@
 //! token ids), the event plane (`SubscribeKvEvents`, numbered KV events with replay from a ring
 //! buffer), `Info`/`Load` for the router, and Prometheus `/metrics` — all on one port.
 //!
-//! It owns the engine adapter (today the built-in mocker); it does not route or tokenize.
+//! It owns the engine adapter ([`engine`]; today the built-in mocker), the event log
+//! ([`event_log`]) and the vLLM event ingest ([`vllm`]); it does not route or tokenize. Every task it
+//! starts runs on its [`TaskTracker`] and ends on [`Sidecar::shutdown`].
 
 use std::{
     net::SocketAddr,
@@ -12,21 +14,29 @@ use std::{
     time::Duration,
 };
 
-use axum::{extract::State, http::header, response::IntoResponse, routing::get};
-use dynamo_mocker::{Engine, FinishReason, MockerConfig, Output, SubmitError};
+use axum::{
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
+use dynamo_mocker::MockerConfig;
+use dynamo_protocol::proto::{self, worker_server::WorkerServer};
 use futures::Stream;
 use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
 use tokio::sync::{broadcast, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    events::{
-        EventLog,
-        vllm::{IngestStats, ZmqSource},
-    },
-    proto::{self, worker_server::WorkerServer},
+    engine::{Engine, EngineKind, FinishReason, Output, SubmitError},
+    event_log::EventLog,
+    vllm::{IngestStats, ZmqSource},
 };
+
+pub mod engine;
+pub mod event_log;
+pub mod vllm;
 
 /// How many numbered KV events the sidecar keeps for subscribers that reconnect after a gap.
 const EVENT_RING: usize = 8192;
@@ -38,7 +48,10 @@ pub struct SidecarConfig {
     pub worker_id: String,
     pub model_name: String,
     pub context_length: u32,
+    pub engine: EngineKind,
     pub mocker: MockerConfig,
+    /// Longest time in-flight streams may take to finish on shutdown; streams still open then are
+    /// cut, and the frontend migrates them to another worker.
     pub drain: Duration,
     /// Publish this vLLM ZMQ event stream instead of the built-in engine's events.
     pub vllm_events: Option<ZmqSource>,
@@ -47,33 +60,39 @@ pub struct SidecarConfig {
 /// A running sidecar: its address and the handles to stop it.
 pub struct Sidecar {
     pub addr: SocketAddr,
+    /// Random per process: the worker's identity for routers (`WorkerInfo.instance_id`).
+    pub instance_id: u64,
     stop_accepting: CancellationToken,
     engine_stop: CancellationToken,
-    server: tokio::task::JoinHandle<()>,
-    engine_task: tokio::task::JoinHandle<()>,
     draining: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    tasks: TaskTracker,
 }
 
 impl Sidecar {
     /// Binds, starts the engine and the server. Returns once the port accepts connections.
     pub async fn start(config: SidecarConfig) -> anyhow::Result<Sidecar> {
+        let tasks = TaskTracker::new();
         let engine_stop = CancellationToken::new();
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let (engine, engine_task) =
-            Engine::start(config.mocker.clone(), events_tx, engine_stop.clone())?;
-        let events = EventLog::new(
-            EVENT_RING,
-            u32::try_from(config.mocker.block_size).unwrap_or(u32::MAX),
-        );
+        let started = engine::start(config.engine, &config.mocker, engine_stop.clone())?;
+        let engine = started.engine;
+        let engine_task = started.task;
+        let events_rx = started.events;
+        tasks.spawn(async move {
+            if let Err(error) = engine_task.await {
+                tracing::warn!(%error, "engine task failed");
+            }
+        });
+        let events = EventLog::new(EVENT_RING, engine.block_size());
         let ingest = IngestStats::default();
         match config.vllm_events.clone() {
             Some(source) => {
                 // The built-in engine's own events are not published: drain them.
-                tokio::spawn(async move {
+                tasks.spawn(async move {
                     let mut rx = events_rx;
                     while rx.recv().await.is_some() {}
                 });
-                tokio::spawn(crate::events::vllm::run(
+                tasks.spawn(vllm::run(
                     source,
                     events.clone(),
                     ingest.clone(),
@@ -81,21 +100,23 @@ impl Sidecar {
                 ));
             }
             None => {
-                tokio::spawn(events.clone().pump(events_rx));
+                tasks.spawn(events.clone().pump(events_rx));
             }
         }
 
         let draining = CancellationToken::new();
+        let instance_id = events.instance;
         let service = WorkerService {
             engine: engine.clone(),
             events: events.clone(),
             info: proto::WorkerInfo {
                 worker_id: config.worker_id.clone(),
                 model: config.model_name.clone(),
-                engine: "mocker".into(),
-                block_size: u32::try_from(config.mocker.block_size).unwrap_or(u32::MAX),
-                kv_blocks_total: config.mocker.num_gpu_blocks as u64,
+                engine: engine.kind().as_str().into(),
+                block_size: engine.block_size(),
+                kv_blocks_total: engine.kv_blocks_total(),
                 context_length: config.context_length,
+                instance_id,
             },
             draining: draining.clone(),
         };
@@ -113,13 +134,18 @@ impl Sidecar {
         .into_axum_router();
         let http = axum::Router::new()
             .route("/metrics", get(worker_metrics))
+            .route("/health", get(health))
             .route("/live", get(|| async { "ok" }))
-            .with_state((engine, metrics));
+            .with_state(HttpState {
+                engine,
+                metrics,
+                draining: draining.clone(),
+            });
         let app = grpc.merge(http);
 
-        let (listener, addr) = crate::net::bind(config.listen).await?;
+        let (listener, addr) = dynamo_protocol::net::bind(config.listen).await?;
         let stop_accepting = CancellationToken::new();
-        let server = tokio::spawn(crate::net::serve(
+        let server = tasks.spawn(dynamo_protocol::net::serve(
             listener,
             app,
             stop_accepting.clone(),
@@ -127,33 +153,38 @@ impl Sidecar {
         ));
         Ok(Sidecar {
             addr,
+            instance_id,
             stop_accepting,
             engine_stop,
-            server,
-            engine_task,
             draining,
+            server,
+            tasks,
         })
     }
 
-    /// Drains: refuses new requests, lets in-flight streams finish (bounded by the drain deadline),
-    /// then stops the engine.
-    pub async fn shutdown(self) {
+    /// Drains: turns unready (`/health` 503, `Info` and new requests UNAVAILABLE, so routers drop
+    /// this worker), waits `settle` for them to notice, stops accepting connections, lets in-flight
+    /// streams finish (bounded by the drain deadline; streams cut then are migrated by the
+    /// frontend), then stops the engine.
+    pub async fn shutdown(self, settle: Duration) {
         self.draining.cancel();
+        tokio::time::sleep(settle).await;
         self.stop_accepting.cancel();
+        // The server returns once its connections drained, or the drain deadline passed.
         if let Err(error) = self.server.await {
             tracing::warn!(%error, "sidecar server task failed");
         }
+        // The engine, event and ingest tasks end once the engine stops.
         self.engine_stop.cancel();
-        if let Err(error) = self.engine_task.await {
-            tracing::warn!(%error, "engine task failed");
-        }
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 }
 
 // === impl WorkerService ===
 
 struct WorkerService {
-    engine: Engine,
+    engine: Arc<dyn Engine>,
     events: EventLog,
     info: proto::WorkerInfo,
     draining: CancellationToken,
@@ -175,17 +206,20 @@ impl proto::worker_server::Worker for WorkerService {
         let req = request.into_inner();
         let rx = self
             .engine
-            .submit(dynamo_mocker::Request {
+            .submit(engine::Request {
                 token_ids: req.token_ids,
                 max_tokens: req.max_tokens,
                 ignore_eos: req.ignore_eos,
                 stop_token_ids: req.stop_token_ids,
                 seed: req.seed,
+                resumed_tokens: req.resumed_tokens,
             })
             .map_err(|error| match error {
                 SubmitError::Stopped => Status::unavailable(error.to_string()),
                 SubmitError::TooLarge { .. } => Status::resource_exhausted(error.to_string()),
-                SubmitError::EmptyPrompt | SubmitError::ZeroMaxTokens => {
+                SubmitError::EmptyPrompt
+                | SubmitError::ZeroMaxTokens
+                | SubmitError::ResumedPastPrompt { .. } => {
                     Status::invalid_argument(error.to_string())
                 }
             })?;
@@ -419,9 +453,25 @@ impl WorkerMetrics {
     }
 }
 
-async fn worker_metrics(
-    State((engine, m)): State<(Engine, Arc<WorkerMetrics>)>,
-) -> impl IntoResponse {
+/// What the sidecar's plain HTTP routes read.
+#[derive(Clone)]
+struct HttpState {
+    engine: Arc<dyn Engine>,
+    metrics: Arc<WorkerMetrics>,
+    draining: CancellationToken,
+}
+
+/// Readiness: 200 while the worker takes requests, 503 while it drains.
+async fn health(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.draining.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ready")
+    }
+}
+
+async fn worker_metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    let (engine, m) = (&s.engine, &s.metrics);
     let l = engine.load();
     m.blocks_used.set(l.kv_blocks_used as i64);
     m.blocks_total.set(l.kv_blocks_total as i64);

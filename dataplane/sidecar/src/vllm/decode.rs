@@ -1,33 +1,8 @@
-//! Ingest of vLLM's KV events: the engine's ZMQ publisher sends multipart messages
-//! `[topic, seq (8 bytes, big-endian), payload]`, the payload a msgpack `KVEventBatch`
-//! `(ts, events, data_parallel_rank)` whose events are `BlockStored`, `BlockRemoved` and
-//! `AllBlocksCleared` (msgspec structs tagged with their class name).
-//!
-//! Both encodings vLLM has shipped are accepted: array-like (`["BlockStored", block_hashes,
-//! parent_block_hash, token_ids, block_size, lora_id, medium, ...]`, vLLM ≤ 0.11) and map-like
-//! (`{"type": "BlockStored", "block_hashes": ...}`, later versions). Block hashes may be integers or
-//! bytes (vLLM's sha256 hashing); bytes are folded to 64 bits with xxh3.
-//!
-//! vLLM's block hashes become the events' sequence hashes (they chain within one worker, which is
-//! all the index needs); the local hash of each block is computed here from its token ids with
-//! Dynamo's hashing, so requests routed by token ids match them. Events for blocks in another
-//! medium than the GPU (offload tiers) and for LoRA adapters are skipped and counted: the router
-//! hashes prompts without adapter identity.
-//!
-//! A malformed frame is counted, logged and skipped; a gap in sequence numbers is repaired from
-//! the publisher's replay socket when one is configured, and otherwise answered by clearing the
-//! worker's blocks (a stale index would route to blocks that are gone).
+//! Decoding one vLLM KV-event payload (untrusted bytes from the network) into [`KvEvent`]s. No I/O:
+//! the socket side is [`super::zmq`].
 
-use std::time::Duration;
-
-use bytes::Bytes;
-use prometheus_client::metrics::counter::Counter;
+use dynamo_kv::{KvEvent, StoredBlock};
 use rmpv::Value;
-use tokio_util::sync::CancellationToken;
-use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
-
-use super::EventLog;
-use crate::proto::{self, kv_event::Kind};
 
 /// What can be wrong with one payload. Static messages: this runs per frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -219,9 +194,9 @@ fn on_gpu(medium: Option<&str>) -> bool {
     medium.is_none_or(|m| m.eq_ignore_ascii_case("gpu"))
 }
 
-/// Turns decoded events into the event plane's kinds; returns them and how many were skipped
+/// Turns decoded events into [`KvEvent`]s; returns them and how many were skipped
 /// (other medium, LoRA).
-pub fn to_kinds(events: Vec<VllmEvent>) -> Result<(Vec<Kind>, u64), DecodeError> {
+pub fn to_events(events: Vec<VllmEvent>) -> Result<(Vec<KvEvent>, u64), DecodeError> {
     let mut kinds = Vec::with_capacity(events.len());
     let mut skipped = 0;
     for event in events {
@@ -245,15 +220,15 @@ pub fn to_kinds(events: Vec<VllmEvent>) -> Result<(Vec<Kind>, u64), DecodeError>
                 let blocks = block_hashes
                     .iter()
                     .zip(token_ids.chunks_exact(bs))
-                    .map(|(&h, tokens)| proto::StoredBlock {
+                    .map(|(&h, tokens)| StoredBlock {
                         block_hash: h,
                         tokens_hash: dynamo_kv::local_block_hash(tokens),
                     })
                     .collect();
-                kinds.push(Kind::Stored(proto::KvStored {
+                kinds.push(KvEvent::Stored {
                     parent_hash: parent,
                     blocks,
-                }));
+                });
             }
             VllmEvent::Removed {
                 block_hashes,
@@ -263,185 +238,12 @@ pub fn to_kinds(events: Vec<VllmEvent>) -> Result<(Vec<Kind>, u64), DecodeError>
                     skipped += 1;
                     continue;
                 }
-                kinds.push(Kind::Removed(proto::KvRemoved { block_hashes }));
+                kinds.push(KvEvent::Removed { block_hashes });
             }
-            VllmEvent::Cleared => kinds.push(Kind::Cleared(proto::KvCleared {})),
+            VllmEvent::Cleared => kinds.push(KvEvent::Cleared),
         }
     }
     Ok((kinds, skipped))
-}
-
-// === ZMQ subscriber ===
-
-/// Counters of the ingest, registered on the sidecar's `/metrics`.
-#[derive(Clone, Default)]
-pub struct IngestStats {
-    pub batches: Counter,
-    pub events: Counter,
-    pub skipped: Counter,
-    pub malformed: Counter,
-    pub gaps: Counter,
-}
-
-/// Where to read vLLM's events.
-#[derive(Debug, Clone)]
-pub struct ZmqSource {
-    /// The publisher's PUB endpoint, e.g. `tcp://127.0.0.1:5557`.
-    pub endpoint: String,
-    /// The publisher's ROUTER replay endpoint, if it has one.
-    pub replay: Option<String>,
-    /// Topic prefix to subscribe to (vLLM's default is empty).
-    pub topic: String,
-}
-
-/// One message's sequence number and payload; `None` when the frames are not vLLM's shape.
-fn split_frames(message: ZmqMessage) -> Option<(i64, Bytes)> {
-    let mut frames = message.into_vec();
-    let payload = frames.pop()?;
-    let seq = frames.pop()?;
-    let seq: [u8; 8] = seq.as_ref().try_into().ok()?;
-    Some((i64::from_be_bytes(seq), payload))
-}
-
-impl IngestStats {
-    /// Decodes one payload into `log`; a malformed one is counted and dropped.
-    pub fn ingest(&self, log: &EventLog, seq: i64, payload: &[u8]) {
-        match decode_batch(payload).and_then(to_kinds) {
-            Ok((kinds, skipped)) => {
-                self.batches.inc();
-                self.events.inc_by(kinds.len() as u64);
-                self.skipped.inc_by(skipped);
-                log.append(kinds);
-            }
-            Err(error) => {
-                self.malformed.inc();
-                tracing::warn!(seq, %error, bytes = payload.len(), "skipping a malformed vLLM KV event batch");
-            }
-        }
-    }
-}
-
-/// Reads `source` into `log` until `shutdown`, reconnecting after errors.
-pub async fn run(
-    source: ZmqSource,
-    log: EventLog,
-    stats: IngestStats,
-    shutdown: CancellationToken,
-) {
-    let mut last: Option<i64> = None;
-    loop {
-        let mut socket = zeromq::SubSocket::new();
-        let connected = tokio::select! {
-            () = shutdown.cancelled() => return,
-            r = socket.connect(&source.endpoint) => r,
-        };
-        if let Err(error) = connected {
-            tracing::warn!(endpoint = %source.endpoint, %error, "cannot connect to the vLLM KV event publisher; retrying");
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-            }
-        }
-        if let Err(error) = socket.subscribe(&source.topic).await {
-            tracing::warn!(%error, "cannot subscribe to vLLM KV events; retrying");
-            continue;
-        }
-        tracing::info!(endpoint = %source.endpoint, "following vLLM KV events");
-        loop {
-            let message = tokio::select! {
-                () = shutdown.cancelled() => return,
-                m = socket.recv() => m,
-            };
-            let message = match message {
-                Ok(m) => m,
-                Err(error) => {
-                    tracing::warn!(%error, "vLLM KV event stream broke; reconnecting");
-                    break;
-                }
-            };
-            let Some((seq, payload)) = split_frames(message) else {
-                stats.malformed.inc();
-                tracing::warn!(
-                    "skipping a vLLM KV event message without [topic, seq, payload] frames"
-                );
-                continue;
-            };
-            let expected = last.map_or(0, |l| l + 1);
-            if seq > expected && (last.is_some() || source.replay.is_some()) {
-                recover_gap(&source, &log, &stats, expected, seq).await;
-            }
-            if last.is_some_and(|l| seq <= l) {
-                if seq != 0 {
-                    continue; // already applied (a replayed batch)
-                }
-                // The publisher restarted, and its engine's cache with it.
-                log.append([Kind::Cleared(proto::KvCleared {})]);
-            }
-            stats.ingest(&log, seq, &payload);
-            last = Some(seq);
-        }
-    }
-}
-
-/// Fetches batches `from..until` from the replay socket; without one (or when it fails), clears
-/// the worker's blocks so the index forgets what it can no longer vouch for.
-async fn recover_gap(
-    source: &ZmqSource,
-    log: &EventLog,
-    stats: &IngestStats,
-    from: i64,
-    until: i64,
-) {
-    stats.gaps.inc();
-    if let Some(endpoint) = source.replay.clone() {
-        // The zeromq crate panics on some peer errors inside recv: contain that in a task.
-        let fetched = tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_secs(5), replay(&endpoint, from)).await
-        })
-        .await;
-        if let Ok(Ok(Ok(batches))) = fetched {
-            let mut next = from;
-            for (seq, payload) in batches {
-                if seq == next && seq < until {
-                    stats.ingest(log, seq, &payload);
-                    next += 1;
-                }
-            }
-            if next == until {
-                tracing::info!(
-                    from,
-                    until,
-                    "recovered missed vLLM KV events from the replay socket"
-                );
-                return;
-            }
-        }
-    }
-    tracing::warn!(
-        from,
-        until,
-        "missed vLLM KV events could not be replayed; dropping this worker's blocks from the index"
-    );
-    log.append([Kind::Cleared(proto::KvCleared {})]);
-}
-
-async fn replay(endpoint: &str, from: i64) -> zeromq::ZmqResult<Vec<(i64, Bytes)>> {
-    let mut socket = zeromq::DealerSocket::new();
-    socket.connect(endpoint).await?;
-    let request: ZmqMessage = vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())]
-        .try_into()
-        .map_err(|_| zeromq::ZmqError::NoMessage)?;
-    socket.send(request).await?;
-    let mut out = Vec::new();
-    loop {
-        let Some((seq, payload)) = split_frames(socket.recv().await?) else {
-            continue;
-        };
-        if seq < 0 {
-            return Ok(out);
-        }
-        out.push((seq, payload));
-    }
 }
 
 #[cfg(test)]
@@ -483,19 +285,23 @@ mod tests {
             Value::from(0),
         ]);
         let events = decode_batch(&encode(&batch)).expect("decodes");
-        let (kinds, skipped) = to_kinds(events).expect("valid");
+        let (kinds, skipped) = to_events(events).expect("valid");
         assert_eq!(skipped, 0);
-        let Kind::Stored(stored) = &kinds[0] else {
+        let KvEvent::Stored {
+            parent_hash,
+            blocks,
+        } = &kinds[0]
+        else {
             panic!("{kinds:?}")
         };
-        assert_eq!(stored.parent_hash, None);
-        assert_eq!(stored.blocks[0].block_hash, 11);
+        assert_eq!(*parent_hash, None);
+        assert_eq!(blocks[0].block_hash, 11);
         assert_eq!(
-            stored.blocks[1].tokens_hash,
+            blocks[1].tokens_hash,
             dynamo_kv::local_block_hash(&[4, 5, 6, 7])
         );
-        assert!(matches!(&kinds[1], Kind::Removed(r) if r.block_hashes == [11]));
-        assert!(matches!(&kinds[2], Kind::Cleared(_)));
+        assert!(matches!(&kinds[1], KvEvent::Removed { block_hashes } if block_hashes == &[11]));
+        assert!(matches!(&kinds[2], KvEvent::Cleared));
     }
 
     #[test]
@@ -547,7 +353,7 @@ mod tests {
                 medium: None,
             },
         ];
-        let (kinds, skipped) = to_kinds(events).expect("valid");
+        let (kinds, skipped) = to_events(events).expect("valid");
         assert!(kinds.is_empty());
         assert_eq!(skipped, 2);
     }
@@ -583,7 +389,7 @@ mod tests {
             ])]),
         ]);
         let events = decode_batch(&encode(&short)).expect("decodes");
-        assert_eq!(to_kinds(events), Err(DecodeError::TokenCountMismatch));
+        assert_eq!(to_events(events), Err(DecodeError::TokenCountMismatch));
         let bad_token = Value::Array(vec![
             Value::from(0.0),
             Value::Array(vec![Value::Array(vec![
@@ -622,7 +428,7 @@ mod tests {
         /// Untrusted bytes from the network: any input decodes or errors, never panics.
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
-            let _ = decode_batch(&bytes).and_then(to_kinds);
+            let _ = decode_batch(&bytes).and_then(to_events);
         }
 
         /// A valid batch with bytes flipped or cut short decodes or errors, never panics.
@@ -637,7 +443,7 @@ mod tests {
                 bytes[i % n] = b;
             }
             bytes.truncate(bytes.len().saturating_sub(cut % 8));
-            let _ = decode_batch(&bytes).and_then(to_kinds);
+            let _ = decode_batch(&bytes).and_then(to_events);
         }
     }
 }

@@ -10,8 +10,8 @@
 //! spreads new prompts so that every worker's cached prefixes survive about as long (off by default:
 //! on the Mooncake trace its effect was within run-to-run noise, see docs/kv-routing.md).
 //!
-//! What each worker caches comes from its KV events ([`KvRouter::follow`] subscribes to every
-//! sidecar's numbered event stream and applies it to a [`KvIndexer`]); what each worker is busy with
+//! What each worker caches comes from its KV events (the frontend subscribes to every worker's
+//! numbered event stream and hands them to [`KvRouter::apply`]); what each worker is busy with
 //! comes from the router's own accounting ([`KvClaim`]), updated when a request is routed, when its
 //! first token arrives (prefill done) and when it ends, so load is known between events.
 //! The lowest cost wins (ties rotate); with a temperature > 0, workers are drawn with probability
@@ -24,21 +24,23 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    fmt::Write as _,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, RwLock,
         atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
 
-use dynamo_kv::{IndexEvent, KvIndexer, block_hashes};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use rand::Rng;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
-use tonic::{Code, transport::Channel};
 
-use crate::proto::{self, kv_event::Kind, worker_client::WorkerClient};
+use crate::{ApplyError, KvEvent, KvIndexer, WorkerId, block_hashes, indexer::U64Hasher};
+
+type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<U64Hasher>>;
 
 /// Block size assumed until a worker reports its own.
 const DEFAULT_BLOCK_SIZE: u32 = 64;
@@ -142,44 +144,57 @@ pub fn pick_by_cost<R: Rng + ?Sized>(
 }
 
 /// The router's view of one worker's work in flight.
-#[derive(Default)]
 struct WorkerLoad {
     prefill_tokens: AtomicU64,
     active_blocks: AtomicU64,
     /// KV blocks the worker has (from its `Info`); 0 until known.
     capacity: AtomicU64,
+    /// Decayed uncached blocks routed to the worker, and when that was last decayed.
+    churn: Mutex<(f64, Instant)>,
 }
 
-/// Counters behind the router's `/metrics` lines.
+impl WorkerLoad {
+    fn new() -> WorkerLoad {
+        WorkerLoad {
+            prefill_tokens: AtomicU64::new(0),
+            active_blocks: AtomicU64::new(0),
+            capacity: AtomicU64::new(0),
+            churn: Mutex::new((0.0, Instant::now())),
+        }
+    }
+}
+
+/// Counters behind the router's metrics (`dynamo_router_*`, see [`KvRouter::register_metrics`]).
 #[derive(Default)]
 struct RouterStats {
-    decisions: AtomicU64,
-    request_blocks: AtomicU64,
-    overlap_blocks: AtomicU64,
-    best_overlap_blocks: AtomicU64,
-    busy_skips: AtomicU64,
+    decisions: Counter,
+    request_blocks: Counter,
+    overlap_blocks: Counter,
+    best_overlap_blocks: Counter,
+    busy_skips: Counter,
+    indexed_blocks: Gauge,
+    indexed_worker_blocks: Gauge,
 }
 
 /// Approximate mode's memory of what it routed where: per worker, each block's last use, and the
 /// blocks in the order they were booked (stale entries are skipped when popped).
 #[derive(Default)]
 struct Learned {
-    last_used:
-        HashMap<(u64, u64), Instant, std::hash::BuildHasherDefault<dynamo_kv::indexer::U64Hasher>>,
+    last_used: HashMap<(u64, u64), Instant, std::hash::BuildHasherDefault<U64Hasher>>,
     order: VecDeque<(Instant, u64, u64)>,
     per_worker: HashMap<u64, u64>,
 }
 
-/// KV-aware routing state shared by all requests of a frontend.
+/// KV-aware routing state shared by all requests of a frontend: the index of what every worker
+/// caches and the router's own accounting of what each is busy with, for the workers that are
+/// members now ([`KvRouter::add_worker`], [`KvRouter::remove_worker`]).
 pub struct KvRouter {
     indexer: KvIndexer,
     config: KvRouterConfig,
     block_size: AtomicU32,
-    load: Vec<WorkerLoad>,
+    load: RwLock<FastMap<WorkerId, Arc<WorkerLoad>>>,
     stats: RouterStats,
     learned: Mutex<Learned>,
-    /// Per worker: decayed uncached blocks routed to it, and when that was last decayed.
-    churn: Mutex<Vec<(f64, Instant)>>,
 }
 
 const CHURN_HALF_LIFE_S: f64 = 30.0;
@@ -196,15 +211,14 @@ pub struct KvChoice {
 }
 
 impl KvRouter {
-    pub fn new(workers: usize, config: KvRouterConfig) -> KvRouter {
+    pub fn new(config: KvRouterConfig) -> KvRouter {
         KvRouter {
             indexer: KvIndexer::new(),
             config,
             block_size: AtomicU32::new(DEFAULT_BLOCK_SIZE),
-            load: (0..workers).map(|_| WorkerLoad::default()).collect(),
+            load: RwLock::new(FastMap::default()),
             stats: RouterStats::default(),
             learned: Mutex::new(Learned::default()),
-            churn: Mutex::new(vec![(0.0, Instant::now()); workers]),
         }
     }
 
@@ -212,9 +226,50 @@ impl KvRouter {
         &self.config
     }
 
-    /// Records worker `index`'s KV capacity and block size (from its `Info`).
-    pub fn set_worker_info(&self, index: usize, kv_blocks_total: u64, block_size: u32) {
-        if let Some(load) = self.load.get(index) {
+    /// Makes `worker` a member: it can be chosen, and its load is tracked from zero.
+    pub fn add_worker(&self, worker: WorkerId) {
+        self.load
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(worker)
+            .or_insert_with(|| Arc::new(WorkerLoad::new()));
+    }
+
+    /// Forgets `worker`: its blocks leave the index and its load accounting is dropped (claims
+    /// still held by its requests release into the void).
+    pub fn remove_worker(&self, worker: WorkerId) {
+        self.load
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&worker);
+        self.indexer.remove_worker(worker);
+        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        learned.last_used.retain(|&(w, _), _| w != worker);
+        learned.order.retain(|&(_, w, _)| w != worker);
+        learned.per_worker.remove(&worker);
+    }
+
+    /// The members, in no particular order.
+    pub fn workers(&self) -> Vec<WorkerId> {
+        let load = self.load.read().unwrap_or_else(|p| p.into_inner());
+        load.keys().copied().collect()
+    }
+
+    /// Applies one of `worker`'s KV events to the index (from its event stream).
+    pub fn apply(&self, worker: WorkerId, event: KvEvent) -> Result<(), ApplyError> {
+        self.indexer.apply(worker, event)
+    }
+
+    /// Sets the block size the index hashes prompts with (from the workers' event streams).
+    pub fn set_block_size(&self, block_size: u32) {
+        if block_size > 0 {
+            self.block_size.store(block_size, Ordering::Relaxed);
+        }
+    }
+
+    /// Records `worker`'s KV capacity and block size (from its `Info`).
+    pub fn set_worker_info(&self, worker: WorkerId, kv_blocks_total: u64, block_size: u32) {
+        if let Some(load) = self.load_of(worker) {
             load.capacity.store(kv_blocks_total, Ordering::Relaxed);
         }
         if !self.config.events && block_size > 0 {
@@ -222,8 +277,12 @@ impl KvRouter {
         }
     }
 
-    fn busy(&self, w: usize) -> bool {
-        let load = &self.load[w];
+    fn load_of(&self, worker: WorkerId) -> Option<Arc<WorkerLoad>> {
+        let load = self.load.read().unwrap_or_else(|p| p.into_inner());
+        load.get(&worker).cloned()
+    }
+
+    fn busy(&self, load: &WorkerLoad) -> bool {
         let capacity = load.capacity.load(Ordering::Relaxed);
         capacity > 0
             && self.config.busy_threshold < 1.0
@@ -239,11 +298,11 @@ impl KvRouter {
         &self.indexer
     }
 
-    /// Scores the `candidates` (worker indexes) for a prompt of `tokens`.
+    /// Scores the `candidates` (member workers; others are passed over) for a prompt of `tokens`.
     pub fn choose<R: Rng + ?Sized>(
         &self,
         tokens: &[u32],
-        candidates: &[usize],
+        candidates: &[WorkerId],
         tick: usize,
         rng: &mut R,
     ) -> Option<KvChoice> {
@@ -253,18 +312,26 @@ impl KvRouter {
         let matches = self.indexer.find_matches(&locals);
         let overlaps: Vec<u32> = candidates
             .iter()
-            .map(|&w| matches.matched_blocks(w as u64))
+            .map(|&w| matches.matched_blocks(w))
             .collect();
         let request_tokens = tokens.len() as u64;
-        let busy: Vec<bool> = candidates.iter().map(|&w| self.busy(w)).collect();
+        let loads: Vec<Option<Arc<WorkerLoad>>> = {
+            let load = self.load.read().unwrap_or_else(|p| p.into_inner());
+            candidates.iter().map(|w| load.get(w).cloned()).collect()
+        };
+        let busy: Vec<bool> = loads
+            .iter()
+            .map(|l| l.as_deref().is_none_or(|l| self.busy(l)))
+            .collect();
         let any_free = busy.contains(&false);
         let churn: Vec<f64> = if self.config.churn_weight > 0.0 {
             let now = Instant::now();
-            let mut churn = self.churn.lock().unwrap_or_else(|p| p.into_inner());
-            candidates
+            loads
                 .iter()
-                .map(|&w| {
-                    let (v, at) = &mut churn[w];
+                .map(|l| {
+                    let Some(l) = l else { return 0.0 };
+                    let mut churn = l.churn.lock().unwrap_or_else(|p| p.into_inner());
+                    let (v, at) = &mut *churn;
                     *v *= 0.5f64.powf(now.duration_since(*at).as_secs_f64() / CHURN_HALF_LIFE_S);
                     *at = now;
                     *v * self.config.churn_weight
@@ -273,17 +340,19 @@ impl KvRouter {
         } else {
             vec![0.0; candidates.len()]
         };
-        let costs: Vec<f64> = candidates
+        let costs: Vec<f64> = loads
             .iter()
             .zip(&overlaps)
             .zip(&churn)
             .zip(&busy)
-            .map(|(((&w, &overlap), &churn), &busy)| {
+            .map(|(((load, &overlap), &churn), &busy)| {
+                let Some(load) = load else {
+                    return f64::INFINITY;
+                };
                 if any_free && busy {
-                    self.stats.busy_skips.fetch_add(1, Ordering::Relaxed);
+                    self.stats.busy_skips.inc();
                     return f64::INFINITY;
                 }
-                let load = &self.load[w];
                 kv_cost(
                     self.config.overlap_weight,
                     self.config.queue_weight,
@@ -302,17 +371,15 @@ impl KvRouter {
             request_blocks: u32::try_from(request_tokens.div_ceil(u64::from(bs.max(1))))
                 .unwrap_or(u32::MAX),
         };
-        self.stats.decisions.fetch_add(1, Ordering::Relaxed);
+        self.stats.decisions.inc();
         self.stats
             .request_blocks
-            .fetch_add(u64::from(choice.request_blocks), Ordering::Relaxed);
+            .inc_by(u64::from(choice.request_blocks));
         self.stats
             .overlap_blocks
-            .fetch_add(u64::from(choice.overlap_blocks), Ordering::Relaxed);
+            .inc_by(u64::from(choice.overlap_blocks));
         let best = overlaps.iter().copied().max().unwrap_or(0);
-        self.stats
-            .best_overlap_blocks
-            .fetch_add(u64::from(best), Ordering::Relaxed);
+        self.stats.best_overlap_blocks.inc_by(u64::from(best));
         if !self.config.events {
             let full: Vec<(u64, u64)> = blocks.iter().map(|b| (b.local, b.sequence)).collect();
             self.learn(candidates[candidate], &full);
@@ -321,11 +388,11 @@ impl KvRouter {
     }
 
     /// Approximate mode: the prompt's full blocks now count as cached on `worker`.
-    fn learn(&self, worker: usize, blocks: &[(u64, u64)]) {
+    fn learn(&self, worker: WorkerId, blocks: &[(u64, u64)]) {
         if blocks.is_empty() {
             return;
         }
-        let w = worker as u64;
+        let w = worker;
         let now = Instant::now();
         let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
         let mut added = 0;
@@ -336,15 +403,10 @@ impl KvRouter {
             learned.order.push_back((now, w, seq));
         }
         *learned.per_worker.entry(w).or_default() += added;
-        if let Err(error) = self.indexer.apply(
-            w,
-            IndexEvent::Stored {
-                parent: None,
-                blocks: blocks.to_vec(),
-            },
-        ) {
-            tracing::debug!(worker, %error, "learned blocks not indexed");
-        }
+        // A learned chain starts at the root: applying it cannot fail.
+        let _ = self
+            .indexer
+            .apply(w, KvEvent::stored(None, blocks.iter().copied()));
         self.expire_locked(&mut learned, now);
     }
 
@@ -359,8 +421,7 @@ impl KvRouter {
         let ttl = self.config.approx_ttl;
         while let Some(&(at, w, seq)) = learned.order.front() {
             let capacity = self
-                .load
-                .get(w as usize)
+                .load_of(w)
                 .map_or(0, |l| l.capacity.load(Ordering::Relaxed));
             let over = capacity > 0 && learned.per_worker.get(&w).copied().unwrap_or(0) > capacity;
             if now.duration_since(at) < ttl && !over {
@@ -375,218 +436,96 @@ impl KvRouter {
                 }
                 let _ = self.indexer.apply(
                     w,
-                    IndexEvent::Removed {
-                        sequence_hashes: vec![seq],
+                    KvEvent::Removed {
+                        block_hashes: vec![seq],
                     },
                 );
             }
         }
     }
 
-    /// Prometheus text lines about the router (appended to the frontend's `/metrics`).
-    pub fn encode_metrics(&self, out: &mut String, model: &str) {
-        let stats = self.indexer.stats();
+    /// Registers the router's metrics (`dynamo_router_*`) in `registry`; call
+    /// [`KvRouter::refresh_metrics`] before each scrape for the index gauges.
+    pub fn register_metrics(&self, registry: &mut Registry, model: &str) {
+        let r = registry
+            .sub_registry_with_prefix("dynamo_router")
+            .sub_registry_with_label(("model".into(), model.to_owned().into()));
         let s = &self.stats;
-        let lines: [(&str, &str, &str, f64); 7] = [
-            (
-                "dynamo_router_decisions_total",
-                "counter",
-                "kv routing decisions",
-                s.decisions.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "dynamo_router_request_blocks_total",
-                "counter",
-                "prompt blocks of routed requests",
-                s.request_blocks.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "dynamo_router_overlap_blocks_total",
-                "counter",
-                "prompt blocks the chosen worker held, as the index predicted",
-                s.overlap_blocks.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "dynamo_router_best_overlap_blocks_total",
-                "counter",
-                "prompt blocks the best-matching candidate held (the chosen one may hold fewer when it is loaded)",
-                s.best_overlap_blocks.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "dynamo_router_busy_skips_total",
-                "counter",
-                "workers passed over as busy",
-                s.busy_skips.load(Ordering::Relaxed) as f64,
-            ),
-            (
-                "dynamo_router_indexed_blocks",
-                "gauge",
-                "distinct KV blocks in the router's index",
-                stats.blocks as f64,
-            ),
-            (
-                "dynamo_router_indexed_worker_blocks",
-                "gauge",
-                "(worker, block) pairs in the router's index",
-                stats.worker_block_refs as f64,
-            ),
-        ];
-        for (name, kind, help, value) in lines {
-            let base = name.strip_suffix("_total").unwrap_or(name);
-            let _ = writeln!(
-                out,
-                "# HELP {base} {help}\n# TYPE {base} {kind}\n{name}{{model=\"{model}\"}} {value}"
-            );
-        }
+        r.register("decisions", "kv routing decisions", s.decisions.clone());
+        r.register(
+            "request_blocks",
+            "prompt blocks of routed requests",
+            s.request_blocks.clone(),
+        );
+        r.register(
+            "overlap_blocks",
+            "prompt blocks the chosen worker held, as the index predicted",
+            s.overlap_blocks.clone(),
+        );
+        r.register(
+            "best_overlap_blocks",
+            "prompt blocks the best-matching candidate held (the chosen one may hold fewer when it is loaded)",
+            s.best_overlap_blocks.clone(),
+        );
+        r.register(
+            "busy_skips",
+            "workers passed over as busy",
+            s.busy_skips.clone(),
+        );
+        r.register(
+            "indexed_blocks",
+            "distinct KV blocks in the router's index",
+            s.indexed_blocks.clone(),
+        );
+        r.register(
+            "indexed_worker_blocks",
+            "(worker, block) pairs in the router's index",
+            s.indexed_worker_blocks.clone(),
+        );
     }
 
-    /// Books a routed request against worker `index` until the returned claim is dropped.
+    /// Updates the index gauges (walks the index: call it per scrape, not per request).
+    pub fn refresh_metrics(&self) {
+        let stats = self.indexer.stats();
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.stats.indexed_blocks.set(gauge(stats.blocks));
+        self.stats
+            .indexed_worker_blocks
+            .set(gauge(stats.worker_block_refs));
+    }
+
+    /// Books a request routed to `worker` by `choice` on its load, until the claim drops. `None`
+    /// when `worker` is not a member.
     pub fn claim(
-        self: &Arc<Self>,
-        index: usize,
+        &self,
+        worker: WorkerId,
         request_tokens: u64,
         choice: &KvChoice,
-    ) -> KvClaim {
+    ) -> Option<KvClaim> {
         let bs = u64::from(self.block_size().max(1));
         let prefill_tokens = request_tokens.saturating_sub(u64::from(choice.overlap_blocks) * bs);
         let blocks = u64::from(choice.request_blocks);
-        let load = &self.load[index];
+        let load = self.load_of(worker)?;
         load.prefill_tokens
             .fetch_add(prefill_tokens, Ordering::Relaxed);
         if self.config.churn_weight > 0.0 {
-            let mut churn = self.churn.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((v, _)) = churn.get_mut(index) {
-                *v += prefill_tokens as f64 / bs as f64;
-            }
+            let mut churn = load.churn.lock().unwrap_or_else(|p| p.into_inner());
+            churn.0 += prefill_tokens as f64 / bs as f64;
         }
         load.active_blocks.fetch_add(blocks, Ordering::Relaxed);
-        KvClaim {
-            router: self.clone(),
-            index,
+        Some(KvClaim {
+            load,
             prefill_tokens,
             blocks,
             prefilled: false,
-        }
-    }
-
-    /// Follows worker `index`'s KV events until `shutdown`. It subscribes asking for a snapshot
-    /// when its view cannot be resumed: the first time, after a gap older than the sidecar's ring,
-    /// and after the worker restarted; otherwise a broken stream resumes with the last sequence
-    /// number seen and the sidecar replays what was missed. While the worker is unreachable its
-    /// blocks are dropped from the index (a restarted worker starts cold).
-    pub async fn follow(
-        self: Arc<Self>,
-        index: usize,
-        client: WorkerClient<Channel>,
-        shutdown: CancellationToken,
-    ) {
-        let worker = index as u64;
-        let mut after = 0u64;
-        let mut instance: Option<u64> = None;
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            let mut c = client.clone();
-            let request = proto::SubscribeKvEventsRequest {
-                after_seq: after,
-                snapshot: true,
-            };
-            let subscribed = tokio::select! {
-                () = shutdown.cancelled() => return,
-                r = c.subscribe_kv_events(request) => r,
-            };
-            match subscribed {
-                Ok(response) => {
-                    backoff = Duration::from_millis(100);
-                    let mut stream = response.into_inner();
-                    loop {
-                        let next = tokio::select! {
-                            () = shutdown.cancelled() => return,
-                            m = stream.message() => m,
-                        };
-                        match next {
-                            Ok(Some(batch)) => {
-                                self.apply_batch(index, &mut instance, &mut after, batch)
-                            }
-                            // Ended, or fell behind the live stream: resume from the ring.
-                            Ok(None) => break,
-                            Err(status) => {
-                                tracing::debug!(worker = index, %status, "KV event stream broke");
-                                break;
-                            }
-                        }
-                    }
-                }
-                Err(status) => {
-                    if status.code() == Code::Unavailable && instance.is_some() {
-                        tracing::info!(
-                            worker = index,
-                            "worker unreachable; dropping its blocks from the index"
-                        );
-                        self.indexer.remove_worker(worker);
-                        instance = None;
-                    }
-                }
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-        }
-    }
-
-    /// Applies one batch of worker `index`'s events to the index.
-    fn apply_batch(
-        &self,
-        index: usize,
-        instance: &mut Option<u64>,
-        after: &mut u64,
-        batch: proto::KvEventBatch,
-    ) {
-        let worker = index as u64;
-        if batch.snapshot || instance.is_some_and(|i| i != batch.instance) {
-            // A snapshot replaces the view; a new instance means the worker restarted cold.
-            self.indexer.remove_worker(worker);
-        }
-        *instance = Some(batch.instance);
-        if batch.block_size > 0 {
-            self.block_size.store(batch.block_size, Ordering::Relaxed);
-        }
-        if batch.snapshot {
-            *after = batch.snapshot_seq;
-        }
-        for event in batch.events {
-            *after = (*after).max(event.seq);
-            if let Some(e) = to_index_event(event)
-                && let Err(error) = self.indexer.apply(worker, e)
-            {
-                tracing::debug!(worker = index, %error, "KV event not applied");
-            }
-        }
+        })
     }
 }
 
-fn to_index_event(event: proto::KvEvent) -> Option<IndexEvent> {
-    Some(match event.kind? {
-        Kind::Stored(s) => IndexEvent::Stored {
-            parent: s.parent_hash,
-            blocks: s
-                .blocks
-                .into_iter()
-                .map(|b| (b.tokens_hash, b.block_hash))
-                .collect(),
-        },
-        Kind::Removed(r) => IndexEvent::Removed {
-            sequence_hashes: r.block_hashes,
-        },
-        Kind::Cleared(_) => IndexEvent::Cleared,
-    })
-}
-
-/// A routed request's share of a worker's load, released on drop.
+/// A routed request's booking on its worker's load: prefill until its first token, KV blocks until
+/// it ends.
 pub struct KvClaim {
-    router: Arc<KvRouter>,
-    index: usize,
+    load: Arc<WorkerLoad>,
     prefill_tokens: u64,
     blocks: u64,
     prefilled: bool,
@@ -597,7 +536,7 @@ impl KvClaim {
     pub fn prefill_done(&mut self) {
         if !self.prefilled {
             self.prefilled = true;
-            self.router.load[self.index]
+            self.load
                 .prefill_tokens
                 .fetch_sub(self.prefill_tokens, Ordering::Relaxed);
         }
@@ -607,7 +546,7 @@ impl KvClaim {
 impl Drop for KvClaim {
     fn drop(&mut self) {
         self.prefill_done();
-        self.router.load[self.index]
+        self.load
             .active_blocks
             .fetch_sub(self.blocks, Ordering::Relaxed);
     }
@@ -678,19 +617,13 @@ mod tests {
             overlap_weight: 1.0,
             ..KvRouterConfig::default()
         };
-        let router = Arc::new(KvRouter::new(2, config));
+        let router = members(config, 2);
         let tokens: Vec<u32> = (0..640).collect();
         let hashes = block_hashes(&tokens, 64);
-        let mut parent = None;
-        let blocks: Vec<(u64, u64)> = hashes.iter().map(|h| (h.local, h.sequence)).collect();
         router
-            .indexer()
             .apply(
                 1,
-                IndexEvent::Stored {
-                    parent: parent.take(),
-                    blocks,
-                },
+                KvEvent::stored(None, hashes.iter().map(|h| (h.local, h.sequence))),
             )
             .expect("applies");
         let mut rng = SmallRng::seed_from_u64(1);
@@ -707,6 +640,7 @@ mod tests {
         );
         // Load it heavily: now worker 0 wins despite the cache.
         let claims: Vec<_> = (0..5).map(|_| router.claim(1, 640, &choice)).collect();
+        assert!(claims.iter().all(Option::is_some));
         assert_eq!(
             router
                 .choose(&tokens, &[0, 1], 0, &mut rng)
@@ -720,9 +654,56 @@ mod tests {
                 .map(|c| c.candidate),
             Some(1)
         );
-        assert_eq!(router.load[1].active_blocks.load(Ordering::Relaxed), 0);
-        assert_eq!(router.load[1].prefill_tokens.load(Ordering::Relaxed), 0);
+        let load = router.load_of(1).expect("a member");
+        assert_eq!(load.active_blocks.load(Ordering::Relaxed), 0);
+        assert_eq!(load.prefill_tokens.load(Ordering::Relaxed), 0);
     }
+
+    #[test]
+    fn a_removed_worker_leaves_the_index_and_is_never_chosen() {
+        let router = members(KvRouterConfig::default(), 2);
+        let tokens: Vec<u32> = (0..640).collect();
+        let hashes = block_hashes(&tokens, 64);
+        router
+            .apply(
+                1,
+                KvEvent::stored(None, hashes.iter().map(|h| (h.local, h.sequence))),
+            )
+            .expect("applies");
+        let mut rng = SmallRng::seed_from_u64(1);
+        let choice = router
+            .choose(&tokens, &[0, 1], 0, &mut rng)
+            .expect("a choice");
+        assert_eq!(choice.candidate, 1);
+        let claim = router.claim(1, 640, &choice).expect("a member");
+        router.remove_worker(1);
+        assert_eq!(router.indexer().stats().worker_block_refs, 0);
+        assert_eq!(router.workers(), vec![0]);
+        // A stale candidate list still never yields the removed worker.
+        for tick in 0..4 {
+            let c = router
+                .choose(&tokens, &[0, 1], tick, &mut rng)
+                .expect("a choice");
+            assert_eq!(c.candidate, 0);
+        }
+        assert!(router.claim(1, 640, &choice).is_none());
+        // Its outstanding claim releases without touching anyone's load.
+        drop(claim);
+        // Joining again starts from an empty cache and no load.
+        router.add_worker(1);
+        let c = router.choose(&tokens, &[1], 0, &mut rng).expect("a choice");
+        assert_eq!(c.overlap_blocks, 0);
+    }
+}
+
+/// A router with members `0..n`.
+#[cfg(test)]
+fn members(config: KvRouterConfig, n: u64) -> Arc<KvRouter> {
+    let router = Arc::new(KvRouter::new(config));
+    for w in 0..n {
+        router.add_worker(w);
+    }
+    router
 }
 
 #[cfg(test)]
@@ -731,14 +712,14 @@ mod approx_tests {
     use rand::{SeedableRng, rngs::SmallRng};
 
     fn approx(ttl: Duration) -> Arc<KvRouter> {
-        Arc::new(KvRouter::new(
-            2,
+        members(
             KvRouterConfig {
                 events: false,
                 approx_ttl: ttl,
                 ..KvRouterConfig::default()
             },
-        ))
+            2,
+        )
     }
 
     #[tokio::test(start_paused = true)]
@@ -782,22 +763,15 @@ mod approx_tests {
 
     #[test]
     fn a_worker_past_the_busy_threshold_is_skipped_while_another_has_room() {
-        let router = Arc::new(KvRouter::new(2, KvRouterConfig::default()));
+        let router = members(KvRouterConfig::default(), 2);
         router.set_worker_info(0, 100, 64);
         router.set_worker_info(1, 100, 64);
         let tokens: Vec<u32> = (0..640).collect();
-        let blocks = block_hashes(&tokens, 64)
-            .iter()
-            .map(|h| (h.local, h.sequence))
-            .collect();
+        let hashes = block_hashes(&tokens, 64);
         router
-            .indexer()
             .apply(
                 0,
-                IndexEvent::Stored {
-                    parent: None,
-                    blocks,
-                },
+                KvEvent::stored(None, hashes.iter().map(|h| (h.local, h.sequence))),
             )
             .expect("applies");
         let mut rng = SmallRng::seed_from_u64(1);
@@ -830,7 +804,7 @@ mod approx_tests {
             churn_weight: 0.5,
             ..KvRouterConfig::default()
         };
-        let router = Arc::new(KvRouter::new(2, config));
+        let router = members(config, 2);
         let mut rng = SmallRng::seed_from_u64(1);
         // Worker 0 just took (and finished) a large cold prompt: its cached prefixes are being churned.
         let cold: Vec<u32> = (0..64 * 100).collect();

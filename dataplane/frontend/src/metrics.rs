@@ -1,8 +1,11 @@
 //! The frontend's Prometheus metrics, named as NVIDIA Dynamo names them so existing dashboards work:
 //! `dynamo_frontend_requests_total`, `..._time_to_first_token_seconds`, `..._inter_token_latency_seconds`,
 //! `..._request_duration_seconds`, `..._inflight_requests`, `..._input_sequence_tokens`,
-//! `..._output_sequence_tokens`, `..._cached_tokens`, each with a `model` label.
+//! `..._output_sequence_tokens`, `..._cached_tokens`, `..._model_migration_total{migration_type}`,
+//! each with a `model` label. The `kv` router's `dynamo_router_*` metrics are registered in the
+//! same registry: one registry, one encoder, one `/metrics`.
 
+use dynamo_kv::policy::KvRouter;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -12,6 +15,12 @@ use prometheus_client::{
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
     pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    pub model: String,
+    pub migration_type: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,6 +36,7 @@ type HistFamily = Family<ModelLabel, Histogram, fn() -> Histogram>;
 pub struct FrontendMetrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    migrations: Family<MigrationLabels, Counter>,
     model: ModelLabel,
     /// Per-model handles, created once (the frontend serves one model).
     pub inflight: Gauge,
@@ -44,13 +54,24 @@ fn exp(start: f64, factor: f64, n: u16) -> impl Iterator<Item = f64> {
 }
 
 impl FrontendMetrics {
-    pub fn new(model: &str) -> FrontendMetrics {
-        let mut registry = Registry::with_prefix("dynamo_frontend");
+    /// The frontend's metrics for `model`, and the `kv` router's when there is one.
+    pub fn new(model: &str, kv: Option<&KvRouter>) -> FrontendMetrics {
+        let mut root = Registry::default();
+        if let Some(kv) = kv {
+            kv.register_metrics(&mut root, model);
+        }
+        let registry = root.sub_registry_with_prefix("dynamo_frontend");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
             "Requests handled, by endpoint, type and status",
             requests.clone(),
+        );
+        let migrations = Family::<MigrationLabels, Counter>::default();
+        registry.register(
+            "model_migration",
+            "Requests moved to another worker after theirs failed, by when (new_request: before the first token; ongoing_request: mid-stream)",
+            migrations.clone(),
         );
         let label = ModelLabel {
             model: model.to_owned(),
@@ -93,8 +114,9 @@ impl FrontendMetrics {
         );
         let inflight = inflight.get_or_create(&label).clone();
         FrontendMetrics {
-            registry,
+            registry: root,
             requests,
+            migrations,
             model: label,
             inflight,
             ttft,
@@ -118,6 +140,15 @@ impl FrontendMetrics {
             .inc();
     }
 
+    pub fn count_migration(&self, migration_type: &'static str) {
+        self.migrations
+            .get_or_create(&MigrationLabels {
+                model: self.model.model.clone(),
+                migration_type,
+            })
+            .inc();
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         if let Err(error) = encode(&mut out, &self.registry) {
@@ -133,8 +164,10 @@ mod tests {
 
     #[test]
     fn metric_names_match_dynamo() {
-        let m = FrontendMetrics::new("tiny");
+        let kv = KvRouter::new(dynamo_kv::policy::KvRouterConfig::default());
+        let m = FrontendMetrics::new("tiny", Some(&kv));
         m.count_request("chat_completions", true, true);
+        m.count_migration("ongoing_request");
         m.ttft.observe(0.01);
         m.inflight.inc();
         let text = m.encode();
@@ -147,6 +180,9 @@ mod tests {
             "dynamo_frontend_input_sequence_tokens_sum{",
             "dynamo_frontend_output_sequence_tokens_sum{",
             "dynamo_frontend_cached_tokens_sum{",
+            "dynamo_frontend_model_migration_total{model=\"tiny\",migration_type=\"ongoing_request\"} 1",
+            "dynamo_router_decisions_total{model=\"tiny\"} 0",
+            "dynamo_router_indexed_blocks{model=\"tiny\"} 0",
         ] {
             assert!(text.contains(name), "missing {name} in\n{text}");
         }
