@@ -1,0 +1,292 @@
+//! A fleet that changes while it serves, as a user runs it: `dynamo serve manifests/agg.yaml` as a
+//! real process tree (frontend and sidecar processes on ephemeral ports), workers killed,
+//! terminated and added through `serve`'s control API while 32 streams are in flight.
+
+use std::{
+    io::{BufRead, BufReader},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::{Value, json};
+
+/// A running `dynamo serve`.
+struct Serve {
+    child: Child,
+    api: String,
+    control: String,
+}
+
+impl Serve {
+    fn start(extra: &[&str]) -> Serve {
+        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests/agg.yaml");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo"))
+            .args(["serve", manifest, "--port", "0", "--host", "127.0.0.1"])
+            .args(extra)
+            .env("DYN_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("dynamo serve starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut api, mut control) = (None, None);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(rest) = line.split("frontend on ").nth(1) {
+                    api = rest.split_whitespace().next().map(str::to_owned);
+                }
+                if let Some(rest) = line.split("control API on ").nth(1) {
+                    control = rest.split_whitespace().next().map(str::to_owned);
+                }
+                if let (Some(a), Some(c)) = (&api, &control) {
+                    let _ = tx.send((a.clone(), c.clone()));
+                    api = None;
+                }
+                if std::env::var_os("FLEET_TEST_LOG").is_some() {
+                    eprintln!("{line}");
+                }
+            }
+        });
+        let (api, control) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("serve reports its frontend and control API");
+        Serve {
+            child,
+            api,
+            control,
+        }
+    }
+
+    async fn workers(&self) -> Vec<Value> {
+        let v: Value = reqwest::get(format!("{}/workers", self.control))
+            .await
+            .expect("control API")
+            .json()
+            .await
+            .expect("json");
+        v["workers"].as_array().cloned().unwrap_or_default()
+    }
+
+    async fn live_workers(&self) -> u64 {
+        let v: Value = reqwest::get(format!("{}/health", self.api))
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("json");
+        v["live_workers"].as_u64().unwrap_or(0)
+    }
+
+    /// Waits until the frontend routes to `n` workers.
+    async fn wait_live(&self, n: u64, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.live_workers().await != n {
+            assert!(Instant::now() < deadline, "live_workers never reached {n}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        // SIGTERM lets serve stop its children; SIGKILL after a while in case it hangs.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn signal(pid: u64, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// One streamed chat completion: its text, completion tokens (from usage) and error, if any.
+async fn stream(api: &str, i: u32, max_tokens: u32) -> Result<(String, u64), String> {
+    let body = json!({
+        "model": "tiny",
+        "messages": [{"role": "user", "content": format!("Tell me story number {i}.")}],
+        "max_tokens": max_tokens,
+        "ignore_eos": true,
+        "seed": 1000 + i,
+        "stream": true,
+        "stream_options": {"include_usage": true},
+    });
+    let r = reqwest::Client::new()
+        .post(format!("{api}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    if !r.status().is_success() {
+        return Err(format!("status {}: {}", r.status(), r.text().await.unwrap_or_default()));
+    }
+    let text = r.text().await.map_err(|e| e.to_string())?;
+    let (mut out, mut usage) = (String::new(), None);
+    for event in text.split("\n\n").filter(|e| !e.is_empty()) {
+        let data = event.strip_prefix("data: ").unwrap_or(event);
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).map_err(|e| format!("{e}: {data}"))?;
+        if let Some(err) = v.get("error") {
+            return Err(err.to_string());
+        }
+        if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+            out.push_str(t);
+        }
+        if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+            usage = Some(n);
+        }
+    }
+    Ok((out, usage.ok_or("no usage chunk")?))
+}
+
+/// 32 concurrent 400-token streams; `disturb` runs once they are under way.
+async fn streams_with<F: std::future::Future<Output = ()>>(
+    api: &str,
+    disturb: F,
+) -> Vec<Result<(String, u64), String>> {
+    let streams = futures::future::join_all((0..32).map(|i| stream(api, i, 400)));
+    let (results, ()) = tokio::join!(streams, disturb);
+    results
+}
+
+async fn undisturbed(api: &str) -> Vec<(String, u64)> {
+    streams_with(api, async {})
+        .await
+        .into_iter()
+        .map(|r| r.expect("undisturbed stream succeeds"))
+        .collect()
+}
+
+fn pid_of(worker: &Value) -> u64 {
+    worker["pid"].as_u64().expect("a running worker has a pid")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_worker_mid_stream_fails_no_stream_and_changes_no_token() {
+    let serve = Serve::start(&["--router-mode", "round-robin"]);
+    let baseline = undisturbed(&serve.api).await;
+    assert!(baseline.iter().all(|(_, n)| *n == 400));
+
+    let victim = pid_of(&serve.workers().await[0]);
+    let results = streams_with(&serve.api, async {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        signal(victim, "-9");
+    })
+    .await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} of 32 streams failed: {failed:?}", failed.len());
+    for (i, (r, b)) in results.iter().zip(&baseline).enumerate() {
+        let (text, tokens) = r.as_ref().expect("checked above");
+        assert_eq!(*tokens, 400, "stream {i}");
+        assert_eq!(text, &b.0, "stream {i} differs from the undisturbed run with its seed");
+    }
+    let metrics = reqwest::get(format!("{}/metrics", serve.api))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("dynamo_frontend_model_migration_total{model=\"tiny\",migration_type=\"ongoing_request\"}"),
+        "{metrics}"
+    );
+
+    // serve restarts the dead worker as a new process, and the frontend routes to it again.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let workers = serve.workers().await;
+        if workers.iter().all(|w| w["state"] == "running")
+            && workers.iter().any(|w| w["restarts"] == 1)
+        {
+            assert!(workers.iter().all(|w| w["pid"].as_u64() != Some(victim)));
+            break;
+        }
+        assert!(Instant::now() < deadline, "worker not restarted: {workers:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    serve.wait_live(2, Duration::from_secs(10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_worker_finishes_or_hands_off_its_streams() {
+    let serve = Serve::start(&["--router-mode", "round-robin"]);
+    let baseline = undisturbed(&serve.api).await;
+    let victim = pid_of(&serve.workers().await[1]);
+    let results = streams_with(&serve.api, async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        signal(victim, "-TERM");
+    })
+    .await;
+    for (i, (r, b)) in results.iter().zip(&baseline).enumerate() {
+        let (text, tokens) = r.as_ref().unwrap_or_else(|e| panic!("stream {i} failed: {e}"));
+        assert_eq!(*tokens, 400, "stream {i}");
+        assert_eq!(text, &b.0, "stream {i}");
+    }
+    // While it drains it is no member: new requests all succeed on the other worker.
+    let after: Vec<_> = futures::future::join_all((100..108).map(|i| stream(&serve.api, i, 20))).await;
+    assert!(after.iter().all(Result::is_ok), "{after:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_added_at_run_time_gets_requests_within_two_seconds() {
+    let serve = Serve::start(&["--router-mode", "round-robin", "--workers", "1"]);
+    serve.wait_live(1, Duration::from_secs(10)).await;
+    let added: Value = reqwest::Client::new()
+        .post(format!("{}/workers", serve.control))
+        .send()
+        .await
+        .expect("control API")
+        .json()
+        .await
+        .expect("json");
+    let url = added["url"].as_str().expect("the new worker's URL").to_owned();
+    let started = Instant::now();
+    let mut client = dynamo_protocol::proto::worker_client::WorkerClient::connect(url)
+        .await
+        .expect("connect");
+    loop {
+        // Traffic keeps flowing; round-robin gives the newcomer every other request once it joins.
+        let _ = stream(&serve.api, 7, 4).await;
+        let load = client
+            .load(dynamo_protocol::proto::LoadRequest {})
+            .await
+            .expect("load")
+            .into_inner();
+        if load.prompt_tokens_total > 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "the added worker got no request within 2 s"
+        );
+    }
+    eprintln!("added worker's first request after {:?}", started.elapsed());
+    // Removing it: it leaves the frontend's set, and requests keep succeeding.
+    let name = added["name"].as_str().expect("name");
+    let r = reqwest::Client::new()
+        .delete(format!("{}/workers/{name}", serve.control))
+        .send()
+        .await
+        .expect("control API");
+    assert_eq!(r.status(), 200);
+    serve.wait_live(1, Duration::from_secs(5)).await;
+    let after: Vec<_> = futures::future::join_all((0..6).map(|i| stream(&serve.api, i, 8))).await;
+    assert!(after.iter().all(Result::is_ok), "{after:?}");
+}
