@@ -133,7 +133,11 @@ async fn stream(api: &str, i: u32, max_tokens: u32) -> Result<(String, u64), Str
         .await
         .map_err(|e| e.to_string())?;
     if !r.status().is_success() {
-        return Err(format!("status {}: {}", r.status(), r.text().await.unwrap_or_default()));
+        return Err(format!(
+            "status {}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        ));
     }
     let text = r.text().await.map_err(|e| e.to_string())?;
     let (mut out, mut usage) = (String::new(), None);
@@ -191,11 +195,18 @@ async fn killing_a_worker_mid_stream_fails_no_stream_and_changes_no_token() {
     })
     .await;
     let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    assert!(failed.is_empty(), "{} of 32 streams failed: {failed:?}", failed.len());
+    assert!(
+        failed.is_empty(),
+        "{} of 32 streams failed: {failed:?}",
+        failed.len()
+    );
     for (i, (r, b)) in results.iter().zip(&baseline).enumerate() {
         let (text, tokens) = r.as_ref().expect("checked above");
         assert_eq!(*tokens, 400, "stream {i}");
-        assert_eq!(text, &b.0, "stream {i} differs from the undisturbed run with its seed");
+        assert_eq!(
+            text, &b.0,
+            "stream {i} differs from the undisturbed run with its seed"
+        );
     }
     let metrics = reqwest::get(format!("{}/metrics", serve.api))
         .await
@@ -218,7 +229,10 @@ async fn killing_a_worker_mid_stream_fails_no_stream_and_changes_no_token() {
             assert!(workers.iter().all(|w| w["pid"].as_u64() != Some(victim)));
             break;
         }
-        assert!(Instant::now() < deadline, "worker not restarted: {workers:?}");
+        assert!(
+            Instant::now() < deadline,
+            "worker not restarted: {workers:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     serve.wait_live(2, Duration::from_secs(10)).await;
@@ -235,12 +249,15 @@ async fn a_terminated_worker_finishes_or_hands_off_its_streams() {
     })
     .await;
     for (i, (r, b)) in results.iter().zip(&baseline).enumerate() {
-        let (text, tokens) = r.as_ref().unwrap_or_else(|e| panic!("stream {i} failed: {e}"));
+        let (text, tokens) = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("stream {i} failed: {e}"));
         assert_eq!(*tokens, 400, "stream {i}");
         assert_eq!(text, &b.0, "stream {i}");
     }
     // While it drains it is no member: new requests all succeed on the other worker.
-    let after: Vec<_> = futures::future::join_all((100..108).map(|i| stream(&serve.api, i, 20))).await;
+    let after: Vec<_> =
+        futures::future::join_all((100..108).map(|i| stream(&serve.api, i, 20))).await;
     assert!(after.iter().all(Result::is_ok), "{after:?}");
 }
 
@@ -256,7 +273,10 @@ async fn a_worker_added_at_run_time_gets_requests_within_two_seconds() {
         .json()
         .await
         .expect("json");
-    let url = added["url"].as_str().expect("the new worker's URL").to_owned();
+    let url = added["url"]
+        .as_str()
+        .expect("the new worker's URL")
+        .to_owned();
     let started = Instant::now();
     let mut client = dynamo_protocol::proto::worker_client::WorkerClient::connect(url)
         .await

@@ -619,3 +619,143 @@ async fn a_router_that_starts_late_gets_a_snapshot_of_every_worker_cache() {
     late.shutdown(Duration::ZERO).await;
     g.stop().await;
 }
+
+#[tokio::test]
+async fn the_pool_follows_its_candidates_while_requests_route() {
+    let g = Graph::start(2, 1000.0).await;
+    let fe = g.frontend.as_ref().expect("frontend");
+    let pool = fe.pool().clone();
+    let load = |url: String| async move {
+        let mut c = WorkerClient::connect(url).await.expect("connect");
+        c.load(LoadRequest {})
+            .await
+            .expect("load")
+            .into_inner()
+            .prompt_tokens_total
+    };
+    let traffic = async {
+        let mut ok = 0;
+        for i in 0..60 {
+            let (s, b) = g
+                .post("/v1/chat/completions", chat(&format!("turn {i}"), 2))
+                .await;
+            assert_eq!(s, 200, "{b}");
+            ok += 1;
+        }
+        ok
+    };
+    let churn = async {
+        for _ in 0..3 {
+            pool.set_candidates(&[g.worker_urls[0].clone()].into_iter().collect())
+                .await;
+            assert_eq!(pool.live_count(), 1);
+            let before = load(g.worker_urls[1].clone()).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(
+                load(g.worker_urls[1].clone()).await,
+                before,
+                "a withdrawn worker gets no requests"
+            );
+            pool.set_candidates(&g.worker_urls.iter().cloned().collect())
+                .await;
+            assert_eq!(pool.live_count(), 2);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let (ok, ()) = tokio::join!(traffic, churn);
+    assert_eq!(ok, 60);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_cut_by_its_worker_continues_on_another_with_the_same_tokens() {
+    let model = Arc::new(Model::builtin());
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        workers.push(Some(
+            common::start_sidecar_with(&model, i, 2.0, Duration::ZERO).await,
+        ));
+    }
+    let urls: Vec<String> = workers
+        .iter()
+        .flatten()
+        .map(|w| format!("http://{}", w.addr))
+        .collect();
+    let frontend = Frontend::start(
+        common::frontend_config(
+            urls.clone(),
+            RouterMode::RoundRobin,
+            KvRouterConfig::default(),
+            1 << 20,
+        ),
+        model.clone(),
+    )
+    .await
+    .expect("frontend starts");
+    let g = Graph {
+        base: format!("http://{}", frontend.addr),
+        frontend: Some(frontend),
+        workers,
+        worker_urls: urls,
+        model,
+    };
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": "a long story"}],
+        "max_tokens": 200, "ignore_eos": true, "seed": 11, "stream": true,
+        "stream_options": {"include_usage": true}});
+    let collect = |text: String| {
+        let mut out = String::new();
+        let mut usage = Value::Null;
+        for e in sse_events(&text) {
+            if e == "[DONE]" {
+                continue;
+            }
+            let v: Value = serde_json::from_str(&e).expect("json chunk");
+            assert!(v.get("error").is_none(), "{v}");
+            out.push_str(v["choices"][0]["delta"]["content"].as_str().unwrap_or(""));
+            if !v["usage"].is_null() {
+                usage = v["usage"].clone();
+            }
+        }
+        (out, usage)
+    };
+    let send = || {
+        reqwest::Client::new()
+            .post(g.url("/v1/chat/completions"))
+            .json(&body)
+            .send()
+    };
+    let (undisturbed, usage) = collect(send().await.expect("sent").text().await.expect("body"));
+    assert_eq!(usage["completion_tokens"], 200);
+    // Again, and cut the worker serving it once it is under way.
+    let response = send().await.expect("sent");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut busy = None;
+    for (i, url) in g.worker_urls.iter().enumerate() {
+        let mut c = WorkerClient::connect(url.clone()).await.expect("connect");
+        if c.load(LoadRequest {})
+            .await
+            .expect("load")
+            .into_inner()
+            .running
+            > 0
+        {
+            busy = Some(i);
+        }
+    }
+    let busy = busy.expect("one worker is generating");
+    let mut g = g;
+    let cut = g.workers[busy].take().expect("worker");
+    cut.shutdown(Duration::ZERO).await;
+    let (migrated, usage) = collect(response.text().await.expect("body"));
+    assert_eq!(
+        migrated, undisturbed,
+        "the migrated stream is the undisturbed one"
+    );
+    assert_eq!(usage["completion_tokens"], 200);
+    let (_, metrics) = g.get_text("/metrics").await;
+    assert!(
+        metrics.contains("migration_type=\"ongoing_request\"} 1"),
+        "{metrics}"
+    );
+    g.stop().await;
+}

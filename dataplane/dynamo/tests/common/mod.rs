@@ -12,6 +12,16 @@ use dynamo_sidecar::{Sidecar, SidecarConfig, engine::EngineKind};
 /// Starts sidecar `w{index}` on 127.0.0.1 with a mocker of 4,096 blocks running `speedup` times
 /// faster than real time.
 pub async fn start_sidecar(model: &Model, index: usize, speedup: f64) -> Sidecar {
+    start_sidecar_with(model, index, speedup, Duration::from_secs(5)).await
+}
+
+/// [`start_sidecar`] with a drain deadline of `drain` (zero: shutdown cuts in-flight streams).
+pub async fn start_sidecar_with(
+    model: &Model,
+    index: usize,
+    speedup: f64,
+    drain: Duration,
+) -> Sidecar {
     let card = model.card();
     Sidecar::start(SidecarConfig {
         listen: "127.0.0.1:0".parse().expect("addr"),
@@ -26,7 +36,7 @@ pub async fn start_sidecar(model: &Model, index: usize, speedup: f64) -> Sidecar
             num_gpu_blocks: 4096,
             ..MockerConfig::default()
         },
-        drain: Duration::from_secs(5),
+        drain,
         engine: EngineKind::Mocker,
         vllm_events: None,
     })
