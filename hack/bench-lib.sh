@@ -4,7 +4,7 @@ PEER_DIR="${PEER_DIR:-$ROOT/../shared/peer}"
 [ -d "$PEER_DIR" ] || { echo "peer harness not found at $PEER_DIR (set PEER_DIR)" >&2; exit 1; }
 # shellcheck source=/dev/null
 source "$PEER_DIR/env.sh"
-BIN="$ROOT/target/release/dynamo"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/dynamo"
 
 build_release() {
   (cd "$ROOT" && cargo build --release --locked --bin dynamo)
