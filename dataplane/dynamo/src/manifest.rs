@@ -4,8 +4,9 @@
 //! The operator validates the full CRD through the API server; here we check what `serve` relies
 //! on and say precisely what is wrong and how to fix it.
 
-use std::{collections::BTreeMap, path::Path};
+use std::path::Path;
 
+use dynamo_crds::{ComponentType, DynamoGraphDeploymentSpec, ExtraPodSpec, SubComponentType};
 use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,8 @@ pub enum ManifestError {
     Invalid { path: String, message: String },
 }
 
+/// A manifest as `kubectl apply` reads it: the CRD's own spec type (`dynamo-crds`), so `serve` and
+/// the operator never disagree on its shape.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Manifest {
@@ -29,56 +32,13 @@ pub struct Manifest {
     pub kind: String,
     #[serde(default)]
     pub metadata: Metadata,
-    pub spec: Spec,
+    pub spec: DynamoGraphDeploymentSpec,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Metadata {
     #[serde(default)]
     pub name: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Spec {
-    #[serde(default)]
-    pub services: BTreeMap<String, Service>,
-    #[serde(default)]
-    pub envs: Vec<EnvVar>,
-    pub backend_framework: Option<String>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Service {
-    pub component_type: String,
-    pub sub_component_type: Option<String>,
-    pub replicas: Option<i64>,
-    #[serde(default)]
-    pub envs: Vec<EnvVar>,
-    pub extra_pod_spec: Option<ExtraPodSpec>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-pub struct EnvVar {
-    pub name: String,
-    #[serde(default)]
-    pub value: String,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ExtraPodSpec {
-    pub main_container: Option<Container>,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct Container {
-    pub image: Option<String>,
-    #[serde(default)]
-    pub command: Vec<String>,
-    #[serde(default)]
-    pub args: Vec<String>,
 }
 
 /// What `serve` runs for one service.
@@ -168,30 +128,31 @@ impl Manifest {
                     invalid(format!("spec.services.{name}.replicas is too large ({r})"))
                 })?,
             };
-            let role = match (
-                svc.component_type.as_str(),
-                svc.sub_component_type.as_deref(),
-            ) {
-                ("frontend", _) => Role::Frontend,
-                ("worker" | "decode", None | Some("decode")) | ("main", _) => Role::Worker,
-                ("prefill", _) | ("worker", Some("prefill")) => {
+            let role = match (svc.component_type, svc.sub_component_type) {
+                (ComponentType::Frontend, _) => Role::Frontend,
+                (ComponentType::Prefill, _)
+                | (
+                    ComponentType::Worker | ComponentType::Decode,
+                    Some(SubComponentType::Prefill),
+                ) => {
                     return Err(invalid(format!(
                         "spec.services.{name} is a prefill service: disaggregated prefill/decode is not supported by `dynamo serve` yet; use an aggregated graph (componentType: worker), e.g. manifests/agg.yaml"
                     )));
                 }
-                ("planner", _) => continue,
-                (other, _) => {
-                    return Err(invalid(format!(
-                        "spec.services.{name}.componentType is {other:?}; expected one of frontend, worker, prefill, decode, planner"
-                    )));
-                }
+                (ComponentType::Worker | ComponentType::Decode, _) => Role::Worker,
+                (ComponentType::Planner, _) => continue,
             };
             let mut env: Vec<(String, String)> = self
                 .spec
                 .envs
                 .iter()
                 .chain(&svc.envs)
-                .map(|e| (e.name.clone(), e.value.clone()))
+                .map(|e| {
+                    if e.value_from.is_some() {
+                        tracing::warn!(service = %name, env = %e.name, "valueFrom is resolved by Kubernetes, not by `dynamo serve`; the variable is empty locally");
+                    }
+                    (e.name.clone(), e.value.clone().unwrap_or_default())
+                })
                 .collect();
             env.dedup_by(|a, b| a.0 == b.0);
             let args = container_args(name, svc.extra_pod_spec.as_ref(), &role);
@@ -319,14 +280,26 @@ spec:
     fn unknown_component_type_is_refused() {
         let bad = AGG.replace("componentType: worker", "componentType: wrker");
         let e = Manifest::parse("x.yaml", &bad)
-            .expect("parses")
-            .local_graph("x.yaml")
             .expect_err("refused")
             .to_string();
         assert!(
-            e.contains("\"wrker\"") && e.contains("expected one of"),
+            e.contains("`wrker`") && e.contains("expected one of") && e.contains("line 19"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn every_example_manifest_parses_as_the_crd() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).expect("manifests dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                Manifest::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "{n} manifests");
     }
 
     #[test]
