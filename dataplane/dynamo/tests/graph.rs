@@ -759,3 +759,55 @@ async fn a_stream_cut_by_its_worker_continues_on_another_with_the_same_tokens() 
     );
     g.stop().await;
 }
+
+#[tokio::test]
+async fn two_frontends_over_the_same_workers_each_route_with_their_own_load() {
+    let g = Graph::start_with(2, 1000.0, 1 << 20, RouterMode::LeastLoaded).await;
+    let second = Frontend::start(
+        common::frontend_config(
+            g.worker_urls.clone(),
+            RouterMode::LeastLoaded,
+            KvRouterConfig::default(),
+            1 << 20,
+        ),
+        g.model.clone(),
+    )
+    .await
+    .expect("second frontend starts");
+    let second_base = format!("http://{}", second.addr);
+    let client = reqwest::Client::new();
+    let requests = (0..16).map(|i| {
+        let url = if i % 2 == 0 {
+            g.url("/v1/chat/completions")
+        } else {
+            format!("{second_base}/v1/chat/completions")
+        };
+        let client = client.clone();
+        async move {
+            let r = client
+                .post(url)
+                .json(&chat(&format!("hello {i}"), 8))
+                .send()
+                .await
+                .expect("sent");
+            r.status().as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    for base in [g.base.clone(), second_base] {
+        let h: Value = reqwest::get(format!("{base}/health"))
+            .await
+            .expect("health")
+            .json()
+            .await
+            .expect("json");
+        assert_eq!(h["live_workers"], 2, "{h}");
+        // Every request has finished: each frontend's own in-flight count is back to zero.
+        for w in h["workers"].as_array().expect("workers") {
+            assert_eq!(w["inflight"], 0, "{h}");
+        }
+    }
+    second.shutdown(Duration::ZERO).await;
+    g.stop().await;
+}
