@@ -4,9 +4,11 @@ PEER_DIR="${PEER_DIR:-$ROOT/../shared/peer}"
 [ -d "$PEER_DIR" ] || { echo "peer harness not found at $PEER_DIR (set PEER_DIR)" >&2; exit 1; }
 # shellcheck source=/dev/null
 source "$PEER_DIR/env.sh"
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/dynamo"
+# DYNAMO_BIN: benchmark another build (e.g. an older commit's) instead of this checkout's release build.
+BIN="${DYNAMO_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/dynamo}"
 
 build_release() {
+  [ -n "${DYNAMO_BIN:-}" ] && return 0
   (cd "$ROOT" && cargo build --release --locked --bin dynamo)
 }
 

@@ -5,6 +5,7 @@
 #
 # usage: hack/bench-overhead.sh [ROUTER_MODE=round-robin]
 # env: CONCURRENCIES="1 8 32 128" DURATION=10 LOADGENS="wrk wrk-nostream" SKIP_PEER=0
+#      DYNAMO_BIN=path (another build, e.g. the commit before a refactor) LABEL_SUFFIX=_before
 # output: $RESULTS/{dynamo-rs,dynamo}_overhead_<mode>/overhead.csv (+ rss_kb), and a comparison
 #         table in docs/results/overhead_<mode>.md + .json
 set -euo pipefail
@@ -15,6 +16,10 @@ export CONCURRENCIES="${CONCURRENCIES:-1 8 32 128}" DURATION="${DURATION:-10}" L
 "$PEER_DIR/setup.sh" > /dev/null
 build_release
 
-OURS="dynamo-rs_overhead_${MODE}"; PEERL="dynamo_overhead_${MODE}"
+OURS="dynamo-rs_overhead_${MODE}${LABEL_SUFFIX:-}"; PEERL="dynamo_overhead_${MODE}"
 run_pair bench_overhead.sh "$MODE" 4 100000 "$OURS" "$PEERL"
-python3 "$ROOT/hack/bench_compare.py" overhead "$RESULTS/$OURS" "$RESULTS/$PEERL" "$ROOT/docs/results/overhead_${MODE}"
+if [ "${SKIP_PEER:-0}" != 1 ]; then
+  python3 "$ROOT/hack/bench_compare.py" overhead "$RESULTS/$OURS" "$RESULTS/$PEERL" "$ROOT/docs/results/overhead_${MODE}"
+else
+  cat "$RESULTS/$OURS/overhead.csv"
+fi
