@@ -27,19 +27,21 @@ OURS="$("$PY" "$ROOT/hack/kill_streams.py" "$BASE_URL" "$MODEL_NAME" "$VICTIM")"
 echo "$OURS"
 kill -INT $SERVE; wait $SERVE 2>/dev/null || true
 
-PEER_LINE="(not run)"
-if [ "${SKIP_PEER:-0}" != 1 ]; then
-  echo "== NVIDIA Dynamo 1.6.1 (--migration-limit 3)"
-  FRONTEND_ARGS="--migration-limit 3" "$PEER_DIR/run_dynamo.sh" round-robin 1 1 > /dev/null
+PEER_LINE="(not run)"; PEER0_LINE="(not run)"
+for LIMIT in 3 0; do
+  [ "${SKIP_PEER:-0}" = 1 ] && break
+  echo "== NVIDIA Dynamo 1.6.1 (--migration-limit $LIMIT)"
+  FRONTEND_ARGS="--migration-limit $LIMIT" "$PEER_DIR/run_dynamo.sh" round-robin 1 1 > /dev/null
   # A second mocker process with one worker: the victim.
   setsid "$PEER/dyn/bin/python" -m dynamo.mocker --model-path "$MODEL_DIR" --model-name "$MODEL_NAME" \
     --discovery-backend file --num-workers 1 --speedup-ratio 1 > "$RUN_DIR/mocker2.log" 2>&1 < /dev/null &
   VICTIM=$!
   sleep 8
-  PEER_LINE="$("$PY" "$ROOT/hack/kill_streams.py" "$BASE_URL" "$MODEL_NAME" "$VICTIM")"
-  echo "$PEER_LINE"
+  LINE="$("$PY" "$ROOT/hack/kill_streams.py" "$BASE_URL" "$MODEL_NAME" "$VICTIM")"
+  echo "$LINE"
+  if [ "$LIMIT" = 3 ]; then PEER_LINE="$LINE"; else PEER0_LINE="$LINE"; fi
   "$PEER_DIR/stop.sh" > /dev/null 2>&1 || true
-fi
+done
 {
   echo "# Kill test: 2 workers, 32 concurrent 400-token streams, kill -9 one worker after 1 s"
   echo
@@ -49,5 +51,6 @@ fi
   echo "|---|---|"
   echo "| dynamo-rs (migration limit 3, default) | \`$OURS\` |"
   echo "| NVIDIA Dynamo 1.6.1 (--migration-limit 3) | \`$PEER_LINE\` |"
+  echo "| NVIDIA Dynamo 1.6.1 (default: no migration) | \`$PEER0_LINE\` |"
 } > "$OUT"
 cat "$OUT"

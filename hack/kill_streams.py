@@ -18,15 +18,15 @@ async def one(client, model, i, tokens):
         stream = await client.chat.completions.create(
             model=model, messages=[{"role": "user", "content": f"Tell me story number {i}."}],
             max_tokens=tokens, stream=True, seed=1000 + i, stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True, "nvext": {"ignore_eos": True}})
+            extra_body={"ignore_eos": True})
         async for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 got += 1
             if chunk.usage:
                 usage = chunk.usage.completion_tokens
-        return ("ok" if usage == tokens else "short", usage, None)
+        return ("ok" if usage == tokens else "short", usage, None, time.time())
     except Exception as e:  # noqa: BLE001 - any failure counts
-        return ("failed", usage, f"{type(e).__name__}: {e}"[:300])
+        return ("failed", usage, f"{type(e).__name__}: {e}"[:300], time.time())
 
 
 async def main():
@@ -47,6 +47,8 @@ async def main():
         "short": sum(r[0] == "short" for r in results),
         "ok": sum(r[0] == "ok" for r in results),
         "killed_after_s": a.after,
+        # Streams still open when the worker was killed (the kill only tests what is in flight).
+        "in_flight_at_kill": sum(r[3] > killed_at for r in results),
         "errors": sorted({r[2] for r in results if r[2]})[:5],
     }
     print(json.dumps(out))
