@@ -242,10 +242,36 @@ async fn killing_a_worker_mid_stream_fails_no_stream_and_changes_no_token() {
 async fn a_terminated_worker_finishes_or_hands_off_its_streams() {
     let serve = Serve::start(&["--router-mode", "round-robin"]);
     let baseline = undisturbed(&serve.api).await;
-    let victim = pid_of(&serve.workers().await[1]);
+    let victim = serve.workers().await[1].clone();
+    let (pid, url) = (
+        pid_of(&victim),
+        victim["url"].as_str().expect("url").to_owned(),
+    );
+    let prompt_tokens = |url: String| async move {
+        let mut c = dynamo_protocol::proto::worker_client::WorkerClient::connect(url)
+            .await
+            .expect("connect");
+        c.load(dynamo_protocol::proto::LoadRequest {})
+            .await
+            .expect("load")
+            .into_inner()
+            .prompt_tokens_total
+    };
+    let api = serve.api.clone();
     let results = streams_with(&serve.api, async {
         tokio::time::sleep(Duration::from_millis(800)).await;
-        signal(victim, "-TERM");
+        signal(pid, "-TERM");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The worker drains its streams; meanwhile it takes nothing new.
+        let before = prompt_tokens(url.clone()).await;
+        let fresh: Vec<_> =
+            futures::future::join_all((100..108).map(|i| stream(&api, i, 20))).await;
+        assert!(fresh.iter().all(Result::is_ok), "{fresh:?}");
+        assert_eq!(
+            prompt_tokens(url.clone()).await,
+            before,
+            "a draining worker got new requests"
+        );
     })
     .await;
     for (i, (r, b)) in results.iter().zip(&baseline).enumerate() {
@@ -255,10 +281,6 @@ async fn a_terminated_worker_finishes_or_hands_off_its_streams() {
         assert_eq!(*tokens, 400, "stream {i}");
         assert_eq!(text, &b.0, "stream {i}");
     }
-    // While it drains it is no member: new requests all succeed on the other worker.
-    let after: Vec<_> =
-        futures::future::join_all((100..108).map(|i| stream(&serve.api, i, 20))).await;
-    assert!(after.iter().all(Result::is_ok), "{after:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
