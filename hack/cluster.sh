@@ -13,9 +13,10 @@
 #                                               kubeconfig that authenticates as a ServiceAccount token
 #
 # Env: ZONES (2) RACKS per zone (2) HOSTS per rack (4) GPUS per node (8) — nodes registered by `up`;
-#      CLUSTER_STATE (state dir, default .cache/cluster: a second cluster can run beside the first);
+#      CLUSTER_STATE (state dir, default $DYNAMO_CACHE/cluster: a second cluster can run beside the first);
 #      CLUSTER_TIMEOUT (120 s, readiness deadline per component); CLUSTER_PORT_BASE (first port tried,
-#      default 36100; on conflict the next block of 10 ports is tried); DYNAMO_CACHE (<repo>/.cache).
+#      default 36100; on conflict the next block of 10 ports is tried); DYNAMO_CACHE (cache root shared
+#      with hack/tools.sh, default <repo>/.cache).
 # State (certs, etcd data, logs, pids, kubeconfigs, ports.env) lives in $CLUSTER_STATE.
 set -euo pipefail
 

@@ -452,6 +452,15 @@ impl ServiceSpec {
 }
 
 impl ComponentType {
+    /// Whether pods of this type serve requests as workers (a sidecar on the gRPC port):
+    /// `worker`, `prefill` and `decode`.
+    pub fn is_worker(&self) -> bool {
+        matches!(
+            self,
+            ComponentType::Worker | ComponentType::Prefill | ComponentType::Decode
+        )
+    }
+
     pub fn as_str(&self) -> &'static str {
         match self {
             ComponentType::Frontend => "frontend",
@@ -558,5 +567,21 @@ spec:
             (1, 1, 0)
         );
         assert_eq!(svc.role(), "worker");
+    }
+
+    #[test]
+    fn workers_prefill_and_decode_are_worker_kinds() {
+        let workers: Vec<_> = [
+            ComponentType::Frontend,
+            ComponentType::Worker,
+            ComponentType::Prefill,
+            ComponentType::Decode,
+            ComponentType::Planner,
+        ]
+        .into_iter()
+        .filter(ComponentType::is_worker)
+        .map(|c| c.as_str())
+        .collect();
+        assert_eq!(workers, ["worker", "prefill", "decode"]);
     }
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of the test control plane (hack/tools.sh + hack/cluster.sh): exits non-zero on failure.
-# Runs its own cluster in .cache/cluster-smoke (CLUSTER_STATE) so it never touches a cluster that
-# other tests have up in .cache/cluster; tears it down at the end (KEEP=1 keeps it).
+# Runs its own cluster in $DYNAMO_CACHE/cluster-smoke (CLUSTER_STATE) so it never touches a cluster that
+# other tests have up in $DYNAMO_CACHE/cluster; tears it down at the end (KEEP=1 keeps it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"

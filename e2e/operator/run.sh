@@ -10,14 +10,21 @@
 # 0), and the operator runs here as a process with a kubeconfig holding the chart ServiceAccount's
 # token, so the chart's RBAC is what it gets. Its own cluster state dir (CLUSTER_STATE) and port block
 # keep it apart from other clusters on the machine. KEEP_CLUSTER=1 leaves the cluster up.
+# DYNAMO_CACHE is the cache root of hack/tools.sh and hack/cluster.sh (tools, cluster state);
+# CARGO_TARGET_DIR is honoured for the operator and the discovery example.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
-export CLUSTER_STATE="${CLUSTER_STATE:-$ROOT/.cache/cluster-e2e-operator}"
-export CLUSTER_PORT_BASE="${CLUSTER_PORT_BASE:-36700}"
+CACHE="${DYNAMO_CACHE:-$ROOT/.cache}"
+export CLUSTER_STATE="${CLUSTER_STATE:-$CACHE/cluster-e2e-operator}"
+# Below Linux's ephemeral range (32768-60999): a port there can be taken by one of the cluster's own
+# outgoing connections between picking it and a component binding it.
+export CLUSTER_PORT_BASE="${CLUSTER_PORT_BASE:-26700}"
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OP_BIN="$TARGET/debug/dynamo-operator"
+# `dynamo_frontend::discovery::kube` as a process: prints each worker candidate set as JSON.
+DISCOVER_BIN="$TARGET/debug/examples/discover"
 NS=e2e
 OP_LOG="$CLUSTER_STATE/operator.log"
 OP_PID_FILE="$CLUSTER_STATE/operator.pid"
@@ -52,8 +59,10 @@ state_is() { [ "$(jp dgd "$1" '{.status.state}')" = "$2" ]; }
 pod_count() { k get pods -l "$1" --no-headers 2>/dev/null | wc -l; }
 running_count() { k get pods -l "$1" --field-selector=status.phase=Running --no-headers 2>/dev/null | wc -l; }
 pods_running_eq() { [ "$(running_count "$1")" -eq "$2" ] && [ "$(pod_count "$1")" -eq "$2" ]; }
+# Every kind a graph owns (all carry the graph label).
+OWNED_KINDS=pods,services,dgdsa,poddisruptionbudgets,serviceaccounts,roles,rolebindings
 nothing_left() {
-  [ "$(k get pods,svc,dgdsa -l "nvidia.com/dynamo-graph=$1" --no-headers 2>/dev/null | wc -l)" -eq 0 ]
+  [ "$(k get "$OWNED_KINDS" -l "nvidia.com/dynamo-graph=$1" --no-headers 2>/dev/null | wc -l)" -eq 0 ]
 }
 delete_graph() {
   k delete dgd "$1" --ignore-not-found --wait=true >/dev/null
@@ -153,7 +162,83 @@ case_agg_is_placed_running_and_ready() {
   row="$(k get dgd agg --no-headers)"
   log "kubectl get dgd: $row"
   grep -Eq '^agg +ready +2/2 ' <<<"$row" || fail "kubectl get dgd does not show ready 2/2"
+  check_worker_discovery_service agg worker
+  check_pod_lifecycle agg-frontend-0-0 http
+  check_pod_lifecycle agg-worker-0-0 grpc
+  check_frontend_identity agg frontend
+  check_disruption_budgets agg
+  # Steady state: nothing drifted, so nothing was re-applied (server defaults are not drift).
+  local obj
+  for obj in svc/agg-worker svc/agg-frontend svc/agg-worker-pods pdb/agg-worker serviceaccount/agg-frontend \
+    role/agg-frontend rolebinding/agg-frontend; do
+    [ -z "$(jp "${obj%/*}" "${obj#*/}" '{.metadata.managedFields[?(@.operation=="Apply")].manager}')" ] ||
+      fail "$obj was re-applied although nothing changed"
+  done
   delete_graph agg
+}
+
+# The worker discovery Service GRAPH-SERVICE: headless, endpoints of Ready leaders only, port grpc.
+check_worker_discovery_service() {
+  local svc="$1-$2"
+  [ "$(jp svc "$svc" '{.spec.clusterIP}')" = None ] || fail "$svc is not headless"
+  # false is the API's default and omitted from what it returns
+  case "$(jp svc "$svc" '{.spec.publishNotReadyAddresses}')" in "" | false) ;; *) fail "$svc publishes not-ready addresses" ;; esac
+  [ "$(jp svc "$svc" '{.spec.ports[0].name}/{.spec.ports[0].port}/{.spec.ports[0].targetPort}')" = grpc/9000/9000 ] ||
+    fail "$svc has no port grpc 9000"
+  [ "$(jp svc "$svc" '{.spec.selector.nvidia\.com/dynamo-rank}')" = 0 ] || fail "$svc selects more than gang leaders"
+  [ "$(jp svc "$svc" '{.metadata.labels.nvidia\.com/dynamo-discovery}')" = worker ] || fail "$svc has no discovery label"
+  # The EndpointSlice controller copies the labels: that is what the frontend watches.
+  wait_for "EndpointSlice of $svc labelled for discovery" 30 bash -c \
+    "kubectl -n $NS get endpointslices -l nvidia.com/dynamo-graph=$1,nvidia.com/dynamo-discovery=worker,kubernetes.io/service-name=$svc --no-headers | grep -q ."
+}
+
+# POD's main container: probes on PORT_NAME, grace period, drain deadline, restricted context.
+check_pod_lifecycle() {
+  local pod="$1" port="$2" c='{.spec.containers[0]'
+  [ "$(jp pod "$pod" "$c.ports[?(@.name==\"$port\")].containerPort}")" != "" ] || fail "$pod declares no port $port"
+  [ "$(jp pod "$pod" "$c.readinessProbe.httpGet.path} $c.readinessProbe.httpGet.port}")" = "/health $port" ] ||
+    fail "$pod has no readiness probe on /health $port"
+  [ "$(jp pod "$pod" "$c.livenessProbe.httpGet.path} $c.startupProbe.httpGet.path} $c.startupProbe.failureThreshold}")" = "/live /live 60" ] ||
+    fail "$pod has no liveness/startup probes on /live"
+  [ "$(jp pod "$pod" '{.spec.terminationGracePeriodSeconds}')" = 30 ] || fail "$pod grace period is not 30 s"
+  [ "$(jp pod "$pod" "$c.env[?(@.name==\"DYN_DRAIN_TIMEOUT\")].value}")" = 25s ] || fail "$pod has no DYN_DRAIN_TIMEOUT 25s"
+  [ "$(jp pod "$pod" '{.spec.securityContext.runAsNonRoot} {.spec.securityContext.runAsUser} {.spec.securityContext.seccompProfile.type}')" = \
+    "true 65532 RuntimeDefault" ] || fail "$pod has no restricted pod securityContext"
+  [ "$(jp pod "$pod" "$c.securityContext.allowPrivilegeEscalation} $c.securityContext.readOnlyRootFilesystem} $c.securityContext.capabilities.drop[0]}")" = \
+    "false true ALL" ] || fail "$pod has no restricted container securityContext"
+  [ "$(jp pod "$pod" "$c.volumeMounts[?(@.name==\"tmp\")].mountPath}")" = /tmp ] || fail "$pod has no writable /tmp"
+}
+
+# The frontend runs as GRAPH-frontend with Kubernetes discovery, and that account may read
+# EndpointSlices in its namespace and nothing else.
+check_frontend_identity() {
+  local graph="$1" pod="$1-$2-0-0" sa="$1-frontend" c='{.spec.containers[0]'
+  [ "$(jp pod "$pod" '{.spec.serviceAccountName}')" = "$sa" ] || fail "$pod does not run as $sa"
+  [ "$(jp pod "$pod" "$c.env[?(@.name==\"DYN_DISCOVERY\")].value}")" = kubernetes ] || fail "$pod has no DYN_DISCOVERY=kubernetes"
+  [ "$(jp pod "$pod" "$c.env[?(@.name==\"DYN_K8S_NAMESPACE\")].valueFrom.fieldRef.fieldPath}")" = metadata.namespace ] ||
+    fail "$pod has no DYN_K8S_NAMESPACE from the downward API"
+  [ "$(jp pod "$pod" "$c.env[?(@.name==\"DYN_GRAPH\")].value}")" = "$graph" ] || fail "$pod has no DYN_GRAPH"
+  local kind
+  for kind in serviceaccount role rolebinding; do
+    [ "$(jp "$kind" "$sa" '{.metadata.ownerReferences[0].kind}')" = DynamoGraphDeployment ] || fail "no owned $kind $sa"
+  done
+  [ "$(jp role "$sa" '{.rules[*].apiGroups} {.rules[*].resources} {.rules[*].verbs}')" = \
+    '["discovery.k8s.io"] ["endpointslices"] ["get","list","watch"]' ] || fail "role $sa grants $(jp role "$sa" '{.rules}')"
+  local as="system:serviceaccount:$NS:$sa"
+  [ "$(k auth can-i watch endpointslices.discovery.k8s.io --as "$as")" = yes ] || fail "$sa cannot watch EndpointSlices"
+  [ "$(k auth can-i list pods --as "$as" || true)" = no ] || fail "$sa may list pods"
+  [ "$(kubectl auth can-i list endpointslices.discovery.k8s.io -n default --as "$as" || true)" = no ] ||
+    fail "$sa may read EndpointSlices outside its namespace"
+}
+
+pdb_allows() { [ "$(jp pdb "$1" '{.status.expectedPods}/{.status.disruptionsAllowed}')" = "$2" ]; }
+
+# A PodDisruptionBudget per service keeps all gangs but one; the disruption controller can
+# evaluate it (integer minAvailable: the graph has no scale subresource).
+check_disruption_budgets() {
+  [ "$(jp pdb "$1-worker" '{.spec.minAvailable}')" = 1 ] || fail "worker PDB minAvailable is not 1"
+  [ "$(jp pdb "$1-frontend" '{.spec.minAvailable}')" = 0 ] || fail "frontend PDB minAvailable is not 0"
+  wait_for "worker PDB: 2 pods expected, 1 disruption allowed" 30 pdb_allows "$1-worker" 2/1
 }
 
 case_multinode_gang_lands_in_one_rack() {
@@ -213,6 +298,10 @@ EOF
   delete_graph big
 }
 
+ready_endpoints_eq() { # SERVICE N: the Service's EndpointSlices hold N ready endpoints
+  [ "$(k get endpointslices -l "kubernetes.io/service-name=$1" \
+    -o 'jsonpath={range .items[*].endpoints[*]}{.conditions.ready}{"\n"}{end}' | grep -c true)" -eq "$2" ]
+}
 adapter_replicas_is() { [ "$(jp dgdsa "$1" '{.status.replicas}')" = "$2" ]; }
 
 case_scaling_the_adapter_adds_and_removes_gangs() {
@@ -221,6 +310,9 @@ case_scaling_the_adapter_adds_and_removes_gangs() {
   k scale dgdsa agg-worker --replicas 4 >/dev/null
   wait_for "4 worker gangs running" 30 pods_running_eq nvidia.com/dynamo-service=Worker 4
   wait_for "adapter reports 4" 30 adapter_replicas_is agg-worker 4
+  wait_for "worker PDB keeps 3 of 4 gangs" 30 pdb_allows agg-worker 4/1
+  [ "$(jp pdb agg-worker '{.spec.minAvailable}')" = 3 ] || fail "worker PDB minAvailable is not 3"
+  wait_for "4 ready worker endpoints" 30 ready_endpoints_eq agg-worker 4
   [ "$(jp dgd agg '{.status.services.Worker.replicas}')" = 4 ] || wait_for "status says 4" 10 \
     bash -c "[ \"\$(kubectl -n $NS get dgd agg -o jsonpath='{.status.services.Worker.replicas}')\" = 4 ]"
   k scale dgdsa agg-worker --replicas 1 >/dev/null
@@ -228,6 +320,7 @@ case_scaling_the_adapter_adds_and_removes_gangs() {
   [ -n "$(jp pod agg-worker-0-0 '{.metadata.name}')" ] || fail "gang 0 was removed instead of the highest"
   wait_for "adapter reports 1" 30 adapter_replicas_is agg-worker 1
   wait_for "agg ready" 30 state_is agg ready
+  [ "$(jp pdb agg-worker '{.spec.minAvailable}')" = 0 ] || fail "worker PDB minAvailable is not 0 at 1 gang"
   delete_graph agg
 }
 
@@ -264,8 +357,66 @@ case_template_change_rolls_without_dropping_below_the_floor() {
 
 case_deleting_the_graph_removes_everything() {
   k get dgd agg >/dev/null 2>&1 || { k apply -f manifests/agg.yaml >/dev/null; wait_for "agg ready" 60 state_is agg ready; }
+  [ "$(k get "$OWNED_KINDS" -l nvidia.com/dynamo-graph=agg --no-headers | wc -l)" -gt 0 ] || fail "agg owns nothing"
   k delete dgd agg --wait=true >/dev/null
-  wait_for "pods, Services and adapters of agg gone" 60 nothing_left agg
+  wait_for "pods, Services, adapters, PDBs, ServiceAccount, Role, RoleBinding of agg gone" 60 nothing_left agg
+}
+
+# The last candidate set the discovery process printed, as sorted space-separated URLs.
+candidates() {
+  tail -n 1 "$1" 2>/dev/null | python3 -c 'import json, sys; print(" ".join(sorted(json.load(sys.stdin)["candidates"])))'
+}
+candidates_are() { [ "$(candidates "$1")" = "$2" ]; }
+# gRPC URLs of the named pods (their current IPs), sorted.
+urls_of() {
+  local p
+  for p in "$@"; do echo "http://$(jp pod "$p" '{.status.podIP}'):9000"; done | sort | xargs
+}
+set_ready() { # POD True|False: what a kubelet reports after a readiness probe (kwok only readies Pending pods)
+  k patch pod "$1" --subresource=status --type=strategic \
+    -p "{\"status\":{\"conditions\":[{\"type\":\"Ready\",\"status\":\"$2\"}]}}" >/dev/null
+}
+new_pod_running() { # POD OLD_UID
+  [ "$(jp pod "$1" '{.metadata.uid}')" != "$2" ] && [ -n "$(jp pod "$1" '{.status.podIP}')" ] &&
+    [ "$(jp pod "$1" '{.status.conditions[?(@.type=="Ready")].status}')" = True ]
+}
+
+case_kubernetes_discovery_follows_worker_readiness() {
+  # What a frontend pod of agg sees: the discovery code of `dynamo frontend --discovery
+  # kubernetes`, authenticated as the graph's frontend ServiceAccount.
+  k apply -f manifests/agg.yaml >/dev/null
+  wait_for "agg ready" 60 state_is agg ready
+  local kc="$CLUSTER_STATE/agg-frontend.kubeconfig" out="$CLUSTER_STATE/discover.jsonl" pid all one
+  hack/cluster.sh sa-kubeconfig "$NS" agg-frontend "$kc" >/dev/null
+  if KUBECONFIG="$kc" kubectl get pods >/dev/null 2>&1; then fail "the frontend account may read pods"; fi
+  : >"$out"
+  KUBECONFIG="$kc" "$DISCOVER_BIN" --namespace "$NS" --graph agg >"$out" 2>"$out.err" &
+  pid=$!
+  # shellcheck disable=SC2064
+  trap "kill $pid 2>/dev/null || true" EXIT
+  all="$(urls_of agg-worker-0-0 agg-worker-1-0)"
+  wait_for "both workers as candidates ($all)" 30 candidates_are "$out" "$all" ||
+    { log "discover printed: $(cat "$out" "$out.err")"; return 1; }
+  [ "$(wc -w <<<"$all")" -eq 2 ] && grep -q ':9000 ' <<<"$all " || fail "want 2 URLs on port 9000, have: $all"
+  log "candidates: $all"
+  # Readiness drops (a kubelet whose probe got 503): the worker leaves the set; back when Ready.
+  set_ready agg-worker-1-0 False
+  one="$(urls_of agg-worker-0-0)"
+  wait_for "only agg-worker-0-0 after agg-worker-1-0 turned NotReady" 15 candidates_are "$out" "$one"
+  log "agg-worker-1-0 NotReady -> candidates: $(candidates "$out")"
+  set_ready agg-worker-1-0 True
+  wait_for "both workers again" 15 candidates_are "$out" "$all"
+  # A worker pod is deleted: the operator recreates its gang; the set follows to the new pod.
+  local uid lines
+  uid="$(jp pod agg-worker-0-0 '{.metadata.uid}')"
+  lines="$(wc -l <"$out")"
+  k delete pod agg-worker-0-0 --wait=false >/dev/null
+  wait_for "agg-worker-0-0 recreated and Ready" 60 new_pod_running agg-worker-0-0 "$uid"
+  all="$(urls_of agg-worker-0-0 agg-worker-1-0)"
+  wait_for "candidates follow the new pod ($all)" 30 candidates_are "$out" "$all"
+  log "after deleting agg-worker-0-0, sets printed: $(tail -n +"$((lines + 1))" "$out" | paste -sd ' ')"
+  kill "$pid" 2>/dev/null || true
+  delete_graph agg
 }
 
 all_owned_and_unique() {
@@ -410,8 +561,8 @@ hack/tools.sh >/dev/null
 hack/cluster.sh down >/dev/null 2>&1 || true
 hack/cluster.sh up >/dev/null
 eval "$(hack/cluster.sh env)"
-log "building the operator"
-nice -n 19 cargo build -q -p dynamo-operator
+log "building the operator and the discovery example"
+nice -n 19 cargo build -q -p dynamo-operator -p dynamo-frontend --bin dynamo-operator --example discover
 log "helm install"
 helm upgrade --install dynamo-platform charts/dynamo-platform -n dynamo-system --create-namespace \
   --set replicaCount=0 --wait >/dev/null
@@ -427,6 +578,7 @@ run_case oversized_gang_waits_then_places_when_a_node_joins
 run_case scaling_the_adapter_adds_and_removes_gangs
 run_case template_change_rolls_without_dropping_below_the_floor
 run_case deleting_the_graph_removes_everything
+run_case kubernetes_discovery_follows_worker_readiness
 run_case operator_killed_mid_reconcile_converges_without_duplicates
 run_case metrics_and_health_are_served
 run_case standby_takes_over_when_the_leader_stops

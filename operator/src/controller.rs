@@ -1,14 +1,18 @@
 //! The kube-runtime controller: for each `DynamoGraphDeployment` it makes sure the scaling
-//! adapters and Services exist, turns the [`plan`](crate::plan) into API calls (create pods, pin
-//! and un-gate gangs, delete gangs), and writes the graph's and the adapters' status.
+//! adapters and the graph's other [`children`](crate::children) (Services, disruption budgets,
+//! the frontend's ServiceAccount, Role and RoleBinding) exist as wanted, turns the
+//! [`plan`](crate::plan) into API calls (create pods, pin and un-gate gangs, delete gangs), and
+//! writes the graph's and the adapters' status.
 //!
 //! It keeps reflector caches of all pods (node GPU accounting needs every pod, not only ours),
-//! nodes, adapters and Services. Names are deterministic and creates tolerate "already exists",
-//! so a restarted operator converges without duplicates. Two things the caches can lag behind are
-//! guarded in memory: placements this process made but has not yet seen come back (so a node is
-//! not given twice), and one placement lock (so two graphs never place from the same snapshot).
+//! nodes, adapters, and the graph-labelled children. Names are deterministic and creates
+//! tolerate "already exists", so a restarted operator converges without duplicates. Two things
+//! the caches can lag behind are guarded in memory: placements this process made but has not yet
+//! seen come back (so a node is not given twice), and one placement lock (so two graphs never
+//! place from the same snapshot).
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,10 +21,12 @@ use dynamo_crds::{
     DynamoGraphDeploymentStatus, GraphServiceRef, ScalingAdapterSpec, ScalingAdapterStatus,
     ServiceStatus,
 };
-use futures::{StreamExt, stream};
-use k8s_openapi::api::core::v1::{Node, Pod, Service, ServicePort, ServiceSpec};
+use futures::{Stream, StreamExt, stream};
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -28,9 +34,12 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::children::{self, Child, Drift};
 use crate::config::Config;
 use crate::gang::{self, ANNOTATION_NODE, ANNOTATION_UNGATED_AT, GANG_GATE};
 use crate::placement::{ClusterView, GangRequest, NodeInfo, PackDomain, Taint, Toleration};
@@ -110,7 +119,7 @@ pub struct Context {
     pods: Store<Pod>,
     nodes: Store<Node>,
     adapters: Store<DynamoGraphDeploymentScalingAdapter>,
-    services: Store<Service>,
+    children: Caches,
     recorder: Recorder,
     placement_lock: tokio::sync::Mutex<()>,
     /// Pod uid → (node, GPUs) for pins not yet seen in the pod cache.
@@ -119,28 +128,70 @@ pub struct Context {
     waiting: Arc<Mutex<HashMap<ObjectRef<DynamoGraphDeployment>, u32>>>,
 }
 
+/// Caches of the graph-labelled objects graphs own besides pods and adapters.
+struct Caches {
+    services: Store<Service>,
+    pdbs: Store<PodDisruptionBudget>,
+    service_accounts: Store<ServiceAccount>,
+    roles: Store<Role>,
+    role_bindings: Store<RoleBinding>,
+}
+
+impl Caches {
+    async fn wait_until_ready(&self) {
+        self.services.wait_until_ready().await.ok();
+        self.pdbs.wait_until_ready().await.ok();
+        self.service_accounts.wait_until_ready().await.ok();
+        self.roles.wait_until_ready().await.ok();
+        self.role_bindings.wait_until_ready().await.ok();
+    }
+}
+
+/// An API for `K` in the watched namespace, or in all.
+fn scoped<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A cache of the graph-labelled `K` objects and the stream of their changes (for `owns_stream`).
+fn labelled<K>(
+    client: &Client,
+    ns: Option<&str>,
+) -> (
+    Store<K>,
+    impl Stream<Item = Result<K, watcher::Error>> + use<K>,
+)
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Debug
+        + DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let events = watcher(
+        scoped::<K>(client, ns),
+        watcher::Config::default().labels(gang::LABEL_GRAPH),
+    )
+    .default_backoff()
+    .reflect(writer)
+    .touched_objects();
+    (store, events)
+}
+
 /// Runs the controller until `cancel` fires.
 pub async fn run(client: Client, config: Config, metrics: Metrics, cancel: CancellationToken) {
-    let ns = config.watch_namespace.clone();
-    let scoped = |c: &Client| -> (
-        Api<DynamoGraphDeployment>,
-        Api<DynamoGraphDeploymentScalingAdapter>,
-        Api<Service>,
-    ) {
-        match &ns {
-            Some(ns) => (
-                Api::namespaced(c.clone(), ns),
-                Api::namespaced(c.clone(), ns),
-                Api::namespaced(c.clone(), ns),
-            ),
-            None => (
-                Api::all(c.clone()),
-                Api::all(c.clone()),
-                Api::all(c.clone()),
-            ),
-        }
-    };
-    let (graphs, adapters_api, services_api) = scoped(&client);
+    let ns = config.watch_namespace.as_deref();
+    let graphs: Api<DynamoGraphDeployment> = scoped(&client, ns);
+    let adapters_api: Api<DynamoGraphDeploymentScalingAdapter> = scoped(&client, ns);
     let wc = watcher::Config::default;
 
     let (pods, pods_w) = reflector::store();
@@ -158,11 +209,11 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, cancel: Cance
         .default_backoff()
         .reflect(adapters_w)
         .touched_objects();
-    let (services, services_w) = reflector::store();
-    let service_events = watcher(services_api, wc().labels(gang::LABEL_GRAPH))
-        .default_backoff()
-        .reflect(services_w)
-        .touched_objects();
+    let (services, service_events) = labelled::<Service>(&client, ns);
+    let (pdbs, pdb_events) = labelled::<PodDisruptionBudget>(&client, ns);
+    let (service_accounts, sa_events) = labelled::<ServiceAccount>(&client, ns);
+    let (roles, role_events) = labelled::<Role>(&client, ns);
+    let (role_bindings, binding_events) = labelled::<RoleBinding>(&client, ns);
 
     let waiting: Arc<Mutex<HashMap<ObjectRef<DynamoGraphDeployment>, u32>>> = Arc::default();
     let recorder = Recorder::new(
@@ -178,7 +229,13 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, cancel: Cance
         pods,
         nodes,
         adapters,
-        services,
+        children: Caches {
+            services,
+            pdbs,
+            service_accounts,
+            roles,
+            role_bindings,
+        },
         recorder,
         placement_lock: tokio::sync::Mutex::new(()),
         pinned: Mutex::default(),
@@ -199,6 +256,10 @@ pub async fn run(client: Client, config: Config, metrics: Metrics, cancel: Cance
         .owns_stream(pod_events)
         .owns_stream(adapter_events)
         .owns_stream(service_events)
+        .owns_stream(pdb_events)
+        .owns_stream(sa_events)
+        .owns_stream(role_events)
+        .owns_stream(binding_events)
         .watches_stream(node_events, wake_waiting)
         .graceful_shutdown_on(async move { shutdown.cancelled().await })
         .run(reconcile, error_policy, ctx)
@@ -253,7 +314,7 @@ async fn reconcile_graph(dgd: &DynamoGraphDeployment, ctx: &Context) -> Result<A
         ctx.pods.wait_until_ready().await.ok();
         ctx.nodes.wait_until_ready().await.ok();
         ctx.adapters.wait_until_ready().await.ok();
-        ctx.services.wait_until_ready().await.ok();
+        ctx.children.wait_until_ready().await;
     };
     tokio::time::timeout(Duration::from_secs(30), ready)
         .await
@@ -276,7 +337,7 @@ async fn reconcile_graph(dgd: &DynamoGraphDeployment, ctx: &Context) -> Result<A
     }
 
     let replicas = ensure_adapters(&g, ctx).await?;
-    ensure_services(&g, ctx).await?;
+    ensure_children(&g, ctx, &replicas).await?;
 
     // Desired against observed.
     let desired: Vec<ServiceDesired> = dgd
@@ -513,70 +574,106 @@ async fn ensure_adapters(g: &Graph<'_>, ctx: &Context) -> Result<BTreeMap<String
     Ok(replicas)
 }
 
-/// Headless Service per graph service (pod DNS for gangs), ClusterIP Service for the frontend.
-async fn ensure_services(g: &Graph<'_>, ctx: &Context) -> Result<(), Error> {
-    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &g.ns);
-    let mut wanted: Vec<Service> = Vec::new();
-    for (name, svc) in &g.dgd.spec.services {
-        let selector = gang::selector_labels(&g.name, name);
-        let meta = |n: String| ObjectMeta {
-            name: Some(n),
-            namespace: Some(g.ns.clone()),
-            labels: Some(selector.clone()),
-            owner_references: Some(vec![gang::owner_reference(g.dgd)]),
-            ..Default::default()
-        };
-        wanted.push(Service {
-            metadata: meta(gang::headless_service_name(&g.name, name)),
-            spec: Some(ServiceSpec {
-                cluster_ip: Some("None".into()),
-                selector: Some(selector.clone()),
-                publish_not_ready_addresses: Some(true),
-                ..Default::default()
-            }),
-            status: None,
-        });
-        if svc.component_type == dynamo_crds::ComponentType::Frontend {
-            wanted.push(Service {
-                metadata: meta(gang::service_name(&g.name, name)),
-                spec: Some(ServiceSpec {
-                    type_: Some("ClusterIP".into()),
-                    selector: Some(selector.clone()),
-                    ports: Some(vec![ServicePort {
-                        name: Some("http".into()),
-                        port: gang::FRONTEND_PORT,
-                        target_port: Some(IntOrString::Int(gang::FRONTEND_PORT)),
-                        protocol: Some("TCP".into()),
-                        ..Default::default()
-                    }]),
-                    ..Default::default()
-                }),
-                status: None,
-            });
-        }
-    }
+/// Makes the graph's Services, disruption budgets and frontend identity what
+/// [`children::wanted`] says, kinds side by side. The ServiceAccount comes before the pods that
+/// name it (admission refuses a pod whose ServiceAccount does not exist), the Role before its
+/// RoleBinding (the API server checks a binding against the rules of the Role it names).
+async fn ensure_children(
+    g: &Graph<'_>,
+    ctx: &Context,
+    replicas: &BTreeMap<String, u32>,
+) -> Result<(), Error> {
+    let w = children::wanted(g.dgd, replicas);
+    let c = &ctx.children;
+    tokio::try_join!(
+        converge(g, ctx, &c.service_accounts, w.service_accounts),
+        converge(g, ctx, &c.roles, w.roles),
+        converge(g, ctx, &c.services, w.services),
+        converge(g, ctx, &c.pdbs, w.pdbs),
+    )?;
+    converge(g, ctx, &c.role_bindings, w.role_bindings).await
+}
+
+/// What [`converge`] does to one object.
+enum Fix<K> {
+    Create(K),
+    Apply(K),
+    Delete(String),
+}
+
+/// Makes this graph's objects of one kind match `wanted`: creates the missing ones, applies
+/// (server-side, forced) the wanted form of those that drifted, deletes those whose immutable
+/// fields drifted (recreated on the next reconcile, which their deletion triggers), and deletes
+/// the graph's objects no longer wanted. Objects of the same name that this graph does not own
+/// are left alone. With nothing to change it makes no API calls.
+async fn converge<K>(
+    g: &Graph<'_>,
+    ctx: &Context,
+    cache: &Store<K>,
+    wanted: Vec<K>,
+) -> Result<(), Error>
+where
+    K: Child
+        + k8s_openapi::Resource<Scope = NamespaceResourceScope>
+        + k8s_openapi::Metadata<Ty = ObjectMeta>
+        + Clone
+        + Debug
+        + Serialize
+        + DeserializeOwned
+        + 'static,
+{
     let names: Vec<String> = wanted.iter().map(ResourceExt::name_any).collect();
-    for s in wanted {
-        let n = s.name_any();
-        if ctx
-            .services
-            .get(&ObjectRef::new(&n).within(&g.ns))
-            .is_none()
-        {
-            idempotent(api.create(&PostParams::default(), &s).await)
-                .map_err(kube_err("create", "Service", &n))?;
+    let mut fixes = Vec::new();
+    for want in wanted {
+        let Some(have) = cache.get(&ObjectRef::new(&want.name_any()).within(&g.ns)) else {
+            fixes.push(Fix::Create(want));
+            continue;
+        };
+        if !owned_by(have.meta(), &g.uid) || have.meta().deletion_timestamp.is_some() {
+            continue;
+        }
+        match want.drift(&have) {
+            Drift::None => {}
+            Drift::Patch => fixes.push(Fix::Apply(want)),
+            Drift::Recreate => fixes.push(Fix::Delete(have.name_any())),
         }
     }
-    for s in ctx.services.state_filter(|s| {
-        s.metadata.namespace.as_deref() == Some(&g.ns) && owned_by(&s.metadata, &g.uid)
+    for have in cache.state_filter(|o| {
+        o.meta().namespace.as_deref() == Some(&g.ns) && owned_by(o.meta(), &g.uid)
     }) {
-        let n = s.name_any();
-        if !names.contains(&n) && s.metadata.deletion_timestamp.is_none() {
-            idempotent(api.delete(&n, &DeleteParams::default()).await)
-                .map_err(kube_err("delete", "Service", &n))?;
+        let n = have.name_any();
+        if !names.contains(&n) && have.meta().deletion_timestamp.is_none() {
+            fixes.push(Fix::Delete(n));
         }
     }
-    Ok(())
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &g.ns);
+    let results: Vec<Result<(), Error>> = stream::iter(fixes)
+        .map(|fix| {
+            let api = api.clone();
+            async move {
+                match fix {
+                    Fix::Create(want) => {
+                        let n = want.name_any();
+                        idempotent(api.create(&PostParams::default(), &want).await)
+                            .map_err(kube_err("create", K::KIND, &n))
+                    }
+                    Fix::Apply(want) => {
+                        let n = want.name_any();
+                        let params = PatchParams::apply(MANAGER).force();
+                        api.patch(&n, &params, &Patch::Apply(&want))
+                            .await
+                            .map(drop)
+                            .map_err(kube_err("apply", K::KIND, &n))
+                    }
+                    Fix::Delete(n) => idempotent(api.delete(&n, &DeleteParams::default()).await)
+                        .map_err(kube_err("delete", K::KIND, &n)),
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .collect()
+        .await;
+    results.into_iter().collect()
 }
 
 // === gangs ===

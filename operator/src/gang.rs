@@ -5,18 +5,24 @@
 //! and creating twice is harmless. Every pod starts with the scheduling gate [`GANG_GATE`]; the
 //! placement step pins it and lifts the gates of a whole gang together.
 //! The template hash label says which pod template a pod was built from (for rolling updates).
+//! Frontend pods find workers through the Kubernetes API (their own ServiceAccount, the worker
+//! discovery Services' EndpointSlices); every pod gets the [`lifecycle`](crate::lifecycle)
+//! defaults.
 
 use std::collections::BTreeMap;
 
 use dynamo_crds::{ComponentType, DynamoGraphDeployment, DynamoGraphDeploymentSpec, ServiceSpec};
 use k8s_openapi::api::core::v1::{
-    Affinity, Container, ContainerPort, EnvFromSource, EnvVar, NodeAffinity, NodeSelector,
-    NodeSelectorRequirement, NodeSelectorTerm, Pod, PodSchedulingGate, PodSpec,
-    ResourceRequirements, SecretEnvSource,
+    Affinity, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource, NodeAffinity,
+    NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod,
+    PodSchedulingGate, PodSpec, ResourceRequirements, SecretEnvSource,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
+
+use crate::lifecycle;
 
 /// The scheduling gate every gang pod is created with.
 pub const GANG_GATE: &str = "nvidia.com/gang";
@@ -29,13 +35,18 @@ pub const LABEL_COMPONENT: &str = "nvidia.com/dynamo-component-type";
 pub const LABEL_GANG: &str = "nvidia.com/dynamo-gang";
 pub const LABEL_RANK: &str = "nvidia.com/dynamo-rank";
 pub const LABEL_TEMPLATE_HASH: &str = "nvidia.com/dynamo-template-hash";
+/// On worker discovery Services (and so on their EndpointSlices): `worker`. The frontend watches
+/// slices labelled with it and its graph.
+pub const LABEL_DISCOVERY: &str = "nvidia.com/dynamo-discovery";
 /// Set on a pod when placement pins it: the node it is pinned to.
 pub const ANNOTATION_NODE: &str = "nvidia.com/dynamo-placement-node";
 /// Set on a pod when its gate is lifted: RFC 3339 time (for the partial-binding deadline).
 pub const ANNOTATION_UNGATED_AT: &str = "nvidia.com/dynamo-ungated-at";
 
-/// Port of the frontend's OpenAI API.
+/// Port of the frontend's OpenAI API (and its `/health`, `/live`), named `http`.
 pub const FRONTEND_PORT: i32 = 8000;
+/// Port of a worker's sidecar (gRPC and HTTP `/health`, `/live` on one port), named `grpc`.
+pub const WORKER_PORT: i32 = 9000;
 
 /// The lowercase form of a service name used in object names.
 pub fn service_slug(service: &str) -> String {
@@ -52,9 +63,15 @@ pub fn headless_service_name(graph: &str, service: &str) -> String {
     format!("{graph}-{}-pods", service_slug(service))
 }
 
-/// The ClusterIP Service of a frontend, and the name of every service's scaling adapter.
+/// The Service of a frontend (ClusterIP) or of a worker service (headless, for discovery), and
+/// the name of every service's scaling adapter and PodDisruptionBudget.
 pub fn service_name(graph: &str, service: &str) -> String {
     format!("{graph}-{}", service_slug(service))
+}
+
+/// The frontend's ServiceAccount, and the Role and RoleBinding that let it read EndpointSlices.
+pub fn frontend_identity_name(graph: &str) -> String {
+    format!("{graph}-frontend")
 }
 
 /// Labels selecting every pod of a service.
@@ -63,6 +80,13 @@ pub fn selector_labels(graph: &str, service: &str) -> BTreeMap<String, String> {
         (LABEL_GRAPH.to_string(), graph.to_string()),
         (LABEL_SERVICE.to_string(), service.to_string()),
     ])
+}
+
+/// Labels selecting the leaders (rank 0) of a service's gangs: they serve requests.
+pub fn leader_selector_labels(graph: &str, service: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(graph, service);
+    labels.insert(LABEL_RANK.into(), "0".into());
+    labels
 }
 
 /// The same selector as a string (`k=v,k=v`), for the scale subresource.
@@ -225,17 +249,15 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
             });
     }
     container.resources = Some(resources(svc, container.resources.take()));
-    if svc.component_type == ComponentType::Frontend {
-        let ports = container.ports.get_or_insert_with(Vec::new);
-        if !ports.iter().any(|p| p.container_port == FRONTEND_PORT) {
-            ports.push(ContainerPort {
-                name: Some("http".into()),
-                container_port: FRONTEND_PORT,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            });
-        }
-    }
+    let serving = if svc.component_type == ComponentType::Frontend {
+        frontend_discovery(&mut pod_spec, &mut container, &graph_name);
+        Some(ensure_port(&mut container, "http", FRONTEND_PORT))
+    } else if svc.component_type.is_worker() {
+        Some(ensure_port(&mut container, "grpc", WORKER_PORT))
+    } else {
+        None
+    };
+    lifecycle::apply(&mut pod_spec, &mut container, serving);
 
     let mut containers = vec![container];
     containers.extend(pod_spec.containers.drain(..).filter(|c| c.name != "main"));
@@ -262,6 +284,54 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
         spec: Some(pod_spec),
         status: None,
     })
+}
+
+/// Declares `port` on the container as `name` unless it is declared already, and returns how a
+/// probe should refer to it (the existing entry's name, else its number).
+fn ensure_port(container: &mut Container, name: &str, port: i32) -> IntOrString {
+    let ports = container.ports.get_or_insert_with(Vec::new);
+    match ports.iter().find(|p| p.container_port == port) {
+        Some(p) => match p.name.as_deref() {
+            Some(n) if !n.is_empty() => IntOrString::String(n.into()),
+            _ => IntOrString::Int(port),
+        },
+        None => {
+            ports.push(ContainerPort {
+                name: Some(name.into()),
+                container_port: port,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            });
+            IntOrString::String(name.into())
+        }
+    }
+}
+
+/// The frontend discovers workers from the EndpointSlices of the graph's worker Services in its
+/// own namespace, as the graph's frontend ServiceAccount (unless the manifest picks discovery or
+/// a ServiceAccount itself).
+fn frontend_discovery(pod: &mut PodSpec, container: &mut Container, graph: &str) {
+    let env = container.env.get_or_insert_with(Vec::new);
+    lifecycle::set_default_env(env, "DYN_DISCOVERY", "kubernetes");
+    env.retain(|e| e.name != "DYN_K8S_NAMESPACE");
+    env.push(EnvVar {
+        name: "DYN_K8S_NAMESPACE".into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                api_version: Some("v1".into()),
+                field_path: "metadata.namespace".into(),
+            }),
+            ..Default::default()
+        }),
+    });
+    if pod
+        .service_account_name
+        .as_deref()
+        .is_none_or(str::is_empty)
+    {
+        pod.service_account_name = Some(frontend_identity_name(graph));
+    }
 }
 
 /// The owner reference (controller) that ties an object to its graph, for garbage collection.
@@ -482,6 +552,103 @@ spec:
             FRONTEND_PORT
         );
         assert_eq!(pod_gpus(&pod(&g, "Frontend", 0, 0)), 0);
+    }
+
+    fn probe_port(p: &Pod) -> Option<(IntOrString, IntOrString)> {
+        let c = &p.spec.as_ref()?.containers[0];
+        let port = |probe: Option<&k8s_openapi::api::core::v1::Probe>| {
+            probe?.http_get.as_ref().map(|h| h.port.clone())
+        };
+        Some((
+            port(c.readiness_probe.as_ref())?,
+            port(c.liveness_probe.as_ref())?,
+        ))
+    }
+
+    #[test]
+    fn workers_declare_the_grpc_port_and_are_probed_on_it() {
+        let g = graph();
+        let p = pod(&g, "Decode", 0, 1);
+        let c = &p.spec.as_ref().expect("spec").containers[0];
+        let port = &c.ports.clone().unwrap_or_default()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("grpc"), WORKER_PORT)
+        );
+        let grpc = IntOrString::String("grpc".into());
+        assert_eq!(probe_port(&p), Some((grpc.clone(), grpc)));
+        assert_eq!(env(&p, "DYN_DRAIN_TIMEOUT").as_deref(), Some("25s"));
+        let spec = p.spec.clone().expect("spec");
+        assert_eq!(spec.termination_grace_period_seconds, Some(30));
+        assert_eq!(
+            spec.security_context.and_then(|s| s.run_as_non_root),
+            Some(true)
+        );
+        assert_eq!(
+            c.security_context
+                .clone()
+                .and_then(|s| s.read_only_root_filesystem),
+            Some(true)
+        );
+        assert_eq!(spec.service_account_name, None, "workers keep the default");
+        assert_eq!(env(&p, "DYN_DISCOVERY"), None);
+    }
+
+    #[test]
+    fn frontends_discover_workers_through_the_api_as_their_own_service_account() {
+        let g = graph();
+        let p = pod(&g, "Frontend", 0, 0);
+        let spec = p.spec.clone().expect("spec");
+        assert_eq!(spec.service_account_name.as_deref(), Some("llm-frontend"));
+        assert_eq!(env(&p, "DYN_DISCOVERY").as_deref(), Some("kubernetes"));
+        assert_eq!(env(&p, "DYN_GRAPH").as_deref(), Some("llm"));
+        let ns = spec.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "DYN_K8S_NAMESPACE")
+            .and_then(|e| e.value_from.clone())
+            .and_then(|v| v.field_ref)
+            .map(|f| f.field_path);
+        assert_eq!(ns.as_deref(), Some("metadata.namespace"));
+        let http = IntOrString::String("http".into());
+        assert_eq!(probe_port(&p), Some((http.clone(), http)));
+
+        // What the manifest says wins.
+        let mut g = graph();
+        let fe = g.spec.services.get_mut("Frontend").expect("frontend");
+        fe.envs.push(dynamo_crds::EnvVar {
+            name: "DYN_DISCOVERY".into(),
+            value: Some("static".into()),
+            value_from: None,
+        });
+        let extra = fe.extra_pod_spec.get_or_insert_with(Default::default);
+        extra
+            .pod_spec
+            .insert("serviceAccountName".into(), "mine".into());
+        let p = pod(&g, "Frontend", 0, 0);
+        assert_eq!(env(&p, "DYN_DISCOVERY").as_deref(), Some("static"));
+        assert_eq!(
+            p.spec.and_then(|s| s.service_account_name).as_deref(),
+            Some("mine")
+        );
+    }
+
+    #[test]
+    fn an_existing_port_is_probed_under_its_own_name() {
+        let mut c = Container {
+            ports: Some(vec![ContainerPort {
+                name: Some("sidecar".into()),
+                container_port: WORKER_PORT,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert_eq!(
+            ensure_port(&mut c, "grpc", WORKER_PORT),
+            IntOrString::String("sidecar".into())
+        );
+        assert_eq!(c.ports.map(|p| p.len()), Some(1));
     }
 
     #[test]
