@@ -15,13 +15,13 @@
 # Env: ZONES (2) RACKS per zone (2) HOSTS per rack (4) GPUS per node (8) — nodes registered by `up`;
 #      CLUSTER_STATE (state dir, default $DYNAMO_CACHE/cluster: a second cluster can run beside the first);
 #      CLUSTER_TIMEOUT (120 s, readiness deadline per component); CLUSTER_PORT_BASE (first port tried,
-#      default 36100; on conflict the next block of 10 ports is tried); DYNAMO_CACHE (cache root shared
-#      with hack/tools.sh, default <repo>/.cache).
+#      default 26100, below the ephemeral port range; on conflict the next block of 10 ports is tried); DYNAMO_CACHE (cache root shared
+#      with hack/tools.sh, default ~/.cache/dynamo-rs).
 # State (certs, etcd data, logs, pids, kubeconfigs, ports.env) lives in $CLUSTER_STATE.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${DYNAMO_CACHE:-$ROOT/.cache}"
+CACHE="${DYNAMO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dynamo-rs}"
 BIN="$CACHE/tools/bin"
 STATE="${CLUSTER_STATE:-$CACHE/cluster}"
 PKI="$STATE/pki"
@@ -110,7 +110,7 @@ stop_all() {
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 pick_ports() {
-  local base="${CLUSTER_PORT_BASE:-36100}" try p busy
+  local base="${CLUSTER_PORT_BASE:-26100}" try p busy
   for try in $(seq 0 30); do
     busy=
     for p in $(seq "$base" $((base + 5))); do

@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
-# Build the pinned test control plane from Go modules into .cache/tools/bin:
+# Build the pinned test control plane from Go modules into $DYNAMO_CACHE/tools/bin:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm.
 #
 # Each tool is pinned by the go.mod/go.sum of its wrapper module in hack/tools/<group>/ and is
 # rebuilt only when that pin (or the Go toolchain, or the build flags) changes: a stamp file per
-# tool in .cache/tools/stamps/ records what the binary was built from.
+# tool in $DYNAMO_CACHE/tools/stamps/ records what the binary was built from.
 #
 # Usage: hack/tools.sh [TOOL...]      build all (default) or only the named tools
 #        hack/tools.sh --list         print tool, pinned version, and path
 #        hack/tools.sh --path         print the bin directory (for PATH=...)
 #
-# Env:   DYNAMO_CACHE  cache root (default: <repo>/.cache); GOMODCACHE/GOCACHE live under it in go/.
+# Env:   DYNAMO_CACHE  cache root (default: ~/.cache/dynamo-rs, outside the checkout); GOMODCACHE/GOCACHE live under it in go/.
 #        TOOLS_FORCE=1 rebuild even when the stamp matches.
 # Heavy work runs under `nice -n 19`.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CACHE="${DYNAMO_CACHE:-$ROOT/.cache}"
+CACHE="${DYNAMO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dynamo-rs}"
 BIN="$CACHE/tools/bin"
 STAMPS="$CACHE/tools/stamps"
 LOGS="$CACHE/tools/logs"
@@ -98,7 +98,7 @@ fetch() { # dir
 }
 
 # Data files that go with a binary. kwok: its default node/pod lifecycle stages (what
-# `kwokctl` feeds the controller), in .cache/tools/share/kwok/stages.yaml for hack/cluster.sh.
+# `kwokctl` feeds the controller), in $DYNAMO_CACHE/tools/share/kwok/stages.yaml for hack/cluster.sh.
 post_build() { # name dir version
   [ "$1" = kwok ] || return 0
   local out="$CACHE/tools/share/kwok/stages-$3.yaml" src="$GOMODCACHE/sigs.k8s.io/kwok@$3/kustomize/stage"

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-CACHE="${DYNAMO_CACHE:-$ROOT/.cache}"
+CACHE="${DYNAMO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dynamo-rs}"
 export CLUSTER_STATE="${CLUSTER_STATE:-$CACHE/cluster-smoke}"
 export ZONES=2 RACKS=2 HOSTS=4 GPUS=8
 CLUSTER="$ROOT/hack/cluster.sh"

@@ -16,7 +16,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
-CACHE="${DYNAMO_CACHE:-$ROOT/.cache}"
+CACHE="${DYNAMO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dynamo-rs}"
 export CLUSTER_STATE="${CLUSTER_STATE:-$CACHE/cluster-e2e-operator}"
 # Below Linux's ephemeral range (32768-60999): a port there can be taken by one of the cluster's own
 # outgoing connections between picking it and a component binding it.
