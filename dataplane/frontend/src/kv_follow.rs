@@ -9,7 +9,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use dynamo_kv::{WorkerId, policy::KvRouter};
+use dynamo_kv::{KvEvent, WorkerId, policy::KvRouter};
 use dynamo_protocol::proto::{self, worker_client::WorkerClient};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -75,7 +75,8 @@ pub async fn follow(
 
 fn apply_batch(router: &KvRouter, worker: WorkerId, after: &mut u64, batch: proto::KvEventBatch) {
     if batch.snapshot {
-        router.indexer().remove_worker(worker);
+        // A snapshot replaces the worker's view.
+        let _ = router.apply(worker, KvEvent::Cleared);
         *after = batch.snapshot_seq;
     }
     router.set_block_size(batch.block_size);

@@ -70,6 +70,9 @@ pub enum ApplyError {
         parent: u64,
         blocks: usize,
     },
+    /// The worker is not a member of the router (it left): its events are dropped.
+    #[error("event from worker {worker:#018x}, which is not a member (it left); dropped")]
+    NotMember { worker: WorkerId },
 }
 
 /// How much of one request a worker holds.

@@ -238,11 +238,12 @@ impl KvRouter {
     /// Forgets `worker`: its blocks leave the index and its load accounting is dropped (claims
     /// still held by its requests release into the void).
     pub fn remove_worker(&self, worker: WorkerId) {
-        self.load
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&worker);
+        // The index is cleared under the membership lock, so an event batch being applied now
+        // (under the read lock, see `apply`) lands before the clear, and none after it.
+        let mut load = self.load.write().unwrap_or_else(|p| p.into_inner());
+        load.remove(&worker);
         self.indexer.remove_worker(worker);
+        drop(load);
         let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
         learned.last_used.retain(|&(w, _), _| w != worker);
         learned.order.retain(|&(_, w, _)| w != worker);
@@ -255,8 +256,14 @@ impl KvRouter {
         load.keys().copied().collect()
     }
 
-    /// Applies one of `worker`'s KV events to the index (from its event stream).
+    /// Applies one of `worker`'s KV events to the index (from its event stream). Events of a
+    /// worker that is not a member (it left while its follower was mid-batch) are dropped, so a
+    /// departed worker leaves nothing behind in the index.
     pub fn apply(&self, worker: WorkerId, event: KvEvent) -> Result<(), ApplyError> {
+        let load = self.load.read().unwrap_or_else(|p| p.into_inner());
+        if !load.contains_key(&worker) {
+            return Err(ApplyError::NotMember { worker });
+        }
         self.indexer.apply(worker, event)
     }
 
@@ -689,6 +696,12 @@ mod tests {
         assert!(router.claim(1, 640, &choice).is_none());
         // Its outstanding claim releases without touching anyone's load.
         drop(claim);
+        // A late event of the removed worker is refused, not indexed.
+        assert!(matches!(
+            router.apply(1, KvEvent::stored(None, [(1, 2)])),
+            Err(ApplyError::NotMember { worker: 1 })
+        ));
+        assert_eq!(router.indexer().stats().worker_block_refs, 0);
         // Joining again starts from an empty cache and no load.
         router.add_worker(1);
         let c = router.choose(&tokens, &[1], 0, &mut rng).expect("a choice");
