@@ -85,8 +85,8 @@ struct Slot {
     restarts: u32,
 }
 
-/// What the supervisor is told.
-enum Command_ {
+/// What the supervisor is told: child exits, scheduled restarts, control API requests.
+enum Msg {
     Exited {
         name: String,
         generation: u64,
@@ -236,7 +236,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             cmd = rx.recv() => cmd,
         };
         let Some(cmd) = cmd else { break Ok(()) };
-        if let Command_::Exited { name, status, .. } = &cmd
+        if let Msg::Exited { name, status, .. } = &cmd
             && name == &frontend.name
         {
             break Err(anyhow::anyhow!(
@@ -264,7 +264,7 @@ struct Supervisor {
     /// Next replica index per service (names are never reused within a run).
     next_index: Vec<u32>,
     frontend_stdin: Option<ChildStdin>,
-    tx: mpsc::UnboundedSender<Command_>,
+    tx: mpsc::UnboundedSender<Msg>,
     tasks: TaskTracker,
 }
 
@@ -346,9 +346,9 @@ impl Supervisor {
         }
     }
 
-    async fn handle(&mut self, cmd: Command_) {
+    async fn handle(&mut self, cmd: Msg) {
         match cmd {
-            Command_::Exited {
+            Msg::Exited {
                 name,
                 generation,
                 status,
@@ -377,10 +377,10 @@ impl Supervisor {
                 let tx = self.tx.clone();
                 self.tasks.spawn(async move {
                     tokio::time::sleep(delay).await;
-                    let _ = tx.send(Command_::Restart { name });
+                    let _ = tx.send(Msg::Restart { name });
                 });
             }
-            Command_::Restart { name } => {
+            Msg::Restart { name } => {
                 let Some(slot) = self.slots.get(&name) else {
                     return;
                 };
@@ -415,12 +415,12 @@ impl Supervisor {
                         let tx = self.tx.clone();
                         self.tasks.spawn(async move {
                             tokio::time::sleep(delay).await;
-                            let _ = tx.send(Command_::Restart { name });
+                            let _ = tx.send(Msg::Restart { name });
                         });
                     }
                 }
             }
-            Command_::Add { service, reply } => {
+            Msg::Add { service, reply } => {
                 let s = match &service {
                     None if self.services.len() == 1 => Ok(0),
                     None => Err(format!(
@@ -451,7 +451,7 @@ impl Supervisor {
                 };
                 let _ = reply.send(result);
             }
-            Command_::Remove { name, reply } => {
+            Msg::Remove { name, reply } => {
                 let Some(slot) = self.slots.get_mut(&name) else {
                     let _ = reply.send(Err(format!("no worker named {name:?}")));
                     return;
@@ -471,7 +471,7 @@ impl Supervisor {
                 eprintln!("dynamo serve: worker {name} removed; it drains its streams and exits");
                 let _ = reply.send(Ok(view));
             }
-            Command_::List { reply } => {
+            Msg::List { reply } => {
                 let views = self.slots.iter().map(|(n, s)| self.view(n, s)).collect();
                 let _ = reply.send(views);
             }
@@ -488,7 +488,7 @@ impl Supervisor {
 
     /// Stops every worker (closes their stdin, kills those that outlive the deadline), reading
     /// their exit reports from `rx`.
-    async fn stop_all(&mut self, rx: &mut mpsc::UnboundedReceiver<Command_>) {
+    async fn stop_all(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) {
         for slot in self.slots.values_mut() {
             slot.removed = true;
             if let Some(p) = &mut slot.proc {
@@ -499,7 +499,7 @@ impl Supervisor {
         let wait = async {
             while !self.slots.is_empty() {
                 let Some(cmd) = rx.recv().await else { return };
-                if let Command_::Exited {
+                if let Msg::Exited {
                     name, generation, ..
                 } = cmd
                     && self
@@ -528,11 +528,11 @@ fn ask_to_stop(p: &mut Proc) {
 
 /// Stops the frontend: closes its stdin and waits for its exit report, killing it after the
 /// deadline. Other reports that arrive meanwhile are dropped (every worker stops next).
-async fn stop(p: &mut Proc, rx: &mut mpsc::UnboundedReceiver<Command_>) {
+async fn stop(p: &mut Proc, rx: &mut mpsc::UnboundedReceiver<Msg>) {
     ask_to_stop(p);
     let wait = async {
         while let Some(cmd) = rx.recv().await {
-            if let Command_::Exited { name, .. } = cmd
+            if let Msg::Exited { name, .. } = cmd
                 && name == p.name
             {
                 return;
@@ -558,7 +558,7 @@ async fn spawn(
     name: &str,
     extra: &[String],
     generation: u64,
-    tx: &mpsc::UnboundedSender<Command_>,
+    tx: &mpsc::UnboundedSender<Msg>,
     tasks: &TaskTracker,
 ) -> anyhow::Result<Proc> {
     let mut cmd = Command::new(exe);
@@ -617,7 +617,7 @@ async fn spawn(
                     child.wait().await
                 }
             };
-            let _ = tx.send(Command_::Exited {
+            let _ = tx.send(Msg::Exited {
                 name,
                 generation,
                 status: describe(status),
@@ -711,7 +711,7 @@ struct AddQuery {
 /// Serves the control API on 127.0.0.1:`port` (0: any free port); returns its address.
 async fn bind_control(
     port: u16,
-    tx: mpsc::UnboundedSender<Command_>,
+    tx: mpsc::UnboundedSender<Msg>,
     tasks: &TaskTracker,
 ) -> anyhow::Result<SocketAddr> {
     let app = Router::new()
@@ -730,11 +730,11 @@ async fn bind_control(
     Ok(addr)
 }
 
-type Tx = State<mpsc::UnboundedSender<Command_>>;
+type Tx = State<mpsc::UnboundedSender<Msg>>;
 
 async fn list_workers(State(tx): Tx) -> Response {
     let (reply, rx) = oneshot::channel();
-    let _ = tx.send(Command_::List { reply });
+    let _ = tx.send(Msg::List { reply });
     match rx.await {
         Ok(v) => Json(serde_json::json!({ "workers": v })).into_response(),
         Err(_) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
@@ -743,7 +743,7 @@ async fn list_workers(State(tx): Tx) -> Response {
 
 async fn add_worker(State(tx): Tx, Query(q): Query<AddQuery>) -> Response {
     let (reply, rx) = oneshot::channel();
-    let _ = tx.send(Command_::Add {
+    let _ = tx.send(Msg::Add {
         service: q.service,
         reply,
     });
@@ -752,7 +752,7 @@ async fn add_worker(State(tx): Tx, Query(q): Query<AddQuery>) -> Response {
 
 async fn remove_worker(State(tx): Tx, UrlPath(name): UrlPath<String>) -> Response {
     let (reply, rx) = oneshot::channel();
-    let _ = tx.send(Command_::Remove { name, reply });
+    let _ = tx.send(Msg::Remove { name, reply });
     answer(rx.await, StatusCode::OK)
 }
 

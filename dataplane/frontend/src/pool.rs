@@ -27,7 +27,6 @@ use dynamo_kv::{
     policy::{KvClaim, KvRouter, KvRouterConfig, RouterMode, select},
 };
 use dynamo_protocol::proto::{self, worker_client::WorkerClient};
-use tokio::sync::Notify;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::transport::{Channel, Endpoint};
 
@@ -125,8 +124,6 @@ pub struct WorkerPool {
     candidates: Mutex<HashMap<String, Candidate>>,
     tick: AtomicUsize,
     kv: Option<Arc<KvRouter>>,
-    /// Woken whenever the membership changes.
-    changed: Notify,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -141,7 +138,6 @@ impl WorkerPool {
             candidates: Mutex::new(HashMap::new()),
             tick: AtomicUsize::new(0),
             kv,
-            changed: Notify::new(),
             tasks,
             shutdown,
         });
@@ -178,11 +174,6 @@ impl WorkerPool {
 
     pub fn live_count(&self) -> usize {
         self.members().len()
-    }
-
-    /// Waits until the membership changes (or `timeout` passes).
-    pub async fn changed(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.changed.notified()).await;
     }
 
     /// Every candidate with its status, sorted by URL.
@@ -223,6 +214,9 @@ impl WorkerPool {
                     c.stop.cancel();
                 }
                 tracing::info!(worker = %url, "worker withdrawn by discovery");
+                if let Some(m) = self.member_at(&url) {
+                    self.leave(m.id, "withdrawn by discovery");
+                }
             }
             for url in urls {
                 if candidates.contains_key(url) {
@@ -255,22 +249,6 @@ impl WorkerPool {
         for (url, client, stop, status) in added {
             self.tasks
                 .spawn(self.clone().watch(url, client, stop, status));
-        }
-        self.retain_candidates();
-    }
-
-    /// Drops members whose candidate is gone.
-    fn retain_candidates(&self) {
-        let gone: Vec<WorkerId> = {
-            let candidates = self.candidates.lock().unwrap_or_else(|p| p.into_inner());
-            self.members()
-                .iter()
-                .filter(|m| !candidates.contains_key(&m.url))
-                .map(|m| m.id)
-                .collect()
-        };
-        for id in gone {
-            self.leave(id, "withdrawn by discovery");
         }
     }
 
@@ -392,7 +370,6 @@ impl WorkerPool {
             *members = Arc::new(next);
         }
         tracing::info!(worker = %url, worker_id = %worker.info.worker_id, instance = %format!("{:016x}", worker.id), "worker joined");
-        self.changed.notify_waiters();
     }
 
     /// Removes member `id` (no-op when it is not one).
@@ -412,7 +389,6 @@ impl WorkerPool {
             kv.remove_worker(id);
         }
         tracing::warn!(worker = %removed.url, why, "worker left");
-        self.changed.notify_waiters();
     }
 
     /// Picks a member not in `exclude` for a prompt of `tokens`, and leases it. `None`: no member

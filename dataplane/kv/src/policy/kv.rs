@@ -322,13 +322,16 @@ impl KvRouter {
             .map(|&w| matches.matched_blocks(w))
             .collect();
         let request_tokens = tokens.len() as u64;
-        let loads: Vec<Option<Arc<WorkerLoad>>> = {
-            let load = self.load.read().unwrap_or_else(|p| p.into_inner());
-            candidates.iter().map(|w| load.get(w).cloned()).collect()
-        };
+        // Read under the membership lock (no per-decision `Arc` clones); released before
+        // `learn`, which takes it again.
+        let members = self.load.read().unwrap_or_else(|p| p.into_inner());
+        let loads: Vec<Option<&WorkerLoad>> = candidates
+            .iter()
+            .map(|w| members.get(w).map(|l| &**l))
+            .collect();
         let busy: Vec<bool> = loads
             .iter()
-            .map(|l| l.as_deref().is_none_or(|l| self.busy(l)))
+            .map(|l| l.is_none_or(|l| self.busy(l)))
             .collect();
         let any_free = busy.contains(&false);
         let churn: Vec<f64> = if self.config.churn_weight > 0.0 {
@@ -371,6 +374,7 @@ impl KvRouter {
                 ) + churn
             })
             .collect();
+        drop(members);
         let candidate = pick_by_cost(&costs, self.config.temperature, tick, rng)?;
         let choice = KvChoice {
             candidate,
@@ -458,37 +462,43 @@ impl KvRouter {
             .sub_registry_with_prefix("dynamo_router")
             .sub_registry_with_label(("model".into(), model.to_owned().into()));
         let s = &self.stats;
-        r.register("decisions", "kv routing decisions", s.decisions.clone());
-        r.register(
-            "request_blocks",
-            "prompt blocks of routed requests",
-            s.request_blocks.clone(),
-        );
-        r.register(
-            "overlap_blocks",
-            "prompt blocks the chosen worker held, as the index predicted",
-            s.overlap_blocks.clone(),
-        );
-        r.register(
-            "best_overlap_blocks",
-            "prompt blocks the best-matching candidate held (the chosen one may hold fewer when it is loaded)",
-            s.best_overlap_blocks.clone(),
-        );
-        r.register(
-            "busy_skips",
-            "workers passed over as busy",
-            s.busy_skips.clone(),
-        );
-        r.register(
-            "indexed_blocks",
-            "distinct KV blocks in the router's index",
-            s.indexed_blocks.clone(),
-        );
-        r.register(
-            "indexed_worker_blocks",
-            "(worker, block) pairs in the router's index",
-            s.indexed_worker_blocks.clone(),
-        );
+        let counters: [(&str, &str, &Counter); 5] = [
+            ("decisions", "kv routing decisions", &s.decisions),
+            (
+                "request_blocks",
+                "prompt blocks of routed requests",
+                &s.request_blocks,
+            ),
+            (
+                "overlap_blocks",
+                "prompt blocks the chosen worker held, as the index predicted",
+                &s.overlap_blocks,
+            ),
+            (
+                "best_overlap_blocks",
+                "prompt blocks the best-matching candidate held (the chosen one may hold fewer when it is loaded)",
+                &s.best_overlap_blocks,
+            ),
+            ("busy_skips", "workers passed over as busy", &s.busy_skips),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
+        }
+        let gauges: [(&str, &str, &Gauge); 2] = [
+            (
+                "indexed_blocks",
+                "distinct KV blocks in the router's index",
+                &s.indexed_blocks,
+            ),
+            (
+                "indexed_worker_blocks",
+                "(worker, block) pairs in the router's index",
+                &s.indexed_worker_blocks,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            r.register(name, help, gauge.clone());
+        }
     }
 
     /// Updates the index gauges (walks the index: call it per scrape, not per request).
