@@ -23,7 +23,7 @@ use dynamo_crds::{
 };
 use futures::{Stream, StreamExt, stream};
 use k8s_openapi::NamespaceResourceScope;
-use k8s_openapi::api::core::v1::{Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -42,7 +42,10 @@ use tokio_util::sync::CancellationToken;
 use crate::children::{self, Child, Drift};
 use crate::config::Config;
 use crate::gang::{self, ANNOTATION_NODE, ANNOTATION_UNGATED_AT, GANG_GATE};
-use crate::placement::{ClusterView, GangRequest, NodeInfo, PackDomain, Taint, Toleration};
+use crate::placement::{
+    ClusterView, GangRequest, NodeConstraints, NodeInfo, NodeTerm, PackDomain, Requirement, Taint,
+    Toleration,
+};
 use crate::plan::{self, Action as Step, DeleteReason, PodObs, ServiceDesired};
 use crate::telemetry::{ErrorLabels, Metrics};
 
@@ -888,6 +891,43 @@ fn tolerations(pod: &Pod) -> Vec<Toleration> {
         .collect()
 }
 
+/// The pod's `nodeSelector` and required node affinity, for placement.
+fn node_constraints(pod: &Pod) -> NodeConstraints {
+    let Some(spec) = pod.spec.as_ref() else {
+        return NodeConstraints::default();
+    };
+    let requirements = |rs: &Option<Vec<NodeSelectorRequirement>>| -> Vec<Requirement> {
+        rs.iter()
+            .flatten()
+            .map(|r| Requirement {
+                key: r.key.clone(),
+                operator: r.operator.clone(),
+                values: r.values.clone().unwrap_or_default(),
+            })
+            .collect()
+    };
+    let required = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|na| {
+            na.required_during_scheduling_ignored_during_execution
+                .as_ref()
+        });
+    NodeConstraints {
+        node_selector: spec.node_selector.clone().unwrap_or_default(),
+        required_terms: required.map(|r| {
+            r.node_selector_terms
+                .iter()
+                .map(|t| NodeTerm {
+                    match_expressions: requirements(&t.match_expressions),
+                    match_fields: requirements(&t.match_fields),
+                })
+                .collect()
+        }),
+    }
+}
+
 /// A placed gang: service, gang index, and each pod with its node.
 type GangPins = (String, u32, Vec<(Arc<Pod>, String)>);
 
@@ -917,6 +957,7 @@ async fn place_gangs(
                 gpus_per_pod: gang::pod_gpus(first),
                 pack_domain,
                 tolerations: tolerations(first),
+                node_constraints: node_constraints(first),
             };
             match view.place(&ctx.config.levels, &request) {
                 Ok(placement) => {
@@ -1177,5 +1218,43 @@ async fn publish(
     };
     if let Err(e) = ctx.recorder.publish(&ev, &dgd.object_ref(&())).await {
         tracing::warn!(graph = %dgd.name_any(), error = %e, "could not record an event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_constraints_come_from_the_pods_selector_and_required_affinity() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {
+                "containers": [{"name": "main"}],
+                "nodeSelector": {"gpu": "h100"},
+                "affinity": {"nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "Exists"}]},
+                        {"matchFields": [
+                            {"key": "metadata.name", "operator": "In", "values": ["n1"]}
+                        ]},
+                    ]},
+                    "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 1, "preference": {
+                        "matchExpressions": [{"key": "fast", "operator": "Exists"}]
+                    }}],
+                }},
+            },
+        }))
+        .expect("pod");
+        let c = node_constraints(&pod);
+        assert_eq!(c.node_selector.get("gpu").map(String::as_str), Some("h100"));
+        let terms = c.required_terms.expect("required terms");
+        assert_eq!(terms.len(), 2, "preferred terms are not constraints");
+        assert_eq!(terms[0].match_expressions[0].operator, "Exists");
+        assert!(terms[0].match_expressions[0].values.is_empty());
+        assert_eq!(terms[1].match_fields[0].values, ["n1"]);
+
+        let bare: Pod = serde_json::from_value(json!({"spec": {"containers": []}})).expect("pod");
+        assert_eq!(node_constraints(&bare), NodeConstraints::default());
     }
 }

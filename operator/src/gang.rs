@@ -408,8 +408,10 @@ pub fn pod_gpus(pod: &Pod) -> u32 {
         .sum()
 }
 
-/// The affinity that pins a pod to `node`, narrowing any node affinity it already has (a gated
-/// pod's node affinity may only be narrowed).
+/// The affinity that pins a pod to `node`, narrowing any node affinity it already has: a gated
+/// pod's required node affinity may only gain requirements, so each term keeps its own (a
+/// `metadata.name` field of the manifest's included) and gets `metadata.name In [node]` added.
+/// Placement only picks a node that satisfies one of the terms, so the pod can still go there.
 pub fn pinned_affinity(current: Option<&Affinity>, node: &str) -> Affinity {
     let req = NodeSelectorRequirement {
         key: "metadata.name".into(),
@@ -432,8 +434,9 @@ pub fn pinned_affinity(current: Option<&Affinity>, node: &str) -> Affinity {
     }
     for term in &mut required.node_selector_terms {
         let fields = term.match_fields.get_or_insert_with(Vec::new);
-        fields.retain(|f| f.key != "metadata.name");
-        fields.push(req.clone());
+        if !fields.contains(&req) {
+            fields.push(req.clone());
+        }
     }
     affinity
 }
@@ -635,6 +638,39 @@ spec:
     }
 
     #[test]
+    fn every_container_pulls_if_not_present_unless_the_manifest_says_otherwise() {
+        let mut g = graph();
+        let extra = g
+            .spec
+            .services
+            .get_mut("Decode")
+            .and_then(|s| s.extra_pod_spec.as_mut())
+            .expect("extraPodSpec");
+        extra.pod_spec.insert(
+            "containers".into(),
+            serde_json::json!([
+                {"name": "sidecar", "image": "s:1"},
+                {"name": "pinned", "image": "s:2", "imagePullPolicy": "Always"},
+            ]),
+        );
+        let p = pod(&g, "Decode", 0, 0);
+        let policies: Vec<_> = p
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .map(|c| (c.name.as_str(), c.image_pull_policy.as_deref()))
+            .collect();
+        assert_eq!(
+            policies,
+            [
+                ("main", Some("IfNotPresent")),
+                ("sidecar", Some("IfNotPresent")),
+                ("pinned", Some("Always")),
+            ]
+        );
+    }
+
+    #[test]
     fn an_existing_port_is_probed_under_its_own_name() {
         let mut c = Container {
             ports: Some(vec![ContainerPort {
@@ -681,6 +717,60 @@ spec:
             terms[0].match_fields.clone().unwrap_or_default()[0].values,
             Some(vec!["n1".to_string()])
         );
+    }
+
+    #[test]
+    fn pinning_keeps_the_manifests_own_requirements() {
+        let field = |op: &str, values: &[&str]| NodeSelectorRequirement {
+            key: "metadata.name".into(),
+            operator: op.into(),
+            values: Some(values.iter().map(|v| v.to_string()).collect()),
+        };
+        let gpu = NodeSelectorRequirement {
+            key: "gpu".into(),
+            operator: "In".into(),
+            values: Some(vec!["h100".into()]),
+        };
+        let current = Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![
+                        NodeSelectorTerm {
+                            match_expressions: Some(vec![gpu.clone()]),
+                            match_fields: None,
+                        },
+                        NodeSelectorTerm {
+                            match_expressions: None,
+                            match_fields: Some(vec![field("In", &["n1", "n2"])]),
+                        },
+                    ],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let terms_of = |a: &Affinity| {
+            a.node_affinity
+                .as_ref()
+                .and_then(|n| {
+                    n.required_during_scheduling_ignored_during_execution
+                        .as_ref()
+                })
+                .map(|r| r.node_selector_terms.clone())
+                .unwrap_or_default()
+        };
+        let pinned = pinned_affinity(Some(&current), "n1");
+        let terms = terms_of(&pinned);
+        assert_eq!(terms.len(), 2, "no term added or removed");
+        assert_eq!(terms[0].match_expressions, Some(vec![gpu]));
+        assert_eq!(terms[0].match_fields, Some(vec![field("In", &["n1"])]));
+        assert_eq!(
+            terms[1].match_fields,
+            Some(vec![field("In", &["n1", "n2"]), field("In", &["n1"])]),
+            "only added to"
+        );
+        // Pinning again to the same node changes nothing.
+        assert_eq!(terms_of(&pinned_affinity(Some(&pinned), "n1")), terms);
     }
 
     #[test]

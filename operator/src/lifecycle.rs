@@ -1,13 +1,14 @@
 //! What every pod the operator makes gets so that it starts, serves, drains and stops well:
-//! probes on the main container, a termination grace period with a drain deadline inside it, and
-//! a restricted security context with writable scratch directories.
+//! probes on the main container, a termination grace period with a drain deadline inside it, a
+//! restricted security context with writable scratch directories, and `imagePullPolicy:
+//! IfNotPresent` on every container.
 //!
 //! Each default is added only where the service's `extraPodSpec` (or `mainContainer`, or envs)
 //! does not already set that field, so a manifest can always say otherwise. Whole security
 //! contexts are kept as given rather than merged field by field: a user who sets
-//! `runAsUser: 0` must not also get our `runAsNonRoot: true`. Other containers of the pod are
-//! left as the manifest gives them. Pure: no API calls; [`crate::gang::build_pod`] calls
-//! [`apply`].
+//! `runAsUser: 0` must not also get our `runAsNonRoot: true`. Other containers of the pod (init
+//! containers included) get only the pull policy, and are otherwise left as the manifest gives
+//! them. Pure: no API calls; [`crate::gang::build_pod`] calls [`apply`].
 
 use std::time::Duration;
 
@@ -31,14 +32,27 @@ pub const NONROOT_HOME: &str = "/home/nonroot";
 /// Writable scratch volumes (emptyDir) and where the main container mounts them.
 pub const SCRATCH: [(&str, &str); 2] = [("tmp", "/tmp"), ("cache", "/home/nonroot/.cache")];
 
+/// Every container's pull policy unless the manifest sets one: a node that has the image already
+/// (preloaded, or pulled for an earlier pod) starts the pod without asking the registry, even for
+/// a `:latest` tag, for which Kubernetes would default to `Always`.
+pub const IMAGE_PULL_POLICY: &str = "IfNotPresent";
+
 /// Readiness on `/health` (503 while starting and while draining), liveness on `/live`.
 pub const READY_PATH: &str = "/health";
 pub const LIVE_PATH: &str = "/live";
 
-/// Adds the lifecycle defaults to `pod` and its `main` container. `serving` is the port (name or
-/// number) of the process's HTTP health endpoints, or `None` for components that have none we know
-/// of (the planner): they get everything but probes.
+/// Adds the lifecycle defaults to `pod` and its `main` container (and the pull policy to the
+/// pod's other containers). `serving` is the port (name or number) of the process's HTTP health
+/// endpoints, or `None` for components that have none we know of (the planner): they get
+/// everything but probes.
 pub fn apply(pod: &mut PodSpec, main: &mut Container, serving: Option<IntOrString>) {
+    let others = pod
+        .containers
+        .iter_mut()
+        .chain(pod.init_containers.iter_mut().flatten());
+    for c in std::iter::once(&mut *main).chain(others) {
+        set_default_pull_policy(c);
+    }
     if let Some(port) = serving {
         let get = |path: &str| HTTPGetAction {
             path: Some(path.into()),
@@ -138,6 +152,14 @@ pub fn apply(pod: &mut PodSpec, main: &mut Container, serving: Option<IntOrStrin
 pub fn drain_timeout(grace_secs: i64, settle: Duration) -> Duration {
     let grace = Duration::from_secs(grace_secs.max(0) as u64);
     grace.saturating_sub(settle).saturating_sub(EXIT_MARGIN)
+}
+
+/// Sets [`IMAGE_PULL_POLICY`] unless the container has a pull policy (an empty one counts as
+/// none, as the API server defaults it).
+fn set_default_pull_policy(c: &mut Container) {
+    if c.image_pull_policy.as_deref().is_none_or(str::is_empty) {
+        c.image_pull_policy = Some(IMAGE_PULL_POLICY.into());
+    }
 }
 
 /// Adds `name=value` unless the container already has a variable of that name.
@@ -270,6 +292,44 @@ mod tests {
             .collect();
         assert_eq!(mounts, ["/tmp", "/home/nonroot/.cache"]);
         assert_eq!(pod.volumes.map(|v| v.len()), Some(1), "no tmp volume");
+    }
+
+    #[test]
+    fn every_container_pulls_if_not_present_unless_the_manifest_says_otherwise() {
+        let container = |name: &str, policy: Option<&str>| Container {
+            name: name.into(),
+            image_pull_policy: policy.map(Into::into),
+            ..Default::default()
+        };
+        let mut pod = PodSpec {
+            containers: vec![
+                container("sidecar", None),
+                container("pinned", Some("Always")),
+            ],
+            init_containers: Some(vec![container("init", Some(""))]),
+            ..Default::default()
+        };
+        let mut main = container("main", None);
+        apply(&mut pod, &mut main, None);
+        let policy = |c: &Container| c.image_pull_policy.clone().unwrap_or_default();
+        assert_eq!(policy(&main), "IfNotPresent");
+        let others: Vec<_> = pod
+            .containers
+            .iter()
+            .chain(pod.init_containers.iter().flatten())
+            .map(|c| (c.name.as_str(), policy(c)))
+            .collect();
+        assert_eq!(
+            others,
+            [
+                ("sidecar", "IfNotPresent".to_string()),
+                ("pinned", "Always".to_string()),
+                ("init", "IfNotPresent".to_string()),
+            ]
+        );
+        let mut main = container("main", Some("Never"));
+        apply(&mut PodSpec::default(), &mut main, None);
+        assert_eq!(policy(&main), "Never");
     }
 
     #[test]

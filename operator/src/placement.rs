@@ -5,7 +5,9 @@
 //! Rules:
 //! - every pod of a gang goes to its own node (ranks are separate processes with their own GPUs);
 //! - a node takes a pod when its free `nvidia.com/gpu` (allocatable minus what bound or pinned pods
-//!   request) covers the pod's GPUs, it has a free pod slot, and the pod tolerates its taints;
+//!   request) covers the pod's GPUs, it has a free pod slot, the pod tolerates its taints, and it
+//!   satisfies the pod's `nodeSelector` and required node affinity (so pinning, which narrows that
+//!   affinity to the chosen node, never leaves a pod nowhere to go);
 //! - the gang's pods all land in one domain of the required level (`packDomain`); among the
 //!   domains where the gang fits, the one with the fewest free GPUs left afterwards wins (best fit,
 //!   keeping big holes for big gangs), and inside it the nodes with the least free GPUs that still
@@ -111,6 +113,85 @@ impl Toleration {
     }
 }
 
+/// One node selector requirement of a pod's node affinity (a `matchExpressions` or `matchFields`
+/// entry), as in the Pod API.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Requirement {
+    pub key: String,
+    /// `In`, `NotIn`, `Exists`, `DoesNotExist`, `Gt` or `Lt`.
+    pub operator: String,
+    pub values: Vec<String>,
+}
+
+impl Requirement {
+    /// Whether a node whose label (or field) `key` is `value` satisfies this. As in the
+    /// scheduler, a malformed requirement (an unknown operator, `In` without values, `Gt` without
+    /// exactly one integer) is satisfied by no node.
+    fn matches(&self, value: Option<&str>) -> bool {
+        let listed = |v: &str| self.values.iter().any(|x| x == v);
+        match (self.operator.as_str(), self.values.as_slice()) {
+            ("In", [_, ..]) => value.is_some_and(listed),
+            ("NotIn", [_, ..]) => value.is_none_or(|v| !listed(v)),
+            ("Exists", []) => value.is_some(),
+            ("DoesNotExist", []) => value.is_none(),
+            (op @ ("Gt" | "Lt"), [bound]) => {
+                let have = value.and_then(|v| v.parse::<i64>().ok());
+                match (have, bound.parse::<i64>()) {
+                    (Some(have), Ok(bound)) if op == "Gt" => have > bound,
+                    (Some(have), Ok(bound)) => have < bound,
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One of a pod's required `nodeSelectorTerms`: all its requirements hold. A term without any
+/// matches no node, as in the scheduler.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeTerm {
+    /// On the node's labels.
+    pub match_expressions: Vec<Requirement>,
+    /// On the node's fields; the API allows only `metadata.name`.
+    pub match_fields: Vec<Requirement>,
+}
+
+impl NodeTerm {
+    fn matches(&self, node: &NodeInfo) -> bool {
+        let field = |key: &str| (key == "metadata.name").then_some(node.name.as_str());
+        (!self.match_expressions.is_empty() || !self.match_fields.is_empty())
+            && self
+                .match_expressions
+                .iter()
+                .all(|r| r.matches(node.labels.get(&r.key).map(String::as_str)))
+            && self.match_fields.iter().all(|r| r.matches(field(&r.key)))
+    }
+}
+
+/// What the pod itself says about the nodes it may run on: its `nodeSelector` and
+/// `affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct NodeConstraints {
+    /// Labels the node must carry, each with this value.
+    pub node_selector: BTreeMap<String, String>,
+    /// Terms of which at least one must hold; `None` when the pod has no required node affinity.
+    pub required_terms: Option<Vec<NodeTerm>>,
+}
+
+impl NodeConstraints {
+    /// Whether the pod may run on `node`.
+    pub fn allows(&self, node: &NodeInfo) -> bool {
+        self.node_selector
+            .iter()
+            .all(|(k, v)| node.labels.get(k) == Some(v))
+            && self
+                .required_terms
+                .as_ref()
+                .is_none_or(|terms| terms.iter().any(|t| t.matches(node)))
+    }
+}
+
 /// What placement needs to know about a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -170,6 +251,7 @@ impl ClusterView {
                     && n.taints
                         .iter()
                         .all(|t| gang.tolerations.iter().any(|tol| tol.tolerates(t)))
+                    && gang.node_constraints.allows(n)
             })
             .collect();
         let attempts: Vec<Option<usize>> = match &gang.pack_domain {
@@ -197,9 +279,15 @@ impl ClusterView {
     }
 
     fn no_fit(&self, levels: &TopologyLevels, gang: &GangRequest, level: Option<usize>) -> NoFit {
-        // The largest free domain at the level asked for (or the whole cluster).
+        // The largest free domain at the level asked for (or the whole cluster), among the nodes
+        // the pod may run on.
         let mut free: BTreeMap<String, u32> = BTreeMap::new();
+        let mut excluded = 0;
         for n in self.nodes.values() {
+            if !gang.node_constraints.allows(n) {
+                excluded += 1;
+                continue;
+            }
             let key = match level {
                 Some(i) => match n.labels.get(&levels.levels()[i].label) {
                     Some(v) => v.clone(),
@@ -217,6 +305,8 @@ impl ClusterView {
             gpus_needed: gang.gpus_per_pod * gang.pods,
             pods: gang.pods,
             largest_free_domain: largest,
+            ready_nodes: self.nodes.len(),
+            excluded_by_pod: excluded,
         }
     }
 }
@@ -239,6 +329,8 @@ pub struct GangRequest {
     pub gpus_per_pod: u32,
     pub pack_domain: PackDomain,
     pub tolerations: Vec<Toleration>,
+    /// The pod's `nodeSelector` and required node affinity (the gang's pods share a template).
+    pub node_constraints: NodeConstraints,
 }
 
 /// Nodes for ranks 0..pods, and the domain they share.
@@ -255,8 +347,13 @@ pub struct NoFit {
     pub level: Option<String>,
     pub gpus_needed: u32,
     pub pods: u32,
-    /// The domain (at the level asked for) with the most free GPUs, and how many.
+    /// The domain (at the level asked for) with the most free GPUs, and how many, counting only
+    /// nodes the pod's own constraints allow.
     pub largest_free_domain: Option<(String, u32)>,
+    /// Ready, schedulable nodes in all.
+    pub ready_nodes: usize,
+    /// Of those, how many the pod's `nodeSelector` or required node affinity rules out.
+    pub excluded_by_pod: usize,
 }
 
 impl std::fmt::Display for NoFit {
@@ -268,16 +365,26 @@ impl std::fmt::Display for NoFit {
         };
         write!(
             f,
-            "needs {} nodes with {per_pod} free GPUs each ({} GPUs) {scope}, and none has that free",
+            "needs {} nodes with {per_pod} free GPUs each ({} GPUs) {scope}, and none has that free; ",
             self.pods, self.gpus_needed
         )?;
+        if self.excluded_by_pod > 0 {
+            if self.excluded_by_pod >= self.ready_nodes {
+                return write!(f, "the pod's nodeSelector/affinity matches no ready node");
+            }
+            write!(
+                f,
+                "the pod's nodeSelector/affinity rules out {} of {} ready nodes; among the rest, ",
+                self.excluded_by_pod, self.ready_nodes
+            )?;
+        }
         match (&self.largest_free_domain, &self.level) {
             (Some((d, g)), Some(l)) => {
-                write!(f, "; the {l} with the most free GPUs is {d} with {g}")
+                write!(f, "the {l} with the most free GPUs is {d} with {g}")
             }
-            (Some((_, g)), None) => write!(f, "; {g} GPUs are free in all"),
-            (None, Some(l)) => write!(f, "; no ready node carries the {l} label"),
-            (None, None) => write!(f, "; no node is ready"),
+            (Some((_, g)), None) => write!(f, "{g} GPUs are free in all"),
+            (None, Some(l)) => write!(f, "no ready node carries the {l} label"),
+            (None, None) => write!(f, "no node is ready"),
         }
     }
 }
@@ -370,6 +477,7 @@ mod tests {
                 .index_of(level)
                 .map_or(PackDomain::Tightest, PackDomain::Level),
             tolerations: Vec::new(),
+            node_constraints: NodeConstraints::default(),
         }
     }
 
@@ -498,5 +606,148 @@ mod tests {
             ..Default::default()
         });
         assert!(view.find(&levels, &g).is_ok());
+    }
+
+    fn req(key: &str, operator: &str, values: &[&str]) -> Requirement {
+        Requirement {
+            key: key.into(),
+            operator: operator.into(),
+            values: values.iter().map(|v| v.to_string()).collect(),
+        }
+    }
+
+    fn labelled(name: &str, labels: &[(&str, &str)]) -> NodeInfo {
+        let mut n = node(name, "z0", "z0-r0", 8);
+        for (k, v) in labels {
+            n.labels.insert(k.to_string(), v.to_string());
+        }
+        n
+    }
+
+    /// The names of the nodes a one-pod gang with these constraints may take.
+    fn allowed(nodes: &[NodeInfo], constraints: &NodeConstraints) -> Vec<String> {
+        nodes
+            .iter()
+            .filter(|n| constraints.allows(n))
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    fn affinity(terms: Vec<Vec<Requirement>>) -> NodeConstraints {
+        NodeConstraints {
+            required_terms: Some(
+                terms
+                    .into_iter()
+                    .map(|match_expressions| NodeTerm {
+                        match_expressions,
+                        match_fields: Vec::new(),
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn node_selector_keeps_a_gang_off_nodes_without_its_labels() {
+        let nodes = [
+            labelled("a", &[("gpu", "h100")]),
+            labelled("b", &[("gpu", "a100")]),
+            labelled("c", &[("gpu", "h100"), ("pool", "batch")]),
+            labelled("d", &[]),
+        ];
+        let view = ClusterView::new(nodes.clone());
+        let levels = TopologyLevels::default();
+        let mut g = gang(2, 8, "");
+        g.node_constraints.node_selector = BTreeMap::from([("gpu".into(), "h100".into())]);
+        let p = view.find(&levels, &g).expect("a and c carry gpu=h100");
+        assert_eq!(p.nodes, ["a", "c"]);
+        // Every label must match.
+        g.node_constraints
+            .node_selector
+            .insert("pool".into(), "batch".into());
+        assert_eq!(allowed(&nodes, &g.node_constraints), ["c"]);
+        assert!(view.find(&levels, &g).is_err(), "one node for two pods");
+        g.pods = 1;
+        let p = view.find(&levels, &g).expect("fits on c");
+        assert_eq!(p.nodes, ["c"]);
+    }
+
+    #[test]
+    fn required_node_affinity_operators() {
+        let nodes = [
+            labelled("a", &[("gpu", "h100"), ("gpus", "8")]),
+            labelled("b", &[("gpu", "a100"), ("gpus", "4")]),
+            labelled("c", &[("gpus", "x")]),
+        ];
+        let one = |r: Requirement| allowed(&nodes, &affinity(vec![vec![r]]));
+        assert_eq!(one(req("gpu", "In", &["h100", "b200"])), ["a"]);
+        assert_eq!(one(req("gpu", "NotIn", &["h100"])), ["b", "c"]);
+        assert_eq!(one(req("gpu", "Exists", &[])), ["a", "b"]);
+        assert_eq!(one(req("gpu", "DoesNotExist", &[])), ["c"]);
+        assert_eq!(one(req("gpus", "Gt", &["4"])), ["a"]);
+        assert_eq!(one(req("gpus", "Lt", &["8"])), ["b"]);
+        // Malformed requirements match nothing, as in the scheduler.
+        assert!(one(req("gpus", "Gt", &["four"])).is_empty());
+        assert!(one(req("gpu", "In", &[])).is_empty());
+        assert!(one(req("gpu", "Exists", &["h100"])).is_empty());
+        assert!(one(req("gpu", "Like", &["h100"])).is_empty());
+        // Requirements of a term are ANDed, terms ORed.
+        let and = affinity(vec![vec![
+            req("gpu", "Exists", &[]),
+            req("gpus", "Lt", &["8"]),
+        ]]);
+        assert_eq!(allowed(&nodes, &and), ["b"]);
+        let or = affinity(vec![
+            vec![req("gpu", "In", &["h100"])],
+            vec![req("gpu", "DoesNotExist", &[])],
+        ]);
+        assert_eq!(allowed(&nodes, &or), ["a", "c"]);
+        // An empty term matches no node.
+        assert!(allowed(&nodes, &affinity(vec![Vec::new()])).is_empty());
+        // matchFields on metadata.name, together with the nodeSelector.
+        let mut by_name = affinity(Vec::new());
+        by_name.required_terms = Some(vec![NodeTerm {
+            match_expressions: Vec::new(),
+            match_fields: vec![req("metadata.name", "In", &["a", "b"])],
+        }]);
+        assert_eq!(allowed(&nodes, &by_name), ["a", "b"]);
+        by_name.node_selector = BTreeMap::from([("gpus".into(), "4".into())]);
+        assert_eq!(allowed(&nodes, &by_name), ["b"]);
+    }
+
+    #[test]
+    fn a_gang_no_node_allows_stays_unplaced_and_names_the_selector() {
+        let levels = TopologyLevels::default();
+        let mut view = cluster();
+        let mut g = gang(2, 8, "rack");
+        g.node_constraints.node_selector = BTreeMap::from([("gpu".into(), "h100".into())]);
+        let err = view
+            .place(&levels, &g)
+            .expect_err("no node carries gpu=h100");
+        assert_eq!((err.ready_nodes, err.excluded_by_pod), (16, 16));
+        assert_eq!(
+            err.to_string(),
+            "needs 2 nodes with 8 free GPUs each (16 GPUs) inside one rack, and none has that free; \
+             the pod's nodeSelector/affinity matches no ready node"
+        );
+        assert_eq!(view.node("z0-r0-h0").map(|n| n.free_gpus), Some(8));
+
+        // Only rack z1-r1 is allowed, and it has one free host left.
+        for h in 0..3 {
+            view.reserve(&format!("z1-r1-h{h}"), 8);
+        }
+        g.node_constraints = affinity(vec![vec![req(
+            "topology.dynamo.nvidia.com/rack",
+            "In",
+            &["z1-r1"],
+        )]]);
+        let err = view.find(&levels, &g).expect_err("one free host");
+        assert_eq!(
+            err.to_string(),
+            "needs 2 nodes with 8 free GPUs each (16 GPUs) inside one rack, and none has that free; \
+             the pod's nodeSelector/affinity rules out 12 of 16 ready nodes; among the rest, \
+             the rack with the most free GPUs is z1-r1 with 8"
+        );
     }
 }
