@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A real Kubernetes control plane on 127.0.0.1 for tests, built by hack/tools.sh:
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, and kwok managing fake GPU nodes.
+# A real Kubernetes cluster for tests, built by hack/tools.sh: etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler, kwok managing fake GPU nodes, and one real node
+# (containerd + runc + CNI bridge, kubelet, kube-proxy; hack/lib/node.sh) whose pods really run.
+# The real node needs root; REAL_NODE=0 leaves it out.
 #
 # Usage:
 #   hack/cluster.sh up                          start (idempotent) and register the fake GPU nodes
@@ -13,6 +15,7 @@
 #                                               kubeconfig that authenticates as a ServiceAccount token
 #
 # Env: ZONES (2) RACKS per zone (2) HOSTS per rack (4) GPUS per node (8) — nodes registered by `up`;
+#      REAL_NODE (1; 0 = kwok nodes only), REAL_NODE_NAME (real-node), REAL_NODE_GPUS (8);
 #      CLUSTER_STATE (state dir, default $DYNAMO_CACHE/cluster: a second cluster can run beside the first);
 #      CLUSTER_TIMEOUT (120 s, readiness deadline per component); CLUSTER_PORT_BASE (first port tried,
 #      default 26100, below the ephemeral port range; on conflict the next block of 10 ports is tried); DYNAMO_CACHE (cache root shared
@@ -44,6 +47,10 @@ die() { echo "cluster.sh: error: $*" >&2; exit 1; }
 log() { echo "cluster.sh: $*" >&2; }
 kc() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_ADMIN" "$@"; }
 
+# shellcheck source=hack/lib/node.sh
+. "$ROOT/hack/lib/node.sh"
+if node_enabled; then COMPONENTS+=("${NODE_COMPONENTS[@]}"); fi
+
 need_tools() {
   local t
   for t in "${COMPONENTS[@]}" kubectl; do
@@ -52,6 +59,7 @@ need_tools() {
   [ -s "$KWOK_STAGES" ] || die "$KWOK_STAGES missing: run hack/tools.sh first"
   command -v openssl >/dev/null || die "openssl not found"
   command -v curl >/dev/null || die "curl not found"
+  if node_enabled; then node_need_tools; fi
 }
 
 # ---------------------------------------------------------------- processes
@@ -113,7 +121,7 @@ pick_ports() {
   local base="${CLUSTER_PORT_BASE:-26100}" try p busy
   for try in $(seq 0 30); do
     busy=
-    for p in $(seq "$base" $((base + 5))); do
+    for p in $(seq "$base" $((base + 9))); do
       if port_busy "$p" || ss -Hltn "sport = :$p" 2>/dev/null | grep -q .; then busy=$p; break; fi
     done
     if [ -z "$busy" ]; then
@@ -124,6 +132,11 @@ APISERVER_PORT=$((base + 2))
 KCM_PORT=$((base + 3))
 SCHEDULER_PORT=$((base + 4))
 KWOK_PORT=$((base + 5))
+KUBELET_PORT=$((base + 6))
+KUBELET_HEALTHZ_PORT=$((base + 7))
+PROXY_HEALTHZ_PORT=$((base + 8))
+PROXY_METRICS_PORT=$((base + 9))
+NODE_IP=$(node_ip)
 EOF
       return 0
     fi
@@ -149,7 +162,7 @@ gen_pki() {
     -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
   # name | subject | extensions
   local specs=(
-    "apiserver|/CN=kube-apiserver|subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
+    "apiserver|/CN=kube-apiserver|subjectAltName=IP:127.0.0.1,IP:$NODE_IP,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local
 extendedKeyUsage=serverAuth"
     "admin|/O=system:masters/CN=kubernetes-admin|extendedKeyUsage=clientAuth"
     "controller-manager|/CN=system:kube-controller-manager|extendedKeyUsage=clientAuth"
@@ -299,6 +312,8 @@ cmd_up() {
   fi
   if [ -d "$STATE" ]; then
     log "stale or partial cluster state in $STATE: cleaning up first"
+    load_ports || true
+    node_cleanup
     stop_all
     wipe_state
   fi
@@ -319,7 +334,9 @@ cmd_up() {
     --unsafe-no-fsync=true --quota-backend-bytes=4294967296 --log-level=warn
   wait_for etcd etcd_healthy
 
-  start kube-apiserver --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$APISERVER_PORT" \
+  # Bound beyond loopback and advertised at the node IP: pods reach it through the `kubernetes`
+  # Service (kube-proxy DNATs 10.96.0.1:443 to $NODE_IP:$APISERVER_PORT).
+  start kube-apiserver --bind-address=0.0.0.0 --advertise-address="$NODE_IP" --secure-port="$APISERVER_PORT" \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
     --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --client-ca-file="$PKI/ca.crt" \
@@ -332,7 +349,7 @@ cmd_up() {
     --requestheader-username-headers=X-Remote-User --requestheader-group-headers=X-Remote-Group \
     --requestheader-extra-headers-prefix=X-Remote-Extra- \
     --proxy-client-cert-file="$PKI/front-proxy-client.crt" --proxy-client-key-file="$PKI/front-proxy-client.key" \
-    --endpoint-reconciler-type=none
+    --kubelet-preferred-address-types=InternalIP,Hostname
   wait_for "kube-apiserver /readyz" healthz "$APISERVER_PORT" /readyz
 
   start kube-controller-manager --bind-address=127.0.0.1 --secure-port="$KCM_PORT" \
@@ -359,6 +376,7 @@ cmd_up() {
   # The default ServiceAccount appears once the serviceaccount controller runs: pods need it.
   wait_for "default ServiceAccount" kc get serviceaccount default -n default
   register_nodes
+  if node_enabled; then node_up; fi
   log "up in $((SECONDS - t0))s: API server https://127.0.0.1:$APISERVER_PORT, logs in $LOGS/"
   echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
 }
@@ -371,6 +389,8 @@ wipe_state() {
 
 cmd_down() {
   if [ ! -d "$STATE" ]; then log "not running"; return 0; fi
+  load_ports || true
+  node_cleanup
   stop_all
   wipe_state
   log "down; state wiped"
@@ -390,6 +410,7 @@ cmd_status() {
   else
     echo "api server: https://127.0.0.1:$APISERVER_PORT NOT ready"; ok=1
   fi
+  if node_enabled; then node_status || ok=1; fi
   echo "kubeconfig: $KUBECONFIG_ADMIN"
   return $ok
 }

@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Build the pinned test control plane from Go modules into $DYNAMO_CACHE/tools/bin:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm.
+# Build the pinned test cluster from Go modules into $DYNAMO_CACHE/tools/bin:
+#   control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm;
+#   the real node:  kubelet, kube-proxy, containerd (+ shim, ctr), runc, CNI plugins (bridge,
+#                   host-local, loopback, portmap), crictl.
+# runc is the one cgo build (seccomp): it needs gcc and libseccomp-dev; the node also needs iptables,
+# conntrack, socat and ethtool. Missing Debian packages are installed with apt-get when run as root.
 #
 # Each tool is pinned by the go.mod/go.sum of its wrapper module in hack/tools/<group>/ and is
 # rebuilt only when that pin (or the Go toolchain, or the build flags) changes: a stamp file per
@@ -32,16 +36,31 @@ export GOPROXY="${GOPROXY:-https://proxy.golang.org,direct}"
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "tools.sh: error: $*" >&2; exit 1; }
 
-# name | wrapper dir | main package | module whose version is the tool's version | extra ldflags (%V = version)
+# name | wrapper dir | main package | module whose version is the tool's version | extra ldflags (%V = version) | build tags | cgo
 TOOLS=(
-  "etcd|etcd|go.etcd.io/etcd/server/v3|go.etcd.io/etcd/server/v3|"
-  "kube-apiserver|k8s|k8s.io/kubernetes/cmd/kube-apiserver|k8s.io/kubernetes|KUBE"
-  "kube-controller-manager|k8s|k8s.io/kubernetes/cmd/kube-controller-manager|k8s.io/kubernetes|KUBE"
-  "kube-scheduler|k8s|k8s.io/kubernetes/cmd/kube-scheduler|k8s.io/kubernetes|KUBE"
-  "kubectl|k8s|k8s.io/kubernetes/cmd/kubectl|k8s.io/kubernetes|KUBE"
-  "kwok|kwok|sigs.k8s.io/kwok/cmd/kwok|sigs.k8s.io/kwok|"
-  "helm|helm|helm.sh/helm/v3/cmd/helm|helm.sh/helm/v3|-X helm.sh/helm/v3/internal/version.version=%V"
+  "etcd|etcd|go.etcd.io/etcd/server/v3|go.etcd.io/etcd/server/v3|||"
+  "kube-apiserver|k8s|k8s.io/kubernetes/cmd/kube-apiserver|k8s.io/kubernetes|KUBE||"
+  "kube-controller-manager|k8s|k8s.io/kubernetes/cmd/kube-controller-manager|k8s.io/kubernetes|KUBE||"
+  "kube-scheduler|k8s|k8s.io/kubernetes/cmd/kube-scheduler|k8s.io/kubernetes|KUBE||"
+  "kubectl|k8s|k8s.io/kubernetes/cmd/kubectl|k8s.io/kubernetes|KUBE||"
+  "kwok|kwok|sigs.k8s.io/kwok/cmd/kwok|sigs.k8s.io/kwok|||"
+  "helm|helm|helm.sh/helm/v3/cmd/helm|helm.sh/helm/v3|-X helm.sh/helm/v3/internal/version.version=%V||"
+  "kubelet|k8s|k8s.io/kubernetes/cmd/kubelet|k8s.io/kubernetes|KUBE||"
+  "kube-proxy|k8s|k8s.io/kubernetes/cmd/kube-proxy|k8s.io/kubernetes|KUBE||"
+  "containerd|containerd|github.com/containerd/containerd/v2/cmd/containerd|github.com/containerd/containerd/v2|-X github.com/containerd/containerd/v2/version.Version=%V|no_devmapper no_zfs no_btrfs|"
+  "containerd-shim-runc-v2|containerd|github.com/containerd/containerd/v2/cmd/containerd-shim-runc-v2|github.com/containerd/containerd/v2|-X github.com/containerd/containerd/v2/version.Version=%V|no_devmapper no_zfs no_btrfs|"
+  "ctr|containerd|github.com/containerd/containerd/v2/cmd/ctr|github.com/containerd/containerd/v2|-X github.com/containerd/containerd/v2/version.Version=%V|no_devmapper no_zfs no_btrfs|"
+  "runc|runc|github.com/opencontainers/runc|github.com/opencontainers/runc|-X main.version=%V|seccomp urfave_cli_no_docs|1"
+  "bridge|cni|github.com/containernetworking/plugins/plugins/main/bridge|github.com/containernetworking/plugins|||"
+  "host-local|cni|github.com/containernetworking/plugins/plugins/ipam/host-local|github.com/containernetworking/plugins|||"
+  "loopback|cni|github.com/containernetworking/plugins/plugins/main/loopback|github.com/containernetworking/plugins|||"
+  "portmap|cni|github.com/containernetworking/plugins/plugins/meta/portmap|github.com/containernetworking/plugins|||"
+  "crictl|cri-tools|sigs.k8s.io/cri-tools/cmd/crictl|sigs.k8s.io/cri-tools|-X sigs.k8s.io/cri-tools/pkg/version.Version=%V||"
 )
+# CNI plugins are looked up by containerd in one directory of their own.
+CNI_TOOLS=" bridge host-local loopback portmap "
+# Debian packages the node needs at run time (and libseccomp-dev to build runc).
+DEB_PKGS=(iptables conntrack socat ethtool libseccomp-dev pkg-config)
 
 # Version of MODULE as required by the wrapper's go.mod (read from the file: no network, no go call).
 mod_version() { # dir module
@@ -80,8 +99,9 @@ check_go() {
 list() {
   local t name dir pkg mod kind
   for t in "${TOOLS[@]}"; do
-    IFS='|' read -r name dir pkg mod kind <<<"$t"
-    printf '%-24s %-10s %s\n' "$name" "$(mod_version "$dir" "$mod")" "$BIN/$name"
+    IFS='|' read -r name dir pkg mod kind _ <<<"$t"
+    local p="$BIN/$name"; case "$CNI_TOOLS" in *" $name "*) p="$BIN/cni/$name" ;; esac
+    printf '%-24s %-10s %s\n' "$name" "$(mod_version "$dir" "$mod")" "$p"
   done
 }
 
@@ -118,13 +138,15 @@ post_build() { # name dir version
 }
 
 build_one() { # spec
-  local name dir pkg mod kind ver flags stamp want t0 t1 log
-  IFS='|' read -r name dir pkg mod kind <<<"$1"
+  local name dir pkg mod kind tags cgo ver flags stamp want t0 t1 log out
+  IFS='|' read -r name dir pkg mod kind tags cgo <<<"$1"
   ver="$(mod_version "$dir" "$mod")"
   flags="$(ldflags_for "$kind" "$ver")"
-  want="$name $pkg@$ver go=$GOVER sum=$(cat "$WRAP/$dir/go.mod" "$WRAP/$dir/go.sum" | sha256sum | cut -c1-16) flags=$(echo "-trimpath $flags" | sha256sum | cut -c1-16)"
+  want="$name $pkg@$ver go=$GOVER sum=$(cat "$WRAP/$dir/go.mod" "$WRAP/$dir/go.sum" | sha256sum | cut -c1-16) flags=$(echo "-trimpath $flags tags=$tags cgo=${cgo:-0}" | sha256sum | cut -c1-16)"
   stamp="$STAMPS/$name"
-  if [ -z "${TOOLS_FORCE:-}" ] && [ -x "$BIN/$name" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  out="$BIN/$name"
+  case "$CNI_TOOLS" in *" $name "*) out="$BIN/cni/$name"; mkdir -p "$BIN/cni" ;; esac
+  if [ -z "${TOOLS_FORCE:-}" ] && [ -x "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     printf '%-24s %-10s up to date\n' "$name" "$ver"
     post_build "$name" "$dir" "$ver"
     return 0
@@ -133,18 +155,36 @@ build_one() { # spec
   log="$LOGS/$name.log"
   printf '%-24s %-10s building ... ' "$name" "$ver"
   t0=$(date +%s)
-  if ! ( cd "$WRAP/$dir" && nice -n 19 go build -trimpath -ldflags "$flags" -o "$BIN/.$name.tmp" "$pkg" ) >"$log" 2>&1; then
+  if ! ( cd "$WRAP/$dir" && CGO_ENABLED="${cgo:-0}" nice -n 19 go build -trimpath -tags "$tags" -ldflags "$flags" -o "$BIN/.$name.tmp" "$pkg" ) >"$log" 2>&1; then
     echo "FAILED"
     echo "tools.sh: error: building $name ($pkg@$ver) failed; last lines of $log:" >&2
     tail -n 30 "$log" >&2
     rm -f "$BIN/.$name.tmp"
     exit 1
   fi
-  mv -f "$BIN/.$name.tmp" "$BIN/$name"
+  mv -f "$BIN/.$name.tmp" "$out"
   post_build "$name" "$dir" "$ver"
   echo "$want" >"$stamp"
   t1=$(date +%s)
   echo "done in $((t1 - t0))s"
+}
+
+# Install the node's Debian packages when missing (as root); otherwise say what to install.
+debs() {
+  local p missing=()
+  for p in "${DEB_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+    die "missing Debian packages: ${missing[*]} (install them: apt-get install ${missing[*]})"
+  fi
+  echo "tools: apt-get install ${missing[*]}"
+  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >"$LOGS/apt.log" 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get update -q >>"$LOGS/apt.log" 2>&1 || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >>"$LOGS/apt.log" 2>&1 \
+      || { tail -n 20 "$LOGS/apt.log" >&2; die "apt-get install ${missing[*]} failed"; }
+  fi
 }
 
 main() {
@@ -155,6 +195,7 @@ main() {
   esac
   GOVER="$(check_go)"
   mkdir -p "$BIN" "$STAMPS" "$LOGS" "$GOMODCACHE" "$GOCACHE"
+  debs
   local want=("$@") t name found total0
   for name in "${want[@]}"; do
     found=
