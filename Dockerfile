@@ -2,8 +2,10 @@
 # `dynamo-rs-operator` (the controller the Helm chart deploys). Both from one build stage:
 #   docker build --target dataplane -t dynamo-rs:latest .
 #   docker build --target operator  -t dynamo-rs-operator:latest .
-# (This repository's CI machines have no container engine; the binaries themselves are what the
-# tests exercise.)
+# The test cluster builds the same two images without a container engine: hack/image.sh writes each
+# as one OCI layer (the release binary, the libraries it links, /etc/passwd with nonroot 65532, /tmp,
+# PATH, user 65532:65532, the same entrypoint) and imports it into the real node's containerd. The
+# two must describe the same image: change one, change the other.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

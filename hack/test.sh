@@ -52,11 +52,14 @@ fi
 # sidecar's ingest and the router's index.
 DYNAMO_BIN="$CARGO_TARGET_DIR/debug/dynamo" "$VENV/bin/python" -m pytest -q e2e/openai e2e/vllm
 
-step "control-plane tools (etcd, kube-apiserver/-scheduler/-controller-manager, kubectl, kwok, helm; cached in $DYNAMO_CACHE/tools)"
+step "cluster tools (control plane, kwok, helm, and the real node's kubelet, kube-proxy, containerd, runc, CNI, crictl; cached in $DYNAMO_CACHE/tools)"
 hack/tools.sh
 
-step "test control plane smoke test"
+step "test cluster smoke test (control plane, kwok nodes, the real node, crash recovery, clean teardown)"
 e2e/cluster/smoke.sh
 
 step "operator e2e (helm install, operator with the chart's ServiceAccount, kwok GPU nodes)"
 e2e/operator/run.sh
+
+step "real-node e2e (images, operator as a pod, agg graph served through its ClusterIP under rollout, scaling and pod kill)"
+PYTHON="$VENV/bin/python" e2e/realnode/run.sh

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Smoke test of the test control plane (hack/tools.sh + hack/cluster.sh): exits non-zero on failure.
+# Smoke test of the test cluster (hack/tools.sh + hack/cluster.sh): control plane, kwok nodes and the
+# real node (a pod's containers really run; `up` after a crash recovers; `down` leaves nothing
+# behind). Exits non-zero on failure.
 # Runs its own cluster in $DYNAMO_CACHE/cluster-smoke (CLUSTER_STATE) so it never touches a cluster that
 # other tests have up in $DYNAMO_CACHE/cluster; tears it down at the end (KEEP=1 keeps it).
 set -euo pipefail
@@ -48,6 +50,7 @@ pass "up is idempotent"
 
 step "nodes"
 [ "$("$K" version -o json | grep -c '"gitVersion": "v1.35')" -eq 2 ] || fail "kubectl/server version is not v1.35.x"
+REAL=real-node
 n=$("$K" get nodes -l type=kwok -o jsonpath='{range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}' | grep -cx True)
 [ "$n" -eq 16 ] || fail "expected 16 Ready kwok nodes, got $n"
 pass "16 Ready kwok nodes"
@@ -64,6 +67,34 @@ pass "zone/rack/hostname labels, 8 GPUs allocatable, no taints"
 
 "$K" create namespace $NS >/dev/null
 retry 60 "$K" get serviceaccount default -n $NS || fail "default ServiceAccount not created in $NS"
+
+step "real node"
+[ "$("$K" get node $REAL -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ] || fail "$REAL not Ready"
+[ -z "$("$K" get node $REAL -o jsonpath='{.metadata.annotations.kwok\.x-k8s\.io/node}')" ] || fail "$REAL has the kwok annotation"
+[ "$("$K" get node $REAL -o jsonpath='{.spec.taints[0].key}={.spec.taints[0].effect}')" = dynamo.nvidia.com/real-node=NoSchedule ] ||
+  fail "$REAL is not tainted dynamo.nvidia.com/real-node:NoSchedule"
+[ "$("$K" get node $REAL -o jsonpath='{.status.allocatable.nvidia\.com/gpu}')" = 8 ] || fail "$REAL does not advertise 8 GPUs"
+pass "$REAL Ready, tainted, 8 GPUs, no kwok annotation"
+real_pod() { # name: a pod of the pause image pinned to the real node
+  "$K" apply -n $NS -f - >/dev/null <<EOF
+apiVersion: v1
+kind: Pod
+metadata: {name: $1}
+spec:
+  nodeSelector: {dynamo.nvidia.com/node: real}
+  tolerations: [{key: dynamo.nvidia.com/real-node, operator: Exists, effect: NoSchedule}]
+  containers:
+  - {name: main, image: registry.k8s.io/pause:3.10.2, imagePullPolicy: Never}
+EOF
+}
+runs_on_real() { [ "$("$K" get pod -n $NS "$1" -o jsonpath='{.status.phase} {.spec.nodeName} {.status.containerStatuses[0].ready}')" = "Running $REAL true" ]; }
+real_ready() { [ "$("$K" get node $REAL -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
+real_pod real-1
+retry 90 runs_on_real real-1 || fail "a pod pinned to $REAL did not run: $("$K" get pod -n $NS real-1 -o wide 2>&1 | tail -n1)"
+ip=$("$K" get pod -n $NS real-1 -o jsonpath='{.status.podIP}')
+case "$ip" in 10.245.0.*) ;; *) fail "pod IP $ip not from the real node's pod range" ;; esac
+"$K" logs -n $NS real-1 >/dev/null || fail "kubectl logs on the real node"
+pass "a container runs on $REAL (pod IP $ip) and kubectl logs reaches it"
 
 step "deployment scheduled onto kwok nodes"
 "$K" apply -n $NS -f - >/dev/null <<'EOF'
@@ -159,12 +190,31 @@ echo "$out" | grep -q Forbidden || fail "unexpected error deleting a pod: $out"
 out=$("$K" --kubeconfig "$sakc" get nodes 2>&1) && fail "ServiceAccount could list nodes"
 pass "token kubeconfig allowed what its Role grants and Forbidden otherwise"
 
+step "up after a crash"
+for p in kube-proxy kubelet containerd kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+  pkill -KILL -f "^$CACHE/tools/bin/$p .*$CLUSTER_STATE" 2>/dev/null || true
+done
+"$CLUSTER" up >/dev/null || fail "up after every component was killed"
+retry 90 real_ready || fail "$REAL not Ready after recovery"
+"$K" create namespace $NS >/dev/null
+retry 60 "$K" get serviceaccount default -n $NS || fail "default ServiceAccount not created after recovery"
+real_pod real-2
+retry 90 runs_on_real real-2 || fail "a pod did not run on $REAL after recovery"
+pass "up after a crash cleaned the old state and the real node runs pods again"
+
 step "down"
 trap - EXIT
 "$CLUSTER" down >/dev/null 2>&1 || fail "down"
 [ ! -e "$CLUSTER_STATE" ] || fail "state dir $CLUSTER_STATE left behind"
-for p in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+for p in etcd kube-apiserver kube-controller-manager kube-scheduler kwok containerd kubelet kube-proxy; do
   if pgrep -f "^$CACHE/tools/bin/$p .*$CLUSTER_STATE" >/dev/null; then fail "$p still running"; fi
 done
-pass "down stopped every component and wiped $CLUSTER_STATE"
+! pgrep -f "^$CACHE/tools/bin/containerd-shim-runc-v2" >/dev/null || fail "a containerd shim still runs"
+! ip link show dynamo0 >/dev/null 2>&1 || fail "bridge dynamo0 left behind"
+for t in filter nat mangle; do
+  ! iptables -t $t -S | grep -qE '^-N (KUBE-|CNI-)' || fail "iptables $t chains left: $(iptables -t $t -S | grep -E '^-N (KUBE-|CNI-)' | head -3 | tr '\n' ' ')"
+done
+! grep -qE " ($CLUSTER_STATE|/run/containerd|/var/lib/kubelet)" /proc/self/mountinfo || fail "mounts left behind"
+! ls -d /sys/fs/cgroup/*/kubepods >/dev/null 2>&1 || fail "pod cgroups left: $(ls -d /sys/fs/cgroup/*/kubepods | head -3)"
+pass "down stopped every component, removed the bridge, iptables chains, mounts and pod cgroups, and wiped $CLUSTER_STATE"
 echo "smoke: all checks passed in $((SECONDS - T0))s"

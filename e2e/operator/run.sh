@@ -21,6 +21,8 @@ export CLUSTER_STATE="${CLUSTER_STATE:-$CACHE/cluster-e2e-operator}"
 # Below Linux's ephemeral range (32768-60999): a port there can be taken by one of the cluster's own
 # outgoing connections between picking it and a component binding it.
 export CLUSTER_PORT_BASE="${CLUSTER_PORT_BASE:-26700}"
+# kwok nodes only: the real node is e2e/realnode's (one per machine).
+export REAL_NODE=0
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OP_BIN="$TARGET/debug/dynamo-operator"
 # `dynamo_frontend::discovery::kube` as a process: prints each worker candidate set as JSON.

@@ -246,7 +246,7 @@ ipt_cleanup() { # iptables|ip6tables
   command -v "$ipt" >/dev/null || return 0
   for t in filter nat mangle raw; do
     "$ipt" -t "$t" -S >/dev/null 2>&1 || continue
-    "$ipt" -t "$t" -S | grep -E '^-A [A-Z]+ .*-j (KUBE-|CNI-)' | grep -vE '^-A (KUBE-|CNI-)' |
+    { "$ipt" -t "$t" -S | grep -E '^-A [A-Z]+ .*-j (KUBE-|CNI-)' | grep -vE '^-A (KUBE-|CNI-)' || true; } |
       while read -r line; do eval "\"$ipt\" -t $t -D ${line#-A }" 2>/dev/null || true; done
     for c in $("$ipt" -t "$t" -S | awk '/^-N (KUBE-|CNI-)/ { print $2 }'); do "$ipt" -t "$t" -F "$c" 2>/dev/null || true; done
     for c in $("$ipt" -t "$t" -S | awk '/^-N (KUBE-|CNI-)/ { print $2 }'); do "$ipt" -t "$t" -X "$c" 2>/dev/null || true; done
@@ -277,7 +277,7 @@ node_cleanup() {
   done
   sleep 0.3
   # Mounts (container rootfs, volumes, network namespaces), deepest first.
-  awk '{ print $5 }' /proc/self/mountinfo | grep -E "^($NODE_DIR|/run/containerd|/var/lib/kubelet|/run/netns/cni-)" |
+  { awk '{ print $5 }' /proc/self/mountinfo | grep -E "^($NODE_DIR|/run/containerd|/var/lib/kubelet|/run/netns/cni-)" || true; } |
     sort -r | while read -r p; do umount -l "$p" 2>/dev/null || true; done
   ip link del "$NODE_BRIDGE" 2>/dev/null || true
   ipt_cleanup iptables

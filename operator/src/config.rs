@@ -20,6 +20,11 @@ pub struct Args {
     /// A gang with some but not all pods bound for this long is deleted and placed again.
     #[arg(long, env = "DYN_GANG_DEADLINE", default_value = "5m", value_parser = humantime::parse_duration)]
     pub gang_deadline: Duration,
+    /// During a rolling update, a new gang counts as available only once every pod of it has been
+    /// Ready this long, and the next old gang goes only then: routers (the frontend's discovery)
+    /// admit a new worker a moment after its pod turns Ready. Like a Deployment's minReadySeconds.
+    #[arg(long, env = "DYN_MIN_READY", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub min_ready: Duration,
     /// Only watch graphs in this namespace (empty: all namespaces).
     #[arg(long, env = "DYN_WATCH_NAMESPACE", default_value = "")]
     pub watch_namespace: String,
@@ -55,6 +60,7 @@ pub struct Args {
 pub struct Config {
     pub levels: TopologyLevels,
     pub gang_deadline: Duration,
+    pub min_ready: Duration,
     pub watch_namespace: Option<String>,
     pub default_image: String,
     pub metrics_addr: SocketAddr,
@@ -81,6 +87,7 @@ impl Args {
         Ok(Config {
             levels,
             gang_deadline: self.gang_deadline,
+            min_ready: self.min_ready,
             watch_namespace: (!self.watch_namespace.is_empty()).then_some(self.watch_namespace),
             default_image: self.default_image,
             metrics_addr: self.metrics_addr,

@@ -352,6 +352,7 @@ async fn reconcile_graph(dgd: &DynamoGraphDeployment, ctx: &Context) -> Result<A
             replicas: replicas.get(name).copied().unwrap_or(0),
             node_count: svc.node_count().max(1) as u32,
             hash: gang::template_hash(&dgd.spec, svc),
+            min_ready_secs: ctx.config.min_ready.as_secs() as i64,
         })
         .collect();
     let ours = our_pods(&g, ctx);
@@ -476,6 +477,9 @@ fn observe(p: &Pod, pinned: &HashMap<String, (String, u32)>) -> Option<PodObs> {
     let status = p.status.as_ref();
     let annotations = p.annotations();
     let phase = status.and_then(|s| s.phase.as_deref());
+    let ready_condition = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status == "True"));
     Some(PodObs {
         service: labels.get(gang::LABEL_SERVICE)?.clone(),
         gang: labels.get(gang::LABEL_GANG)?.parse().ok()?,
@@ -490,9 +494,10 @@ fn observe(p: &Pod, pinned: &HashMap<String, (String, u32)>) -> Option<PodObs> {
         pinned: annotations.contains_key(ANNOTATION_NODE)
             || p.uid().is_some_and(|u| pinned.contains_key(&u)),
         bound: spec.and_then(|s| s.node_name.as_ref()).is_some(),
-        ready: status
-            .and_then(|s| s.conditions.as_ref())
-            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")),
+        ready: ready_condition.is_some(),
+        ready_since: ready_condition
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0.as_second()),
         failed: matches!(phase, Some("Failed" | "Succeeded")),
         terminating: p.metadata.deletion_timestamp.is_some(),
         ungated_at: annotations

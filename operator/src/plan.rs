@@ -10,8 +10,9 @@
 //!   (a crash between pin patches) or stayed half bound past the deadline is deleted whole and
 //!   made again;
 //! - a gang whose pods run an older template is replaced: at once when it is not ready anyway,
-//!   otherwise one gang at a time and only while every wanted gang is ready, so the service never
-//!   drops below `replicas - 1` ready gangs.
+//!   otherwise one gang at a time and only while every wanted gang is ready and has been for
+//!   `min_ready_secs` (so routers have admitted it), so the service never drops below
+//!   `replicas - 1` ready gangs.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -29,6 +30,8 @@ pub struct PodObs {
     /// Bound by the scheduler (`spec.nodeName` set).
     pub bound: bool,
     pub ready: bool,
+    /// Unix seconds when it last turned Ready (`None`: unknown, counts as long ago).
+    pub ready_since: Option<i64>,
     pub failed: bool,
     pub terminating: bool,
     /// Unix seconds when its gate was lifted.
@@ -42,6 +45,8 @@ pub struct ServiceDesired {
     pub replicas: u32,
     pub node_count: u32,
     pub hash: String,
+    /// A rolling update replaces the next gang only once every wanted gang has been ready this long.
+    pub min_ready_secs: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -168,6 +173,7 @@ fn plan_service(
     }
     let mut stale_ready: Vec<u32> = Vec::new();
     let mut busy = 0u32; // wanted gangs not ready (down or on their way)
+    let mut settling: Option<i64> = None; // seconds until the latest ready gang counts as available
     for gang in 0..d.replicas {
         let gpods: &[&PodObs] = gangs.get(&gang).map_or(&[], Vec::as_slice);
         let complete = (0..d.node_count).all(|r| gpods.iter().any(|p| p.rank == r));
@@ -177,6 +183,11 @@ fn plan_service(
         let current = gpods.iter().all(|p| p.hash == d.hash);
         if ready {
             counts.ready += 1;
+            let since = gpods.iter().filter_map(|p| p.ready_since).max();
+            let left = since.map_or(0, |t| t + d.min_ready_secs - now);
+            if left > 0 {
+                settling = Some(settling.map_or(left, |s| s.max(left)));
+            }
         } else {
             busy += 1;
         }
@@ -245,11 +256,17 @@ fn plan_service(
             }
         }
     }
-    // Roll ready gangs one at a time, only while every wanted gang is ready.
+    // Roll ready gangs one at a time, only while every wanted gang is ready, and has been for
+    // min_ready_secs (else look again when it will have been).
     if busy == 0
         && let Some(gang) = stale_ready.first()
     {
-        out.actions.push(del(*gang, DeleteReason::Rollout));
+        match settling {
+            Some(left) => {
+                out.recheck_in = Some(out.recheck_in.map_or(left, |r| r.min(left)));
+            }
+            None => out.actions.push(del(*gang, DeleteReason::Rollout)),
+        }
     }
     out.counts.insert(d.name.clone(), counts);
 }
@@ -264,6 +281,7 @@ mod tests {
             replicas,
             node_count,
             hash: hash.into(),
+            min_ready_secs: 5,
         }
     }
 
@@ -403,6 +421,23 @@ mod tests {
         assert!(deletes(&p).is_empty(), "{p:?}");
         assert_eq!(p.counts["W"].ready, 2);
         assert_eq!(p.counts["W"].updated, 1);
+    }
+
+    #[test]
+    fn rolling_update_waits_until_the_new_gang_has_been_ready_for_min_ready() {
+        // Gang 0 (new) turned Ready at t=100: gang 1 (old) goes only from t=105, and the plan asks
+        // to be looked at again when that is.
+        let mut g0 = running(0, 0, "new");
+        g0.ready_since = Some(100);
+        let mut g1 = running(1, 0, "old");
+        g1.ready_since = Some(10);
+        let pods = vec![g0, g1];
+        let early = plan(&[svc(2, 1, "new")], &pods, 102, 300);
+        assert!(deletes(&early).is_empty(), "{early:?}");
+        assert_eq!(early.recheck_in, Some(3));
+        assert_eq!(early.counts["W"].ready, 2);
+        let late = plan(&[svc(2, 1, "new")], &pods, 105, 300);
+        assert_eq!(deletes(&late), vec![(1, DeleteReason::Rollout)]);
     }
 
     #[test]

@@ -122,6 +122,11 @@ pub struct FrontendArgs {
     /// during its stream (the client sees one unbroken stream); 0 disables migration.
     #[arg(long, env = "DYN_MIGRATION_LIMIT", default_value_t = 3)]
     pub migration_limit: u32,
+    /// How long a request (new, or moving off a failed worker) waits for a worker to join when no
+    /// live worker is left, before it is refused with 503: a rolling update or a replaced pod
+    /// empties the pool for a moment. 0 refuses at once.
+    #[arg(long, env = "DYN_WORKER_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub worker_wait: Duration,
     /// How requests are spread over workers.
     #[arg(long, env = "DYN_ROUTER_MODE", value_enum, default_value = "kv")]
     pub router_mode: RouterMode,

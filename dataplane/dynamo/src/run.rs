@@ -66,6 +66,7 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         health_interval: args.health_interval,
         drain: args.process.drain_timeout,
         migration_limit: args.migration_limit,
+        worker_wait: args.worker_wait,
     };
     let fe = Frontend::start(config, model.clone()).await?;
     // The discovery source runs beside the server; `serve` discovery ending (stdin closed) stops

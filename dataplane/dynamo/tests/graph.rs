@@ -811,3 +811,74 @@ async fn two_frontends_over_the_same_workers_each_route_with_their_own_load() {
     second.shutdown(Duration::ZERO).await;
     g.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_waits_for_a_worker_to_join_when_none_is_left() {
+    let model = Arc::new(Model::builtin());
+    let mut config = common::frontend_config(
+        Vec::new(),
+        RouterMode::RoundRobin,
+        KvRouterConfig::default(),
+        1 << 20,
+    );
+    config.worker_wait = Duration::from_secs(10);
+    let fe = Frontend::start(config, model.clone())
+        .await
+        .expect("frontend starts");
+    let base = format!("http://{}", fe.addr);
+    let pool = fe.pool().clone();
+    let request = async {
+        let t0 = std::time::Instant::now();
+        let r = reqwest::Client::new()
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&chat("waiting for a worker", 4))
+            .send()
+            .await
+            .expect("sent");
+        (r.status().as_u16(), t0.elapsed())
+    };
+    let join_later = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let sc = common::start_sidecar(&model, 0, 1000.0).await;
+        pool.set_candidates(&[format!("http://{}", sc.addr)].into_iter().collect())
+            .await;
+        sc
+    };
+    let ((status, waited), sc) = tokio::join!(request, join_later);
+    assert_eq!(
+        status, 200,
+        "the request is served by the worker that joined"
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    sc.shutdown(Duration::ZERO).await;
+    fe.shutdown(Duration::ZERO).await;
+
+    // No worker joins within the wait: 503 once it is over, not before.
+    let mut config = common::frontend_config(
+        Vec::new(),
+        RouterMode::RoundRobin,
+        KvRouterConfig::default(),
+        1 << 20,
+    );
+    config.worker_wait = Duration::from_millis(400);
+    let fe = Frontend::start(config, model)
+        .await
+        .expect("frontend starts");
+    let t0 = std::time::Instant::now();
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", fe.addr))
+        .json(&chat("nobody home", 4))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(400),
+        "{:?}",
+        t0.elapsed()
+    );
+    fe.shutdown(Duration::ZERO).await;
+}

@@ -247,7 +247,11 @@ async fn dispatch(
 ) -> Result<(Lease, GenerateResponse, Streaming<GenerateResponse>), ApiError> {
     let mut counted = kind == MigrationType::NewRequest;
     loop {
-        let Some(mut lease) = state.pool().pick(&request.token_ids, failed) else {
+        let Some(mut lease) = state
+            .pool()
+            .pick_or_wait(&request.token_ids, failed, state.worker_wait)
+            .await
+        else {
             return Err(ApiError::no_worker(state.model_name()));
         };
         if !counted {

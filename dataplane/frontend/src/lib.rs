@@ -67,6 +67,8 @@ pub struct FrontendConfig {
     pub drain: Duration,
     /// How many times a request may move to another worker when its worker fails (0: never).
     pub migration_limit: u32,
+    /// How long a request waits for a worker to join when none is left to pick (0: refuse at once).
+    pub worker_wait: Duration,
 }
 
 /// Shared per-process state of the frontend.
@@ -76,6 +78,7 @@ pub struct AppState {
     metrics: FrontendMetrics,
     max_body_bytes: usize,
     migration_limit: u32,
+    worker_wait: Duration,
     draining: CancellationToken,
     next_id: AtomicU64,
     id_salt: u64,
@@ -118,6 +121,7 @@ impl Frontend {
             pool,
             max_body_bytes: config.max_body_bytes,
             migration_limit: config.migration_limit,
+            worker_wait: config.worker_wait,
             draining: CancellationToken::new(),
             next_id: AtomicU64::new(0),
             id_salt: rand::random(),

@@ -121,6 +121,8 @@ pub struct PoolConfig {
 pub struct WorkerPool {
     config: PoolConfig,
     members: RwLock<Arc<Vec<Arc<Worker>>>>,
+    /// Woken whenever a member joins: requests waiting for a worker ([`WorkerPool::pick_or_wait`]).
+    joined: tokio::sync::Notify,
     candidates: Mutex<HashMap<String, Candidate>>,
     tick: AtomicUsize,
     kv: Option<Arc<KvRouter>>,
@@ -135,6 +137,7 @@ impl WorkerPool {
         let pool = Arc::new(WorkerPool {
             config,
             members: RwLock::new(Arc::new(Vec::new())),
+            joined: tokio::sync::Notify::new(),
             candidates: Mutex::new(HashMap::new()),
             tick: AtomicUsize::new(0),
             kv,
@@ -369,6 +372,7 @@ impl WorkerPool {
             next.push(worker.clone());
             *members = Arc::new(next);
         }
+        self.joined.notify_waiters();
         tracing::info!(worker = %url, worker_id = %worker.info.worker_id, instance = %format!("{:016x}", worker.id), "worker joined");
     }
 
@@ -421,6 +425,35 @@ impl WorkerPool {
             worker: worker.clone(),
             kv,
         })
+    }
+}
+
+impl WorkerPool {
+    /// [`WorkerPool::pick`], or, while no member is left to pick, waits up to `wait` for one to
+    /// join: a rolling update or a restarted pod leaves the pool empty for a moment, and a request
+    /// that arrives then should be served by the next worker, not refused. `None` when none joined
+    /// in time or the pool shuts down.
+    pub async fn pick_or_wait(
+        &self,
+        tokens: &[u32],
+        exclude: &[WorkerId],
+        wait: Duration,
+    ) -> Option<Lease> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before looking, so a join between the look and the wait is not missed.
+            let joined = self.joined.notified();
+            tokio::pin!(joined);
+            joined.as_mut().enable();
+            if let Some(lease) = self.pick(tokens, exclude) {
+                return Some(lease);
+            }
+            tokio::select! {
+                () = joined => {}
+                () = tokio::time::sleep_until(deadline) => return None,
+                () = self.shutdown.cancelled() => return None,
+            }
+        }
     }
 }
 

@@ -23,7 +23,11 @@ use axum::{
 use dynamo_mocker::MockerConfig;
 use dynamo_protocol::proto::{self, worker_server::WorkerServer};
 use futures::Stream;
-use prometheus_client::{encoding::text::encode, metrics::gauge::Gauge, registry::Registry};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status};
@@ -106,7 +110,9 @@ impl Sidecar {
 
         let draining = CancellationToken::new();
         let instance_id = events.instance;
+        let requests = Counter::default();
         let service = WorkerService {
+            requests: requests.clone(),
             engine: engine.clone(),
             events: events.clone(),
             info: proto::WorkerInfo {
@@ -125,6 +131,7 @@ impl Sidecar {
             &config.model_name,
             events,
             &ingest,
+            requests,
         ));
         let grpc = tonic::service::Routes::new(
             WorkerServer::new(service)
@@ -188,6 +195,8 @@ struct WorkerService {
     events: EventLog,
     info: proto::WorkerInfo,
     draining: CancellationToken,
+    /// `Generate` requests the engine accepted (`dynamo_component_requests_total`).
+    requests: Counter,
 }
 
 #[tonic::async_trait]
@@ -223,6 +232,7 @@ impl proto::worker_server::Worker for WorkerService {
                     Status::invalid_argument(error.to_string())
                 }
             })?;
+        self.requests.inc();
         Ok(Response::new(GenerateStream { rx, done: false }))
     }
 
@@ -359,7 +369,13 @@ struct WorkerMetrics {
 }
 
 impl WorkerMetrics {
-    fn new(worker_id: &str, model: &str, events: EventLog, ingest: &IngestStats) -> WorkerMetrics {
+    fn new(
+        worker_id: &str,
+        model: &str,
+        events: EventLog,
+        ingest: &IngestStats,
+        requests: Counter,
+    ) -> WorkerMetrics {
         let mut registry = Registry::with_prefix_and_labels(
             "dynamo_component",
             [
@@ -379,6 +395,11 @@ impl WorkerMetrics {
             events,
             registry: Registry::default(),
         };
+        registry.register(
+            "requests",
+            "Generate requests the engine accepted",
+            requests,
+        );
         registry.register(
             "kv_event_blocks",
             "KV blocks the worker holds, as its published events describe them",

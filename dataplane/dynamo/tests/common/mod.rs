@@ -60,5 +60,6 @@ pub fn frontend_config(
         health_interval: Duration::from_millis(200),
         drain: Duration::from_secs(5),
         migration_limit: 3,
+        worker_wait: Duration::ZERO,
     }
 }
