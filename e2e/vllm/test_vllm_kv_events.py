@@ -171,3 +171,47 @@ def test_a_sequence_gap_without_replay_clears_the_worker_blocks(graph):
                          lora_id=None, medium="GPU"), skip=5)
     wait_for(lambda: indexed(graph), 1)
     assert metric(graph["sidecar"], "dynamo_component_vllm_kv_event_gaps_total") == 1
+
+
+def test_a_flood_of_bad_frames_is_counted_in_full_and_logged_at_a_bounded_rate(tmp_path):
+    ctx = zmq.Context.instance()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.SNDHWM, 0)  # keep every frame: the test counts them
+    port = pub.bind_to_random_port("tcp://127.0.0.1")
+    log_path = tmp_path / "sidecar.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([BIN, "sidecar", "--listen", "127.0.0.1:0", "--vllm-kv-events", f"tcp://127.0.0.1:{port}",
+                                 "--block-size", str(BLOCK), "--ready-stdout"], stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        addr = json.loads(proc.stdout.readline())["ready"]["addr"]
+        url = f"http://{addr}"
+        malformed = lambda: metric(url, "dynamo_component_vllm_kv_event_malformed_frames_total") or 0  # noqa: E731
+        # Wait until the subscription is live (PUB/SUB drops what is sent before).
+        deadline = time.time() + 10
+        while malformed() == 0:
+            assert time.time() < deadline, "sidecar never received from the publisher"
+            pub.send_multipart([b"", (0).to_bytes(8, "big"), b"\xc1"])
+            time.sleep(0.1)
+        before = malformed()
+        n = 20_000
+        for i in range(n):
+            if i % 2:
+                pub.send_multipart([b"", (i + 1).to_bytes(8, "big"), os.urandom(16)])  # garbage payload
+            else:
+                pub.send_multipart([b"only one frame " + os.urandom(4)])  # not [topic, seq, payload]
+        # PUB/SUB may drop frames under such a flood (the subscriber's queue is bounded): what
+        # arrives is counted; most must arrive.
+        time.sleep(3)
+        counted = malformed() - before
+        assert counted >= n // 2, f"only {counted} of {n} bad frames counted"
+        assert urllib.request.urlopen(url + "/health", timeout=5).status == 200, "sidecar survives the flood"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        pub.close(0)
+    text = log_path.read_text().splitlines()
+    # Three kinds of bad input (undecodable batches, wrong frames, sequence gaps), each logged for
+    # the first 10, then once per 10 s.
+    for what in ("malformed vLLM KV event batch", "without [topic, seq, payload]", "could not be replayed"):
+        lines = [l for l in text if what in l]
+        assert 1 <= len(lines) <= 10 + 3, f"{len(lines)} lines of {what!r} for {n} bad frames"

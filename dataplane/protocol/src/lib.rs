@@ -1,11 +1,13 @@
 //! The dynamo-rs wire protocol: the worker's gRPC service (`dynamo.worker.v1`: request plane
 //! `Generate`, event plane `SubscribeKvEvents`, `Info`/`Load`), conversions between the event
-//! plane's messages and the one KV event type ([`dynamo_kv::KvEvent`]), and [`net`], the accept loop
-//! and shutdown signal every data-plane process serves with.
+//! plane's messages and the one KV event type ([`dynamo_kv::KvEvent`]), [`net`], the accept loop
+//! and shutdown signal every data-plane process serves with, and [`log_limit`], bounded logging of
+//! bad input.
 //!
 //! It owns no policy and no engine: what a worker does with a request is the sidecar's business,
 //! where a request goes is the frontend's.
 
+pub mod log_limit;
 pub mod net;
 pub mod proto;
 

@@ -5,12 +5,20 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use dynamo_kv::KvEvent;
+use dynamo_protocol::log_limit::LogLimit;
 use prometheus_client::metrics::counter::Counter;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
 use super::decode::{decode_batch, to_events};
 use crate::event_log::EventLog;
+
+// Bad input is counted in full (`IngestStats`) and logged at a bounded rate: the first 10 of each
+// kind, then one line per 10 s with the number left out.
+static MALFORMED_BATCH: LogLimit = LogLimit::new(10, Duration::from_secs(10));
+static MALFORMED_FRAMES: LogLimit = LogLimit::new(10, Duration::from_secs(10));
+static STREAM_BROKE: LogLimit = LogLimit::new(10, Duration::from_secs(10));
+static GAP: LogLimit = LogLimit::new(10, Duration::from_secs(10));
 
 /// Counters of the ingest, registered on the sidecar's `/metrics`.
 #[derive(Clone, Default)]
@@ -54,7 +62,9 @@ impl IngestStats {
             }
             Err(error) => {
                 self.malformed.inc();
-                tracing::warn!(seq, %error, bytes = payload.len(), "skipping a malformed vLLM KV event batch");
+                if let Some(suppressed) = MALFORMED_BATCH.allow() {
+                    tracing::warn!(seq, %error, bytes = payload.len(), suppressed, "skipping a malformed vLLM KV event batch");
+                }
             }
         }
     }
@@ -94,15 +104,20 @@ pub async fn run(
             let message = match message {
                 Ok(m) => m,
                 Err(error) => {
-                    tracing::warn!(%error, "vLLM KV event stream broke; reconnecting");
+                    if let Some(suppressed) = STREAM_BROKE.allow() {
+                        tracing::warn!(%error, suppressed, "vLLM KV event stream broke; reconnecting");
+                    }
                     break;
                 }
             };
             let Some((seq, payload)) = split_frames(message) else {
                 stats.malformed.inc();
-                tracing::warn!(
-                    "skipping a vLLM KV event message without [topic, seq, payload] frames"
-                );
+                if let Some(suppressed) = MALFORMED_FRAMES.allow() {
+                    tracing::warn!(
+                        suppressed,
+                        "skipping a vLLM KV event message without [topic, seq, payload] frames"
+                    );
+                }
                 continue;
             };
             let expected = last.map_or(0, |l| l + 1);
@@ -147,20 +162,26 @@ async fn recover_gap(
                 }
             }
             if next == until {
-                tracing::info!(
-                    from,
-                    until,
-                    "recovered missed vLLM KV events from the replay socket"
-                );
+                if let Some(suppressed) = GAP.allow() {
+                    tracing::info!(
+                        from,
+                        until,
+                        suppressed,
+                        "recovered missed vLLM KV events from the replay socket"
+                    );
+                }
                 return;
             }
         }
     }
-    tracing::warn!(
-        from,
-        until,
-        "missed vLLM KV events could not be replayed; dropping this worker's blocks from the index"
-    );
+    if let Some(suppressed) = GAP.allow() {
+        tracing::warn!(
+            from,
+            until,
+            suppressed,
+            "missed vLLM KV events could not be replayed; dropping this worker's blocks from the index"
+        );
+    }
     log.append([KvEvent::Cleared]);
 }
 
