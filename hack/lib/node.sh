@@ -26,8 +26,13 @@ NODE_FIXED_PATHS=(/var/lib/kubelet /var/log/containers /var/log/pods /run/contai
 NODE_SYSCTLS=(net.ipv4.ip_forward net.ipv4.conf.all.route_localnet)
 
 node_enabled() { [ "${REAL_NODE:-1}" != 0 ]; }
+# The host's address that pods reach it by: the source of its default route, else its first global
+# IPv4 address, else loopback (then pods cannot reach the API server; `up` says so).
 node_ip() {
-  ip -4 route get 1.1.1.1 2>/dev/null | awk '{ for (i = 1; i < NF; i++) if ($i == "src") { print $(i + 1); exit } }'
+  local ip
+  ip="$(ip -4 route get 1.1.1.1 2>/dev/null | awk '{ for (i = 1; i < NF; i++) if ($i == "src") { print $(i + 1); exit } }')"
+  [ -n "$ip" ] || ip="$(ip -4 -o addr show scope global 2>/dev/null | awk '{ sub(/\/.*/, "", $4); print $4; exit }')"
+  echo "${ip:-127.0.0.1}"
 }
 ctr_() { "$BIN/ctr" --address "$CTRD_SOCK" --namespace k8s.io "$@"; }
 crictl_() { "$BIN/crictl" --runtime-endpoint "unix://$CTRD_SOCK" --image-endpoint "unix://$CTRD_SOCK" --timeout 10s "$@"; }
@@ -206,6 +211,7 @@ proxy_healthy() { curl -sf --max-time 3 "http://127.0.0.1:$PROXY_HEALTHZ_PORT/he
 
 node_up() {
   node_need_tools
+  [ "$NODE_IP" != 127.0.0.1 ] || die "the host has no non-loopback IPv4 address: pods could not reach the API server (REAL_NODE=0 runs without the real node)"
   node_pki
   node_write_configs
   node_record_host
