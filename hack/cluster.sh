@@ -154,6 +154,21 @@ load_ports() {
 
 # ---------------------------------------------------------------- certificates
 
+# issue_certs SPEC...: for each "name|subject|extensions" a key and a certificate signed by the CA
+# in $PKI ($PKI/name.key, $PKI/name.crt).
+issue_certs() {
+  local d="$PKI" s name subj ext
+  for s in "$@"; do
+    name="${s%%|*}"; s="${s#*|}"; subj="${s%%|*}"; ext="${s#*|}"
+    printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n%s\n' "$ext" >"$d/$name.ext"
+    openssl req -newkey rsa:2048 -nodes -keyout "$d/$name.key" -out "$d/$name.csr" -subj "$subj" 2>/dev/null
+    openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
+      -out "$d/$name.crt" -days 3650 -extfile "$d/$name.ext" 2>/dev/null
+    rm -f "$d/$name.csr" "$d/$name.ext"
+  done
+  chmod 600 "$d"/*.key
+}
+
 gen_pki() {
   mkdir -p "$PKI"
   local d="$PKI"
@@ -171,15 +186,7 @@ extendedKeyUsage=serverAuth"
     "kwok|/O=system:masters/CN=kwok-controller|subjectAltName=IP:127.0.0.1,DNS:localhost
 extendedKeyUsage=serverAuth,clientAuth"
   )
-  local s name subj ext
-  for s in "${specs[@]}"; do
-    name="${s%%|*}"; s="${s#*|}"; subj="${s%%|*}"; ext="${s#*|}"
-    printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n%s\n' "$ext" >"$d/$name.ext"
-    openssl req -newkey rsa:2048 -nodes -keyout "$d/$name.key" -out "$d/$name.csr" -subj "$subj" 2>/dev/null
-    openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
-      -out "$d/$name.crt" -days 3650 -extfile "$d/$name.ext" 2>/dev/null
-    rm -f "$d/$name.csr" "$d/$name.ext"
-  done
+  issue_certs "${specs[@]}"
   openssl genrsa -out "$d/sa.key" 2048 2>/dev/null
   openssl rsa -in "$d/sa.key" -pubout -out "$d/sa.pub" 2>/dev/null
   chmod 600 "$d"/*.key

@@ -53,25 +53,20 @@ since() { printf '%.1f' "$(echo "$(now) - $1" | bc)"; }
 WORKERS="nvidia.com/dynamo-graph=$GRAPH,nvidia.com/dynamo-service=Worker"
 FRONTEND="nvidia.com/dynamo-graph=$GRAPH,nvidia.com/dynamo-service=Frontend"
 
-ready_pods() { # selector: names of Running, Ready, not terminating pods
+# ready_pods SELECTOR [FIELD]: the name (or another metadata FIELD, e.g. uid) of each Running,
+# Ready, not terminating pod.
+ready_pods() {
   k get pods -l "$1" -o json | "$PYTHON" -c '
 import json, sys
 for p in json.load(sys.stdin)["items"]:
     conds = {c["type"]: c["status"] for c in p["status"].get("conditions", [])}
     if p["metadata"].get("deletionTimestamp") is None and p["status"].get("phase") == "Running" and conds.get("Ready") == "True":
-        print(p["metadata"]["name"])'
+        print(p["metadata"][sys.argv[1]])' "${2:-name}"
 }
 all_pods() { k get pods -l "$1" -o name | sed 's|^pod/||'; }
 # Pod UIDs: a replaced gang member keeps its name (graph-service-gang-rank).
 pod_uids() { k get pods -l "$1" -o 'jsonpath={range .items[*]}{.metadata.uid}{"\n"}{end}' | sort; }
-ready_uids() {
-  k get pods -l "$1" -o json | "$PYTHON" -c '
-import json, sys
-for p in json.load(sys.stdin)["items"]:
-    conds = {c["type"]: c["status"] for c in p["status"].get("conditions", [])}
-    if p["metadata"].get("deletionTimestamp") is None and p["status"].get("phase") == "Running" and conds.get("Ready") == "True":
-        print(p["metadata"]["uid"])' | sort
-}
+ready_uids() { ready_pods "$1" uid | sort; }
 ready_count_is() { [ "$(ready_pods "$1" | wc -l)" -eq "$2" ] && [ "$(all_pods "$1" | wc -l)" -eq "$2" ]; }
 pod_ip() { k get pod "$1" -o 'jsonpath={.status.podIP}'; }
 # Requests a worker pod has accepted, from its own /metrics (port 9000, beside gRPC).

@@ -51,22 +51,11 @@ node_need_tools() {
 # Certificates for the node: kubelet client (Node authorizer identity), kubelet serving (node IP as
 # SAN, so `kubectl logs/exec` through the API server verify it), kube-proxy client.
 node_pki() {
-  local d="$PKI" s name subj ext
-  local specs=(
-    "kubelet|/O=system:nodes/CN=system:node:$NODE_NAME|extendedKeyUsage=clientAuth"
+  issue_certs \
+    "kubelet|/O=system:nodes/CN=system:node:$NODE_NAME|extendedKeyUsage=clientAuth" \
     "kubelet-serving|/CN=$NODE_NAME|subjectAltName=IP:$NODE_IP,IP:127.0.0.1,DNS:$NODE_NAME
-extendedKeyUsage=serverAuth"
+extendedKeyUsage=serverAuth" \
     "kube-proxy|/CN=system:kube-proxy|extendedKeyUsage=clientAuth"
-  )
-  for s in "${specs[@]}"; do
-    name="${s%%|*}"; s="${s#*|}"; subj="${s%%|*}"; ext="${s#*|}"
-    printf 'basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n%s\n' "$ext" >"$d/$name.ext"
-    openssl req -newkey rsa:2048 -nodes -keyout "$d/$name.key" -out "$d/$name.csr" -subj "$subj" 2>/dev/null
-    openssl x509 -req -in "$d/$name.csr" -CA "$d/ca.crt" -CAkey "$d/ca.key" -CAcreateserial \
-      -out "$d/$name.crt" -days 3650 -extfile "$d/$name.ext" 2>/dev/null
-    rm -f "$d/$name.csr" "$d/$name.ext"
-  done
-  chmod 600 "$d"/*.key
 }
 
 node_write_configs() {

@@ -812,19 +812,24 @@ async fn two_frontends_over_the_same_workers_each_route_with_their_own_load() {
     g.stop().await;
 }
 
-#[tokio::test]
-async fn a_request_waits_for_a_worker_to_join_when_none_is_left() {
-    let model = Arc::new(Model::builtin());
+/// A frontend with no worker yet, whose requests wait `worker_wait` for one to join.
+async fn frontend_without_workers(model: &Arc<Model>, worker_wait: Duration) -> Frontend {
     let mut config = common::frontend_config(
         Vec::new(),
         RouterMode::RoundRobin,
         KvRouterConfig::default(),
         1 << 20,
     );
-    config.worker_wait = Duration::from_secs(10);
-    let fe = Frontend::start(config, model.clone())
+    config.worker_wait = worker_wait;
+    Frontend::start(config, model.clone())
         .await
-        .expect("frontend starts");
+        .expect("frontend starts")
+}
+
+#[tokio::test]
+async fn a_request_waits_for_a_worker_to_join_when_none_is_left() {
+    let model = Arc::new(Model::builtin());
+    let fe = frontend_without_workers(&model, Duration::from_secs(10)).await;
     let base = format!("http://{}", fe.addr);
     let pool = fe.pool().clone();
     let request = async {
@@ -857,16 +862,7 @@ async fn a_request_waits_for_a_worker_to_join_when_none_is_left() {
     fe.shutdown(Duration::ZERO).await;
 
     // No worker joins within the wait: 503 once it is over, not before.
-    let mut config = common::frontend_config(
-        Vec::new(),
-        RouterMode::RoundRobin,
-        KvRouterConfig::default(),
-        1 << 20,
-    );
-    config.worker_wait = Duration::from_millis(400);
-    let fe = Frontend::start(config, model)
-        .await
-        .expect("frontend starts");
+    let fe = frontend_without_workers(&model, Duration::from_millis(400)).await;
     let t0 = std::time::Instant::now();
     let r = reqwest::Client::new()
         .post(format!("http://{}/v1/chat/completions", fe.addr))
