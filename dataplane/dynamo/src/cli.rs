@@ -30,7 +30,7 @@ pub enum Command {
     Serve(ServeArgs),
     /// The OpenAI-compatible HTTP frontend with its router.
     Frontend(FrontendArgs),
-    /// A worker sidecar with its engine (today: the built-in mocker).
+    /// A worker sidecar with its engine (the built-in mocker, or a vLLM server beside it).
     Sidecar(SidecarArgs),
     /// Load-test any OpenAI endpoint with a trace or a synthetic workload.
     Bench(dynamo_bench::BenchArgs),
@@ -217,9 +217,16 @@ pub struct SidecarArgs {
     /// This worker's id (default: hostname-port).
     #[arg(long, env = "DYN_WORKER_ID")]
     pub worker_id: Option<String>,
-    /// The engine behind the sidecar.
+    /// The engine behind the sidecar: the built-in simulator, or a vLLM server (--vllm-url).
     #[arg(long, env = "DYN_ENGINE", value_enum, default_value = "mocker")]
     pub engine: EngineKind,
+    /// `--engine vllm`: base URL of the vLLM OpenAI server (`python -m
+    /// vllm.entrypoints.openai.api_server --port N`), e.g. http://127.0.0.1:8001.
+    #[arg(long, env = "DYN_VLLM_URL", default_value = "http://127.0.0.1:8001")]
+    pub vllm_url: String,
+    /// `--engine vllm`: how often the server's /health and /metrics are read.
+    #[arg(long, env = "DYN_VLLM_POLL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub vllm_poll: Duration,
     /// Publish the KV events of this vLLM ZMQ publisher (`--kv-events-config`'s `endpoint`, e.g.
     /// tcp://127.0.0.1:5557) instead of the built-in engine's.
     #[arg(long, env = "DYN_VLLM_KV_EVENTS")]

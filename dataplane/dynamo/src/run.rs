@@ -10,7 +10,11 @@ use dynamo_frontend::{
 };
 use dynamo_kv::policy::KvRouterConfig;
 use dynamo_protocol::net::shutdown_signal;
-use dynamo_sidecar::{Sidecar, SidecarConfig, vllm::ZmqSource};
+use dynamo_sidecar::{
+    Sidecar, SidecarConfig,
+    engine::EngineKind,
+    vllm::{VllmConfig, ZmqSource},
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{FrontendArgs, ProcessArgs, SidecarArgs};
@@ -131,6 +135,11 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
             endpoint,
             replay: args.vllm_kv_events_replay.clone(),
             topic: args.vllm_kv_events_topic.clone(),
+        }),
+        vllm: (args.engine == EngineKind::Vllm).then(|| VllmConfig {
+            url: args.vllm_url.clone(),
+            model: args.model.model_name.clone(),
+            poll: args.vllm_poll,
         }),
     };
     let sc = Sidecar::start(config).await?;

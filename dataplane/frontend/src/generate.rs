@@ -134,6 +134,8 @@ pub(crate) struct Upstream {
     failed: Vec<WorkerId>,
     /// Moves made so far (before and after the first token).
     moves: u32,
+    /// The stream now is not the first attempt's: its `cached_tokens` is not the request's.
+    moved_mid_stream: bool,
 }
 
 impl Upstream {
@@ -161,6 +163,7 @@ impl Upstream {
             stream,
             failed,
             moves,
+            moved_mid_stream: false,
         };
         up.generated.extend_from_slice(&first.token_ids);
         Ok((up, first))
@@ -171,8 +174,11 @@ impl Upstream {
     async fn next(&mut self) -> Result<GenerateResponse, ApiError> {
         loop {
             let why = match self.stream.message().await {
-                Ok(Some(msg)) => {
+                Ok(Some(mut msg)) => {
                     self.generated.extend_from_slice(&msg.token_ids);
+                    if self.moved_mid_stream {
+                        msg.cached_tokens = None;
+                    }
                     return Ok(msg);
                 }
                 Ok(None) => "the worker ended the stream without finishing the request".to_owned(),
@@ -223,6 +229,7 @@ impl Upstream {
             tracing::info!(request = %self.request.request_id, from = %why, to = %lease.worker.url, generated, "request migrated");
             self.lease = lease;
             self.stream = stream;
+            self.moved_mid_stream = true;
             self.generated.extend_from_slice(&first.token_ids);
             if !first.token_ids.is_empty() || first.finish_reason != 0 {
                 return Ok(GenerateResponse {
@@ -396,6 +403,11 @@ impl TokenRun {
         text: &mut String,
     ) -> Step {
         self.observe_tokens(u32::try_from(msg.token_ids.len()).unwrap_or(u32::MAX));
+        // Engines that learn the prefix-cache hit late (vLLM reports it with the usage, after the
+        // last token) send it on a later message than the first.
+        if let Some(cached) = msg.cached_tokens {
+            self.cached_tokens = cached;
+        }
         for &id in &msg.token_ids {
             let piece = match decoder.push(id) {
                 Ok(p) if !p.is_empty() => p,

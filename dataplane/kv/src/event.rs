@@ -16,6 +16,11 @@ pub enum KvEvent {
     Removed { block_hashes: Vec<u64> },
     /// Every cached block was dropped.
     Cleared,
+    /// The worker may hold blocks no event reported (its publisher's events were lost beyond
+    /// replay): its cache is unknown until the next [`KvEvent::Cleared`]. The index drops the
+    /// blocks it had for the worker; the router assumes no overlap there and learns from its own
+    /// decisions meanwhile.
+    Unknown,
 }
 
 /// One block of a [`KvEvent::Stored`].

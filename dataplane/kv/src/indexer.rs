@@ -156,7 +156,7 @@ impl KvIndexer {
                 tree.remove(worker, &block_hashes);
                 Ok(())
             }
-            KvEvent::Cleared => {
+            KvEvent::Cleared | KvEvent::Unknown => {
                 if let Some(&d) = tree.dense.get(&worker) {
                     tree.clear_worker(d);
                 }

@@ -34,7 +34,7 @@ use crate::kv_cache::{BlockId, BlockPool, IdMap, KvEvent};
 pub type RequestId = u64;
 
 /// A generation request: prompt token ids and sampling limits.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Request {
     pub token_ids: Vec<u32>,
     /// Tokens to generate at most (>= 1).
@@ -50,6 +50,10 @@ pub struct Request {
     /// generated (a migration): the prompt is the ids before them, and the next token is output
     /// token number `resumed_tokens`, the same one an undisturbed run would draw.
     pub resumed_tokens: u32,
+    /// Sampling temperature and nucleus for engines that sample from a model (the simulator
+    /// draws its tokens from the seed and ignores them).
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
 }
 
 /// One message on a request's output stream.
@@ -104,6 +108,10 @@ pub enum SubmitError {
         "resumed_tokens ({resumed}) must be smaller than the number of token ids ({tokens}): the prompt itself cannot be empty"
     )]
     ResumedPastPrompt { resumed: u32, tokens: usize },
+    #[error(
+        "prompt + max_tokens is {needed} tokens but the engine's context is {max_model_len} tokens"
+    )]
+    ContextTooLong { needed: usize, max_model_len: usize },
     #[error("engine has stopped")]
     Stopped,
 }

@@ -33,6 +33,7 @@ impl From<KvEvent> for Kind {
             }),
             KvEvent::Removed { block_hashes } => Kind::Removed(proto::KvRemoved { block_hashes }),
             KvEvent::Cleared => Kind::Cleared(proto::KvCleared {}),
+            KvEvent::Unknown => Kind::Unknown(proto::KvUnknown {}),
         }
     }
 }
@@ -55,6 +56,7 @@ impl From<Kind> for KvEvent {
                 block_hashes: r.block_hashes,
             },
             Kind::Cleared(_) => KvEvent::Cleared,
+            Kind::Unknown(_) => KvEvent::Unknown,
         }
     }
 }
@@ -80,6 +82,7 @@ mod tests {
                 block_hashes: vec![2, 4],
             },
             KvEvent::Cleared,
+            KvEvent::Unknown,
         ];
         for event in events {
             let wire = proto::KvEvent {

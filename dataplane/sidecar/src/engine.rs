@@ -1,30 +1,37 @@
 //! The engine behind a sidecar, as the sidecar sees it: submit a tokenized request and read its
 //! output (first a `Scheduled` with the prefix-cache hit, then tokens, then a finish reason), report
-//! load, and emit KV events. The built-in simulator ([`dynamo_mocker`]) is the first implementation;
-//! the request and output types are its, and any engine adapter speaks them.
+//! load, and emit KV events. The built-in simulator ([`dynamo_mocker`]) and a vLLM server
+//! ([`crate::vllm::VllmEngine`]) implement it; the request and output types are the simulator's,
+//! and every engine adapter speaks them.
 
 use std::sync::Arc;
 
 use dynamo_kv::KvEvent;
 use dynamo_mocker::MockerConfig;
 pub use dynamo_mocker::{FinishReason, LoadSnapshot, Output, Request, SubmitError};
-use tokio::{
-    sync::mpsc::{UnboundedReceiver, unbounded_channel},
-    task::JoinHandle,
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    event_log::EventLog,
+    vllm::{VllmConfig, VllmEngine},
 };
-use tokio_util::sync::CancellationToken;
 
 /// Which engine a sidecar runs (`dynamo sidecar --engine`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
     /// The built-in simulated vLLM-style engine.
     Mocker,
+    /// A vLLM OpenAI server beside the sidecar (`--vllm-url`), its KV events from its ZMQ
+    /// publisher (`--vllm-kv-events`).
+    Vllm,
 }
 
 impl EngineKind {
     pub fn as_str(self) -> &'static str {
         match self {
             EngineKind::Mocker => "mocker",
+            EngineKind::Vllm => "vllm",
         }
     }
 }
@@ -33,6 +40,14 @@ impl EngineKind {
 pub trait Engine: Send + Sync + 'static {
     /// The engine's kind, reported in the worker's `Info`.
     fn kind(&self) -> EngineKind;
+    /// Whether it serves now (an external engine is not while it loads or after it died).
+    fn ready(&self) -> bool {
+        true
+    }
+    /// The engine's own context length, when it reports one.
+    fn context_length(&self) -> Option<u32> {
+        None
+    }
     /// Queues a request; its outputs arrive on the returned channel. Dropping the receiver cancels
     /// the request and frees its slot and KV blocks.
     fn submit(&self, request: Request) -> Result<UnboundedReceiver<Output>, SubmitError>;
@@ -62,28 +77,49 @@ impl Engine for dynamo_mocker::Engine {
     }
 }
 
-/// A started engine: the handle to submit to, its KV events, and its task (which ends once `stop`
-/// is cancelled).
+/// A started engine: the handle to submit to, and its own KV events (the built-in engine's; an
+/// external engine's come through its event ingest instead).
 pub struct Started {
     pub engine: Arc<dyn Engine>,
-    pub events: UnboundedReceiver<KvEvent>,
-    pub task: JoinHandle<()>,
+    pub events: Option<UnboundedReceiver<KvEvent>>,
+    /// Changes each time an external engine (re)starts.
+    pub epochs: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
-/// Starts an engine of `kind`.
+/// Starts an engine of `kind`; its tasks run on `tasks` until `stop`.
 pub fn start(
     kind: EngineKind,
     mocker: &MockerConfig,
+    vllm: Option<&VllmConfig>,
+    log: &EventLog,
+    tasks: &TaskTracker,
     stop: CancellationToken,
-) -> Result<Started, dynamo_mocker::ConfigError> {
+) -> anyhow::Result<Started> {
     match kind {
         EngineKind::Mocker => {
             let (tx, events) = unbounded_channel();
             let (engine, task) = dynamo_mocker::Engine::start(mocker.clone(), tx, stop)?;
+            tasks.spawn(async move {
+                if let Err(error) = task.await {
+                    tracing::warn!(%error, "engine task failed");
+                }
+            });
             Ok(Started {
                 engine: Arc::new(engine),
-                events,
-                task,
+                events: Some(events),
+                epochs: None,
+            })
+        }
+        EngineKind::Vllm => {
+            let config = vllm.ok_or_else(|| {
+                anyhow::anyhow!("--engine vllm needs --vllm-url (the vLLM server's base URL)")
+            })?;
+            let engine = VllmEngine::start(config.clone(), log.clone(), tasks, stop)?;
+            let epochs = Some(engine.epochs());
+            Ok(Started {
+                engine: Arc::new(engine),
+                events: None,
+                epochs,
             })
         }
     }

@@ -9,7 +9,10 @@
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     hash::BuildHasherDefault,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, AtomicU64, Ordering},
+    },
 };
 
 use dynamo_kv::KvEvent;
@@ -33,9 +36,11 @@ pub struct Subscription {
 /// Numbers KV events, keeps the last `cap` for replay, and mirrors the engine's block set.
 #[derive(Clone)]
 pub struct EventLog {
-    /// Random per process, sent with every batch (see `KvEventBatch.instance`).
-    pub instance: u64,
-    block_size: u32,
+    /// Random per engine incarnation, sent with every batch (see `KvEventBatch.instance`): new
+    /// for each process, and again when an external engine restarts ([`EventLog::restart`]).
+    instance: Arc<AtomicU64>,
+    /// Tokens per block (an external engine's is known once it answers, or from its events).
+    block_size: Arc<AtomicU32>,
     inner: Arc<Mutex<Ring>>,
     live: broadcast::Sender<Arc<Vec<proto::KvEvent>>>,
 }
@@ -53,6 +58,9 @@ struct Ring {
 struct Mirror {
     blocks: HashMap<u64, MirrorBlock, U64Build>,
     stored: u64,
+    /// Since a [`KvEvent::Unknown`] and until a [`KvEvent::Cleared`]: the engine may hold blocks
+    /// no event described, so a snapshot starts by saying so.
+    unknown: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -88,7 +96,14 @@ impl Mirror {
                     self.blocks.remove(h);
                 }
             }
-            KvEvent::Cleared => self.blocks.clear(),
+            KvEvent::Cleared => {
+                self.blocks.clear();
+                self.unknown = false;
+            }
+            KvEvent::Unknown => {
+                self.blocks.clear();
+                self.unknown = true;
+            }
         }
     }
 
@@ -100,7 +115,13 @@ impl Mirror {
         let mut emitted: HashSet<u64, U64Build> = HashSet::default();
         // Children seen before their parent (re-stored later), waiting for it.
         let mut waiting: HashMap<u64, Vec<u64>, U64Build> = HashMap::default();
-        let mut out = Vec::with_capacity(order.len());
+        let mut out = Vec::with_capacity(order.len() + 1);
+        if self.unknown {
+            out.push(proto::KvEvent {
+                seq,
+                kind: Some(Kind::Unknown(proto::KvUnknown {})),
+            });
+        }
         let event = |hash: u64, b: &MirrorBlock| proto::KvEvent {
             seq,
             kind: Some(Kind::Stored(proto::KvStored {
@@ -143,8 +164,8 @@ impl EventLog {
     pub fn new(cap: usize, block_size: u32) -> EventLog {
         let (live, _) = broadcast::channel(1024);
         EventLog {
-            instance: rand::random(),
-            block_size,
+            instance: Arc::new(AtomicU64::new(rand::random())),
+            block_size: Arc::new(AtomicU32::new(block_size)),
             inner: Arc::new(Mutex::new(Ring {
                 next_seq: 1,
                 events: VecDeque::with_capacity(cap.min(1 << 16)),
@@ -156,7 +177,29 @@ impl EventLog {
     }
 
     pub fn block_size(&self) -> u32 {
-        self.block_size
+        self.block_size.load(Ordering::Relaxed)
+    }
+
+    /// Sets the block size batches carry (an external engine's, once known).
+    pub fn set_block_size(&self, block_size: u32) {
+        if block_size > 0 {
+            self.block_size.store(block_size, Ordering::Relaxed);
+        }
+    }
+
+    /// This incarnation's number (`KvEventBatch.instance`, `WorkerInfo.instance_id`).
+    pub fn instance(&self) -> u64 {
+        self.instance.load(Ordering::Relaxed)
+    }
+
+    /// The engine restarted with an empty cache: a new instance number (routers make it a new
+    /// member and drop the old one's blocks), no history and no blocks. Subscribers of the old
+    /// instance see their stream end.
+    pub fn restart(&self) {
+        let mut ring = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        ring.events.clear();
+        ring.mirror = Mirror::default();
+        self.instance.store(rand::random(), Ordering::Relaxed);
     }
 
     /// Numbers `events`, records them and sends them to live subscribers as one batch.
@@ -214,9 +257,9 @@ impl EventLog {
         let oldest = ring.events.front().map_or(ring.next_seq, |e| e.seq);
         let replayable = after > 0 && after <= head_seq && after + 1 >= oldest;
         let batch = |events, snapshot| proto::KvEventBatch {
-            block_size: self.block_size,
+            block_size: self.block_size(),
             events,
-            instance: self.instance,
+            instance: self.instance(),
             snapshot,
             snapshot_seq: if snapshot { head_seq } else { 0 },
         };
@@ -362,5 +405,49 @@ mod tests {
         assert_eq!(log.mirrored_blocks(), 0);
         let sub = log.subscribe(0, true).expect("snapshot");
         assert!(sub.head.expect("a snapshot").events.is_empty());
+    }
+
+    #[test]
+    fn an_unknown_cache_is_in_the_snapshot_until_cleared() {
+        let log = EventLog::new(8, 32);
+        log.append([stored(None, &[1]), KvEvent::Unknown, stored(None, &[2])]);
+        let head = log
+            .subscribe(0, true)
+            .expect("snapshot")
+            .head
+            .expect("a snapshot");
+        assert!(matches!(head.events[0].kind, Some(Kind::Unknown(_))));
+        assert_eq!(
+            stored_hashes(&head),
+            [(None, 2)],
+            "blocks stored after it are known"
+        );
+        log.append([KvEvent::Cleared]);
+        let head = log
+            .subscribe(0, true)
+            .expect("snapshot")
+            .head
+            .expect("a snapshot");
+        assert!(head.events.is_empty());
+    }
+
+    #[test]
+    fn a_restart_is_a_new_instance_without_history_or_blocks() {
+        let log = EventLog::new(8, 0);
+        log.append([stored(None, &[1, 2])]);
+        let before = log.instance();
+        log.set_block_size(32);
+        log.restart();
+        assert_ne!(log.instance(), before);
+        assert_eq!(log.mirrored_blocks(), 0);
+        let head = log
+            .subscribe(0, true)
+            .expect("snapshot")
+            .head
+            .expect("a snapshot");
+        assert_eq!(
+            (head.block_size, head.instance, head.events.len()),
+            (32, log.instance(), 0)
+        );
     }
 }

@@ -35,7 +35,7 @@ use tonic::{Request, Response, Status};
 use crate::{
     engine::{Engine, EngineKind, FinishReason, Output, SubmitError},
     event_log::EventLog,
-    vllm::{IngestStats, ZmqSource},
+    vllm::{IngestStats, VllmConfig, ZmqSource},
 };
 
 pub mod engine;
@@ -59,6 +59,8 @@ pub struct SidecarConfig {
     pub drain: Duration,
     /// Publish this vLLM ZMQ event stream instead of the built-in engine's events.
     pub vllm_events: Option<ZmqSource>,
+    /// The vLLM server, for `engine: Vllm`.
+    pub vllm: Option<VllmConfig>,
 }
 
 /// A running sidecar: its address and the handles to stop it.
@@ -78,52 +80,54 @@ impl Sidecar {
     pub async fn start(config: SidecarConfig) -> anyhow::Result<Sidecar> {
         let tasks = TaskTracker::new();
         let engine_stop = CancellationToken::new();
-        let started = engine::start(config.engine, &config.mocker, engine_stop.clone())?;
+        let block_size = match config.engine {
+            EngineKind::Mocker => u32::try_from(config.mocker.block_size).unwrap_or(u32::MAX),
+            // Known once the server answers (and from its events).
+            EngineKind::Vllm => 0,
+        };
+        let events = EventLog::new(EVENT_RING, block_size);
+        let started = engine::start(
+            config.engine,
+            &config.mocker,
+            config.vllm.as_ref(),
+            &events,
+            &tasks,
+            engine_stop.clone(),
+        )?;
         let engine = started.engine;
-        let engine_task = started.task;
-        let events_rx = started.events;
-        tasks.spawn(async move {
-            if let Err(error) = engine_task.await {
-                tracing::warn!(%error, "engine task failed");
-            }
-        });
-        let events = EventLog::new(EVENT_RING, engine.block_size());
         let ingest = IngestStats::default();
-        match config.vllm_events.clone() {
-            Some(source) => {
-                // The built-in engine's own events are not published: drain them.
-                tasks.spawn(async move {
-                    let mut rx = events_rx;
-                    while rx.recv().await.is_some() {}
-                });
+        match (config.vllm_events.clone(), started.events) {
+            (Some(source), own) => {
+                if let Some(mut rx) = own {
+                    // The built-in engine's own events are not published: drain them.
+                    tasks.spawn(async move { while rx.recv().await.is_some() {} });
+                }
                 tasks.spawn(vllm::run(
                     source,
                     events.clone(),
                     ingest.clone(),
+                    started.epochs,
                     engine_stop.clone(),
                 ));
             }
-            None => {
-                tasks.spawn(events.clone().pump(events_rx));
+            (None, Some(rx)) => {
+                tasks.spawn(events.clone().pump(rx));
             }
+            (None, None) => tracing::warn!(
+                "no KV event source for this engine (--vllm-kv-events): routers see no cached blocks on this worker"
+            ),
         }
 
         let draining = CancellationToken::new();
-        let instance_id = events.instance;
+        let instance_id = events.instance();
         let requests = Counter::default();
         let service = WorkerService {
             requests: requests.clone(),
             engine: engine.clone(),
             events: events.clone(),
-            info: proto::WorkerInfo {
-                worker_id: config.worker_id.clone(),
-                model: config.model_name.clone(),
-                engine: engine.kind().as_str().into(),
-                block_size: engine.block_size(),
-                kv_blocks_total: engine.kv_blocks_total(),
-                context_length: config.context_length,
-                instance_id,
-            },
+            worker_id: config.worker_id.clone(),
+            model: config.model_name.clone(),
+            context_length: config.context_length,
             draining: draining.clone(),
         };
         let metrics = Arc::new(WorkerMetrics::new(
@@ -193,7 +197,9 @@ impl Sidecar {
 struct WorkerService {
     engine: Arc<dyn Engine>,
     events: EventLog,
-    info: proto::WorkerInfo,
+    worker_id: String,
+    model: String,
+    context_length: u32,
     draining: CancellationToken,
     /// `Generate` requests the engine accepted (`dynamo_component_requests_total`).
     requests: Counter,
@@ -222,10 +228,13 @@ impl proto::worker_server::Worker for WorkerService {
                 stop_token_ids: req.stop_token_ids,
                 seed: req.seed,
                 resumed_tokens: req.resumed_tokens,
+                temperature: req.temperature,
+                top_p: req.top_p,
             })
             .map_err(|error| match error {
                 SubmitError::Stopped => Status::unavailable(error.to_string()),
                 SubmitError::TooLarge { .. } => Status::resource_exhausted(error.to_string()),
+                SubmitError::ContextTooLong { .. } => Status::invalid_argument(error.to_string()),
                 SubmitError::EmptyPrompt
                 | SubmitError::ZeroMaxTokens
                 | SubmitError::ResumedPastPrompt { .. } => {
@@ -243,7 +252,21 @@ impl proto::worker_server::Worker for WorkerService {
         if self.draining.is_cancelled() {
             return Err(Status::unavailable("worker is draining"));
         }
-        Ok(Response::new(self.info.clone()))
+        let engine = &self.engine;
+        if !engine.ready() {
+            return Err(Status::unavailable(
+                "the worker's engine is not serving yet",
+            ));
+        }
+        Ok(Response::new(proto::WorkerInfo {
+            worker_id: self.worker_id.clone(),
+            model: self.model.clone(),
+            engine: engine.kind().as_str().into(),
+            block_size: engine.block_size(),
+            kv_blocks_total: engine.kv_blocks_total(),
+            context_length: engine.context_length().unwrap_or(self.context_length),
+            instance_id: self.events.instance(),
+        }))
     }
 
     async fn load(
@@ -266,15 +289,20 @@ impl proto::worker_server::Worker for WorkerService {
         request: Request<proto::SubscribeKvEventsRequest>,
     ) -> Result<Response<Self::SubscribeKvEventsStream>, Status> {
         let request = request.into_inner();
-        let block_size = self.events.block_size();
-        let instance = self.events.instance;
-        let sub = self.events.subscribe(request.after_seq, request.snapshot)?;
+        let log = self.events.clone();
+        let instance = log.instance();
+        let sub = log.subscribe(request.after_seq, request.snapshot)?;
         let head = futures::stream::iter(sub.head.map(Ok));
-        let tail = futures::stream::unfold(
-            (sub.live, sub.last),
-            move |(mut live, mut last)| async move {
+        let tail = futures::stream::unfold((sub.live, sub.last), move |(mut live, mut last)| {
+            let log = log.clone();
+            async move {
                 loop {
-                    match live.recv().await {
+                    let received = live.recv().await;
+                    if log.instance() != instance {
+                        // The engine restarted: this subscriber's view ends with it.
+                        return None;
+                    }
+                    match received {
                         Ok(events) => {
                             // Skip what the head already delivered.
                             let events: Vec<_> =
@@ -284,7 +312,7 @@ impl proto::worker_server::Worker for WorkerService {
                             };
                             last = newest.seq;
                             let batch = proto::KvEventBatch {
-                                block_size,
+                                block_size: log.block_size(),
                                 events,
                                 instance,
                                 snapshot: false,
@@ -301,8 +329,8 @@ impl proto::worker_server::Worker for WorkerService {
                         Err(broadcast::error::RecvError::Closed) => return None,
                     }
                 }
-            },
-        );
+            }
+        });
         Ok(Response::new(Box::pin(futures::StreamExt::chain(
             head, tail,
         ))))
@@ -431,6 +459,11 @@ impl WorkerMetrics {
                 "Gaps in vLLM KV event sequence numbers",
                 &ingest.gaps,
             ),
+            (
+                "vllm_kv_cache_unknown",
+                "Times the engine's KV cache became unknown (events lost beyond replay)",
+                &ingest.unknown,
+            ),
         ];
         for (name, help, counter) in ingest_counters {
             registry.register(name, help, counter.clone());
@@ -486,6 +519,8 @@ struct HttpState {
 async fn health(State(s): State<HttpState>) -> impl IntoResponse {
     if s.draining.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else if !s.engine.ready() {
+        (StatusCode::SERVICE_UNAVAILABLE, "engine not serving")
     } else {
         (StatusCode::OK, "ready")
     }

@@ -1,3 +1,6 @@
+//! vLLM behind the sidecar: the engine adapter ([`engine`]: requests over its OpenAI server, health
+//! and load from its `/health` and `/metrics`), and the ingest of its KV events (below).
+//!
 //! Ingest of vLLM's KV events: the engine's ZMQ publisher sends multipart messages
 //! `[topic, seq (8 bytes, big-endian), payload]`, the payload a msgpack `KVEventBatch`
 //! `(ts, events, data_parallel_rank)` whose events are `BlockStored`, `BlockRemoved` and
@@ -19,7 +22,10 @@
 //! worker's blocks (a stale index would route to blocks that are gone).
 
 pub mod decode;
+pub mod engine;
+pub mod metrics;
 pub mod zmq;
 
 pub use decode::{DecodeError, VllmEvent, decode_batch, to_events};
+pub use engine::{VllmConfig, VllmEngine};
 pub use zmq::{IngestStats, ZmqSource, run};

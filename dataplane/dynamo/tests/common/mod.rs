@@ -39,6 +39,7 @@ pub async fn start_sidecar_with(
         drain,
         engine: EngineKind::Mocker,
         vllm_events: None,
+        vllm: None,
     })
     .await
     .expect("sidecar starts")

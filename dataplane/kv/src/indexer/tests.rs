@@ -255,7 +255,7 @@ impl Model {
                     }
                 }
             }
-            KvEvent::Cleared => {
+            KvEvent::Cleared | KvEvent::Unknown => {
                 if let Some(h) = self.held.get_mut(&worker) {
                     h.clear();
                 }

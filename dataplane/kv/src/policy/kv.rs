@@ -151,6 +151,9 @@ struct WorkerLoad {
     capacity: AtomicU64,
     /// Decayed uncached blocks routed to the worker, and when that was last decayed.
     churn: Mutex<(f64, Instant)>,
+    /// Its event stream said its cache is unknown ([`KvEvent::Unknown`]): routed prompts are
+    /// learned for it, as in approximate mode, until a [`KvEvent::Cleared`].
+    cache_unknown: std::sync::atomic::AtomicBool,
 }
 
 impl WorkerLoad {
@@ -160,6 +163,7 @@ impl WorkerLoad {
             active_blocks: AtomicU64::new(0),
             capacity: AtomicU64::new(0),
             churn: Mutex::new((0.0, Instant::now())),
+            cache_unknown: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -174,6 +178,7 @@ struct RouterStats {
     busy_skips: Counter,
     indexed_blocks: Gauge,
     indexed_worker_blocks: Gauge,
+    cache_unknown_workers: Gauge,
 }
 
 /// Approximate mode's memory of what it routed where: per worker, each block's last use, and the
@@ -241,13 +246,14 @@ impl KvRouter {
         // The index is cleared under the membership lock, so an event batch being applied now
         // (under the read lock, see `apply`) lands before the clear, and none after it.
         let mut load = self.load.write().unwrap_or_else(|p| p.into_inner());
-        load.remove(&worker);
+        if let Some(gone) = load.remove(&worker)
+            && gone.cache_unknown.load(Ordering::Relaxed)
+        {
+            self.stats.cache_unknown_workers.dec();
+        }
         self.indexer.remove_worker(worker);
         drop(load);
-        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
-        learned.last_used.retain(|&(w, _), _| w != worker);
-        learned.order.retain(|&(_, w, _)| w != worker);
-        learned.per_worker.remove(&worker);
+        self.forget_learned(worker);
     }
 
     /// The members, in no particular order.
@@ -261,10 +267,35 @@ impl KvRouter {
     /// departed worker leaves nothing behind in the index.
     pub fn apply(&self, worker: WorkerId, event: KvEvent) -> Result<(), ApplyError> {
         let load = self.load.read().unwrap_or_else(|p| p.into_inner());
-        if !load.contains_key(&worker) {
+        let Some(member) = load.get(&worker) else {
             return Err(ApplyError::NotMember { worker });
+        };
+        let unknown = match event {
+            KvEvent::Unknown => Some(true),
+            KvEvent::Cleared => Some(false),
+            _ => None,
+        };
+        if let Some(unknown) = unknown
+            && member.cache_unknown.swap(unknown, Ordering::Relaxed) != unknown
+        {
+            if unknown {
+                self.stats.cache_unknown_workers.inc();
+            } else {
+                self.stats.cache_unknown_workers.dec();
+                drop(load);
+                self.forget_learned(worker);
+                return self.indexer.apply(worker, event);
+            }
         }
         self.indexer.apply(worker, event)
+    }
+
+    /// Drops approximate mode's bookkeeping for `worker` (its index entries go separately).
+    fn forget_learned(&self, worker: WorkerId) {
+        let mut learned = self.learned.lock().unwrap_or_else(|p| p.into_inner());
+        learned.last_used.retain(|&(w, _), _| w != worker);
+        learned.order.retain(|&(_, w, _)| w != worker);
+        learned.per_worker.remove(&worker);
     }
 
     /// Sets the block size the index hashes prompts with (from the workers' event streams).
@@ -374,7 +405,6 @@ impl KvRouter {
                 ) + churn
             })
             .collect();
-        drop(members);
         let candidate = pick_by_cost(&costs, self.config.temperature, tick, rng)?;
         let choice = KvChoice {
             candidate,
@@ -391,7 +421,11 @@ impl KvRouter {
             .inc_by(u64::from(choice.overlap_blocks));
         let best = overlaps.iter().copied().max().unwrap_or(0);
         self.stats.best_overlap_blocks.inc_by(u64::from(best));
-        if !self.config.events {
+        // Approximate mode, or a worker whose cache is unknown: learn from this decision.
+        let learn = !self.config.events
+            || loads[candidate].is_some_and(|l| l.cache_unknown.load(Ordering::Relaxed));
+        drop(members);
+        if learn {
             let full: Vec<(u64, u64)> = blocks.iter().map(|b| (b.local, b.sequence)).collect();
             self.learn(candidates[candidate], &full);
         }
@@ -484,7 +518,12 @@ impl KvRouter {
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
         }
-        let gauges: [(&str, &str, &Gauge); 2] = [
+        let gauges: [(&str, &str, &Gauge); 3] = [
+            (
+                "workers_cache_unknown",
+                "member workers whose KV cache is unknown (events lost beyond replay); routed by learning from decisions until cleared",
+                &s.cache_unknown_workers,
+            ),
             (
                 "indexed_blocks",
                 "distinct KV blocks in the router's index",
@@ -782,6 +821,45 @@ mod approx_tests {
         let newest: Vec<u32> = (0..640).map(|t| t + 3 * 10_000).collect();
         let c = router.choose(&newest, &[0], 0, &mut rng).expect("choice");
         assert_eq!(c.overlap_blocks, 10);
+    }
+
+    #[test]
+    fn a_worker_with_an_unknown_cache_is_learned_from_decisions_until_cleared() {
+        let router = members(KvRouterConfig::default(), 2);
+        let tokens: Vec<u32> = (0..640).collect();
+        let hashes = block_hashes(&tokens, 64);
+        let stored = KvEvent::stored(None, hashes.iter().map(|h| (h.local, h.sequence)));
+        router.apply(0, stored.clone()).expect("applies");
+        // Events were lost: what the index had for worker 0 is no longer vouched for.
+        router.apply(0, KvEvent::Unknown).expect("applies");
+        let metric = |r: &KvRouter| r.stats.cache_unknown_workers.get();
+        assert_eq!(metric(&router), 1);
+        assert_eq!(router.indexer().stats().worker_block_refs, 0);
+        let mut rng = SmallRng::seed_from_u64(1);
+        let first = router.choose(&tokens, &[0], 0, &mut rng).expect("choice");
+        assert_eq!(first.overlap_blocks, 0, "no overlap assumed");
+        // The decision itself is learned, as in approximate mode.
+        let again = router
+            .choose(&tokens, &[0, 1], 1, &mut rng)
+            .expect("choice");
+        assert_eq!((again.candidate, again.overlap_blocks), (0, 10));
+        // A worker with a known cache (1) learns nothing from being chosen.
+        let other: Vec<u32> = (0..640).map(|t| t + 50_000).collect();
+        router.choose(&other, &[1], 0, &mut rng);
+        assert_eq!(
+            router
+                .choose(&other, &[1], 0, &mut rng)
+                .map(|c| c.overlap_blocks),
+            Some(0)
+        );
+        // Cleared: known again (empty), the learned blocks are gone.
+        router.apply(0, KvEvent::Cleared).expect("applies");
+        assert_eq!(metric(&router), 0);
+        assert_eq!(router.indexer().stats().worker_block_refs, 0);
+        router.apply(0, stored).expect("applies");
+        router.apply(0, KvEvent::Unknown).expect("applies");
+        router.remove_worker(0);
+        assert_eq!(metric(&router), 0, "a departed worker is not counted");
     }
 
     #[test]

@@ -7,10 +7,11 @@ use bytes::Bytes;
 use dynamo_kv::KvEvent;
 use dynamo_protocol::log_limit::LogLimit;
 use prometheus_client::metrics::counter::Counter;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use super::decode::{decode_batch, to_events};
+use super::decode::{VllmEvent, decode_batch, to_events};
 use crate::event_log::EventLog;
 
 // Bad input is counted in full (`IngestStats`) and logged at a bounded rate: the first 10 of each
@@ -28,6 +29,8 @@ pub struct IngestStats {
     pub skipped: Counter,
     pub malformed: Counter,
     pub gaps: Counter,
+    /// Times the engine's cache became unknown (events lost beyond replay).
+    pub unknown: Counter,
 }
 
 /// Where to read vLLM's events.
@@ -51,13 +54,24 @@ fn split_frames(message: ZmqMessage) -> Option<(i64, Bytes)> {
 }
 
 impl IngestStats {
-    /// Decodes one payload into `log`; a malformed one is counted and dropped.
+    /// Decodes one payload into `log`; a malformed one is counted and dropped. The log's block
+    /// size follows the engine's stored blocks.
     pub fn ingest(&self, log: &EventLog, seq: i64, payload: &[u8]) {
-        match decode_batch(payload).and_then(to_events) {
-            Ok((kinds, skipped)) => {
+        let decoded = decode_batch(payload).and_then(|events| {
+            let block_size = events.iter().find_map(|e| match e {
+                VllmEvent::Stored { block_size, .. } => Some(*block_size),
+                _ => None,
+            });
+            to_events(events).map(|r| (r, block_size))
+        });
+        match decoded {
+            Ok(((kinds, skipped), block_size)) => {
                 self.batches.inc();
                 self.events.inc_by(kinds.len() as u64);
                 self.skipped.inc_by(skipped);
+                if let Some(bs) = block_size {
+                    log.set_block_size(bs);
+                }
                 log.append(kinds);
             }
             Err(error) => {
@@ -71,14 +85,38 @@ impl IngestStats {
 }
 
 /// Reads `source` into `log` until `shutdown`, reconnecting after errors.
+///
+/// With `epochs` (an engine the sidecar watches, `--engine vllm`), it starts once the engine
+/// serves and starts over on each engine restart. On every (re)connect it first asks the replay
+/// socket for everything after the last sequence number it applied (from 0 for a new engine), so
+/// blocks cached before the subscription was live are not missed. When the publisher no longer
+/// buffers that far back, or there is no replay socket to ask, the worker's cache is marked
+/// unknown ([`KvEvent::Unknown`]) until the engine clears it or restarts.
 pub async fn run(
     source: ZmqSource,
     log: EventLog,
     stats: IngestStats,
+    mut epochs: Option<watch::Receiver<u64>>,
     shutdown: CancellationToken,
 ) {
     let mut last: Option<i64> = None;
+    let mut epoch = 0;
     loop {
+        if let Some(rx) = &mut epochs {
+            let now = tokio::select! {
+                () = shutdown.cancelled() => return,
+                r = rx.wait_for(|&e| e > 0) => match r {
+                    Ok(e) => *e,
+                    Err(_) => return,
+                },
+            };
+            rx.mark_unchanged();
+            if now != epoch {
+                // A new engine incarnation numbers its events from 0 again.
+                epoch = now;
+                last = None;
+            }
+        }
         let mut socket = zeromq::SubSocket::new();
         let connected = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -95,10 +133,15 @@ pub async fn run(
             tracing::warn!(%error, "cannot subscribe to vLLM KV events; retrying");
             continue;
         }
-        tracing::info!(endpoint = %source.endpoint, "following vLLM KV events");
+        tracing::info!(endpoint = %source.endpoint, replay = ?source.replay, "following vLLM KV events");
+        if source.replay.is_some() {
+            let from = last.map_or(0, |l| l + 1);
+            last = catch_up(&source, &log, &stats, from).await.or(last);
+        }
         loop {
             let message = tokio::select! {
                 () = shutdown.cancelled() => return,
+                () = engine_restarted(&mut epochs) => break,
                 m = socket.recv() => m,
             };
             let message = match message {
@@ -121,7 +164,7 @@ pub async fn run(
                 continue;
             };
             let expected = last.map_or(0, |l| l + 1);
-            if seq > expected && (last.is_some() || source.replay.is_some()) {
+            if seq > expected {
                 recover_gap(&source, &log, &stats, expected, seq).await;
             }
             if last.is_some_and(|l| seq <= l) {
@@ -135,6 +178,74 @@ pub async fn run(
             last = Some(seq);
         }
     }
+}
+
+/// Resolves when the watched engine restarts (never without one).
+async fn engine_restarted(epochs: &mut Option<watch::Receiver<u64>>) {
+    match epochs {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies what the replay socket still holds from `from` on; returns the last sequence number
+/// applied. What it cannot fetch, or what no longer reaches back to `from`, makes the worker's
+/// cache unknown.
+async fn catch_up(
+    source: &ZmqSource,
+    log: &EventLog,
+    stats: &IngestStats,
+    from: i64,
+) -> Option<i64> {
+    let endpoint = source.replay.clone()?;
+    let fetched = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(5), replay(&endpoint, from)).await
+    })
+    .await;
+    let batches = match fetched {
+        Ok(Ok(Ok(b))) => b,
+        _ => {
+            stats.gaps.inc();
+            stats.unknown.inc();
+            tracing::warn!(
+                replay = ?source.replay,
+                from,
+                "the vLLM KV event replay socket did not answer: the blocks this engine cached before now are unknown; routing to it learns from its own decisions until the engine clears its cache or restarts (check --vllm-kv-events-replay against the engine's replay_endpoint)"
+            );
+            log.append([KvEvent::Unknown]);
+            return None;
+        }
+    };
+    let mut last = None;
+    if let Some(&(first, _)) = batches.first()
+        && first > from
+    {
+        stats.gaps.inc();
+        stats.unknown.inc();
+        tracing::warn!(
+            from,
+            oldest = first,
+            "the vLLM KV event replay buffer no longer reaches back to what this sidecar missed: this engine's cache is unknown until it clears or restarts; routing to it learns from its own decisions meanwhile (a larger buffer_steps in --kv-events-config keeps more)"
+        );
+        log.append([KvEvent::Unknown]);
+    }
+    let replayed = batches.len();
+    for (seq, payload) in batches {
+        if last.is_none_or(|l| seq > l) {
+            stats.ingest(log, seq, &payload);
+            last = Some(seq);
+        }
+    }
+    tracing::info!(
+        from,
+        replayed,
+        "caught up with the vLLM KV event replay buffer"
+    );
+    last
 }
 
 /// Fetches batches `from..until` from the replay socket; without one (or when it fails), clears
@@ -179,10 +290,11 @@ async fn recover_gap(
             from,
             until,
             suppressed,
-            "missed vLLM KV events could not be replayed; dropping this worker's blocks from the index"
+            "missed vLLM KV events could not be replayed: this worker's cache is unknown until the engine clears it or restarts"
         );
     }
-    log.append([KvEvent::Cleared]);
+    stats.unknown.inc();
+    log.append([KvEvent::Unknown]);
 }
 
 async fn replay(endpoint: &str, from: i64) -> zeromq::ZmqResult<Vec<(i64, Bytes)>> {
