@@ -9,6 +9,8 @@ use std::path::Path;
 use dynamo_crds::{ComponentType, DynamoGraphDeploymentSpec, ExtraPodSpec, SubComponentType};
 use serde::Deserialize;
 
+use crate::serve::engine::EngineSpec;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     #[error("could not read {path}")]
@@ -58,6 +60,8 @@ pub struct LocalService {
     pub env: Vec<(String, String)>,
     /// Arguments for the `dynamo frontend|sidecar` subcommand taken from the container.
     pub args: Vec<String>,
+    /// The pod's `engine` container (a worker whose engine runs beside its sidecar).
+    pub engine: Option<EngineSpec>,
 }
 
 /// The graph as `serve` runs it.
@@ -156,12 +160,20 @@ impl Manifest {
                 .collect();
             env.dedup_by(|a, b| a.0 == b.0);
             let args = container_args(name, svc.extra_pod_spec.as_ref(), &role);
+            let engine = match role {
+                Role::Worker => svc
+                    .extra_pod_spec
+                    .as_ref()
+                    .and_then(|e| EngineSpec::from_pod_spec(&e.pod_spec)),
+                Role::Frontend => None,
+            };
             let local = LocalService {
                 name: name.clone(),
                 role: role.clone(),
                 replicas,
                 env,
                 args,
+                engine,
             };
             match role {
                 Role::Frontend if frontend.is_some() => {

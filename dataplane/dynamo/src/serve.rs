@@ -44,6 +44,10 @@ use crate::{
     manifest::{LocalService, Manifest},
 };
 
+pub mod engine;
+
+use engine::{EngineProc, LocalEngine, LocalPaths};
+
 /// How long a child may take to report readiness.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a child may take to exit once asked.
@@ -85,8 +89,26 @@ struct Slot {
     restarts: u32,
 }
 
+/// A worker replica's engine process (for services with an `engine` container).
+struct EngineSlot {
+    local: LocalEngine,
+    proc: Option<EngineProc>,
+    generation: u64,
+    backoff: Duration,
+    started: Instant,
+}
+
 /// What the supervisor is told: child exits, scheduled restarts, control API requests.
 enum Msg {
+    /// A worker's engine process exited.
+    EngineExited {
+        name: String,
+        generation: u64,
+        status: String,
+    },
+    RestartEngine {
+        name: String,
+    },
     Exited {
         name: String,
         generation: u64,
@@ -145,6 +167,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         frontend_stdin: None,
         tx: tx.clone(),
         tasks: tasks.clone(),
+        engines: BTreeMap::new(),
+        paths: LocalPaths::from_env(),
+        engine_index: 0,
+        engine_count: graph
+            .workers
+            .iter()
+            .filter(|w| w.engine.is_some())
+            .map(|w| args.workers.unwrap_or(w.replicas) as usize)
+            .sum(),
+        log_dir: std::env::temp_dir().join(format!("dynamo-serve-{}", std::process::id())),
     };
     let initial = async {
         for (s, svc) in graph.workers.iter().enumerate() {
@@ -156,6 +188,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     .await;
     let mut rx = rx;
+    let initial = match initial {
+        Ok(()) => {
+            let waiting: Vec<(String, &EngineProc, String)> = sup
+                .engines
+                .iter()
+                .filter_map(|(n, e)| Some((n.clone(), e.proc.as_ref()?, e.local.health.clone())))
+                .collect();
+            let ready = tokio::select! {
+                r = engine::wait_ready(&waiting) => r,
+                why = dynamo_protocol::net::shutdown_signal(false) => Err(anyhow::anyhow!("{why} while engines were loading")),
+            };
+            ready
+        }
+        Err(e) => Err(e),
+    };
     if let Err(e) = initial {
         sup.stop_all(&mut rx).await;
         return Err(e);
@@ -266,6 +313,13 @@ struct Supervisor {
     frontend_stdin: Option<ChildStdin>,
     tx: mpsc::UnboundedSender<Msg>,
     tasks: TaskTracker,
+    /// Engines by worker name; an engine outlives restarts of its sidecar, as in a pod.
+    engines: BTreeMap<String, EngineSlot>,
+    paths: LocalPaths,
+    /// Engines started so far (each gets the next core range) and how many the graph has.
+    engine_index: usize,
+    engine_count: usize,
+    log_dir: PathBuf,
 }
 
 impl Supervisor {
@@ -277,7 +331,38 @@ impl Supervisor {
     async fn add(&mut self, s: usize) -> anyhow::Result<String> {
         let name = format!("{}-{}", self.services[s].name, self.next_index[s]);
         self.next_index[s] += 1;
-        let proc = self.start(s, &name, 1).await?;
+        if let Some(spec) = &self.services[s].engine {
+            let cores = engine::cores_for(self.engine_index, self.engine_count);
+            self.engine_index += 1;
+            let local = LocalEngine::new(spec, &self.paths, Some(cores)).with_context(|| {
+                format!("spec.services.{}: engine container", self.services[s].name)
+            })?;
+            eprintln!("dynamo serve: {name}'s engine: {}", local.describe());
+            let proc = engine::spawn(&name, &local, 1, &self.log_dir, &self.tx, &self.tasks)?;
+            eprintln!(
+                "dynamo serve: {name}'s engine started (pid {}, process group {}), log {}",
+                proc.pid,
+                proc.pid,
+                proc.log.display()
+            );
+            self.engines.insert(
+                name.clone(),
+                EngineSlot {
+                    local,
+                    proc: Some(proc),
+                    generation: 1,
+                    backoff: FIRST_BACKOFF,
+                    started: Instant::now(),
+                },
+            );
+        }
+        let proc = match self.start(s, &name, 1).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.stop_engine(&name).await;
+                return Err(e);
+            }
+        };
         self.slots.insert(
             name.clone(),
             Slot {
@@ -300,10 +385,15 @@ impl Supervisor {
             name.to_owned(),
         ];
         extra.extend(self.launcher.worker_extra.iter().cloned());
+        let mut svc = self.services[s].clone();
+        if let Some(e) = self.engines.get(name) {
+            // The sidecar reaches its engine at this replica's local ports.
+            svc.args = e.local.sidecar_args(&svc.args);
+        }
         spawn(
             &self.launcher.exe,
             "sidecar",
-            &self.services[s],
+            &svc,
             name,
             &extra,
             generation,
@@ -362,6 +452,9 @@ impl Supervisor {
                 let proc = slot.proc.take();
                 if slot.removed {
                     self.slots.remove(&name);
+                    if let Some(e) = self.engines.remove(&name).and_then(|e| e.proc) {
+                        self.tasks.spawn(async move { e.stop().await });
+                    }
                     return;
                 }
                 let ran = proc.map_or(Duration::ZERO, |p| p.started.elapsed());
@@ -475,7 +568,95 @@ impl Supervisor {
                 let views = self.slots.iter().map(|(n, s)| self.view(n, s)).collect();
                 let _ = reply.send(views);
             }
+            Msg::EngineExited {
+                name,
+                generation,
+                status,
+            } => {
+                let removed = self.slots.get(&name).is_none_or(|s| s.removed);
+                let Some(e) = self.engines.get_mut(&name) else {
+                    return;
+                };
+                if e.generation != generation || removed {
+                    return;
+                }
+                let log = e.proc.take().map(|p| p.log);
+                if e.started.elapsed() >= HEALTHY_RUN {
+                    e.backoff = FIRST_BACKOFF;
+                }
+                let delay = e.backoff;
+                e.backoff = (e.backoff * 2).min(MAX_BACKOFF);
+                eprintln!(
+                    "dynamo serve: {name}'s engine exited ({status}); its sidecar turns unready and its requests move to other workers; restarting the engine in {delay:?}{}",
+                    log.map(|l| format!(" (log: {})", l.display()))
+                        .unwrap_or_default()
+                );
+                let tx = self.tx.clone();
+                self.tasks.spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = tx.send(Msg::RestartEngine { name });
+                });
+            }
+            Msg::RestartEngine { name } => {
+                if self.slots.get(&name).is_none_or(|s| s.removed) {
+                    return;
+                }
+                let Some(e) = self.engines.get_mut(&name) else {
+                    return;
+                };
+                if e.proc.is_some() {
+                    return;
+                }
+                e.generation += 1;
+                match engine::spawn(
+                    &name,
+                    &e.local,
+                    e.generation,
+                    &self.log_dir,
+                    &self.tx,
+                    &self.tasks,
+                ) {
+                    Ok(p) => {
+                        eprintln!(
+                            "dynamo serve: {name}'s engine restarted (pid {}); the worker serves again once it has loaded",
+                            p.pid
+                        );
+                        e.proc = Some(p);
+                        e.started = Instant::now();
+                    }
+                    Err(err) => {
+                        eprintln!(
+                            "dynamo serve: {name}'s engine could not restart: {err:#}; trying again in {:?}",
+                            e.backoff
+                        );
+                        let (tx, delay) = (self.tx.clone(), e.backoff);
+                        self.tasks.spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            let _ = tx.send(Msg::RestartEngine { name });
+                        });
+                    }
+                }
+            }
         }
+    }
+
+    /// Stops `name`'s engine, if it has one, and waits for its process group to end.
+    async fn stop_engine(&mut self, name: &str) {
+        if let Some(p) = self.engines.remove(name).and_then(|e| e.proc) {
+            p.stop().await;
+        }
+    }
+
+    /// Stops every engine (after their sidecars), concurrently.
+    async fn stop_engines(&mut self) {
+        let procs: Vec<EngineProc> = std::mem::take(&mut self.engines)
+            .into_values()
+            .filter_map(|e| e.proc)
+            .collect();
+        if !procs.is_empty() {
+            eprintln!("dynamo serve: stopping {} engine(s)", procs.len());
+        }
+        futures::future::join_all(procs.iter().map(EngineProc::stop)).await;
     }
 
     fn service_names(&self) -> String {
@@ -519,6 +700,7 @@ impl Supervisor {
                 }
             }
         }
+        self.stop_engines().await;
     }
 }
 
