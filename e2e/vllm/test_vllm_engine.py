@@ -133,7 +133,7 @@ def client(serve):
     return openai.OpenAI(base_url=f"http://127.0.0.1:{serve.port}/v1", api_key="none", max_retries=0)
 
 
-def engine_counter(serve, name, metric_name):
+def engine_counter(serve, metric_name):
     return {w: metric(f"http://127.0.0.1:{port}", metric_name) for w, (port, _) in serve.engines().items()}
 
 
@@ -149,13 +149,13 @@ def test_each_engine_is_a_vllm_process_serve_started(serve):
 
 
 def test_chat_completions_and_streaming_are_served_by_vllm(serve, client):
-    before = sum(engine_counter(serve, None, "vllm:prompt_tokens_total").values())
+    before = sum(engine_counter(serve, "vllm:prompt_tokens_total").values())
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hello there"}],
                                           max_tokens=8, temperature=0)
     assert chat.choices[0].finish_reason in ("length", "stop")
     assert chat.usage.completion_tokens >= 1
     # vLLM's own counter rose by exactly the prompt our frontend tokenized.
-    wait_until(lambda: sum(engine_counter(serve, None, "vllm:prompt_tokens_total").values())
+    wait_until(lambda: sum(engine_counter(serve, "vllm:prompt_tokens_total").values())
                == before + chat.usage.prompt_tokens, "vLLM's prompt_tokens_total to count the prompt")
 
     comp = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=6,
@@ -193,23 +193,13 @@ def test_a_repeated_prompt_reports_cached_tokens(client):
 def test_the_kv_router_sends_a_shared_prefix_to_the_worker_whose_vllm_events_hold_it(serve, client):
     prefix = "route me " + LONG
     client.completions.create(model="tiny", prompt=prefix, max_tokens=2)
-    # Which worker holds it, as vLLM's events (through each sidecar) say.
-    holder = None
-
-    def find_holder():
-        nonlocal holder
-        prompts = engine_counter(serve, None, "vllm:prompt_tokens_total")
-        hits = engine_counter(serve, None, "vllm:prefix_cache_hits_total")
-        holder = (prompts, hits)
-        return True
-
-    find_holder()
-    before_prompts, before_hits = holder
+    before_prompts = engine_counter(serve, "vllm:prompt_tokens_total")
+    before_hits = engine_counter(serve, "vllm:prefix_cache_hits_total")
     for i in range(6):
         client.completions.create(model="tiny", prompt=f"{prefix} and then {i}", max_tokens=2)
     time.sleep(1.0)  # one metrics poll
-    after_prompts = engine_counter(serve, None, "vllm:prompt_tokens_total")
-    after_hits = engine_counter(serve, None, "vllm:prefix_cache_hits_total")
+    after_prompts = engine_counter(serve, "vllm:prompt_tokens_total")
+    after_hits = engine_counter(serve, "vllm:prefix_cache_hits_total")
     gained = {w: after_hits[w] - before_hits[w] for w in after_hits}
     served = {w: after_prompts[w] - before_prompts[w] for w in after_prompts}
     best = max(gained, key=gained.get)
@@ -318,61 +308,66 @@ def reset_prefix_cache(engine):
     direct(engine, [3] * 5, max_tokens=1)
 
 
-def sidecar(engine, replay=True):
-    args = ["sidecar", "--listen", "127.0.0.1:0", "--engine", "vllm", "--vllm-url", engine["url"],
-            "--vllm-kv-events", engine["events"], "--vllm-kv-events-topic", "kv-events"]
-    if replay:
-        args += ["--vllm-kv-events-replay", engine["replay"]]
-    return start_dynamo(args)
+@pytest.fixture
+def started():
+    """Starts `dynamo` processes for one test and stops them all after it, failed or not."""
+    procs = []
+
+    def start(args):
+        proc, url = start_dynamo(args)
+        procs.append(proc)
+        return proc, url
+
+    yield start
+    for p in reversed(procs):
+        stop(p)
 
 
-def test_events_stored_removed_and_cleared_reach_the_index_across_sidecar_restarts(engine):
+def sidecar(start, engine):
+    return start(["sidecar", "--listen", "127.0.0.1:0", "--engine", "vllm", "--vllm-url", engine["url"],
+                  "--vllm-kv-events", engine["events"], "--vllm-kv-events-topic", "kv-events",
+                  "--vllm-kv-events-replay", engine["replay"]])
+
+
+def frontend(start, sidecar_url):
+    return start(["frontend", "--listen", "127.0.0.1:0", "--worker", sidecar_url, "--router-mode", "kv"])
+
+
+def test_events_stored_removed_and_cleared_reach_the_index_across_sidecar_restarts(engine, started):
     # Cached before any sidecar exists: 2 full blocks.
     direct(engine, [7] * 70)
-    sc, surl = sidecar(engine)
-    fe = None
-    try:
-        wait_until(lambda: metric(surl, "dynamo_component_kv_event_blocks") == 2,
-                   "the late sidecar to replay what vLLM cached before it", 20)
-        fe, furl = start_dynamo(["frontend", "--listen", "127.0.0.1:0", "--worker", surl, "--router-mode", "kv"])
-        wait_until(lambda: metric(furl, "dynamo_router_indexed_worker_blocks") == 2, "the index to hold them")
-        # Restart the sidecar while the engine serves; what vLLM caches meanwhile is not lost.
-        stop(sc)
-        direct(engine, [8] * 70)
-        sc, surl = sidecar(engine)
-        stop(fe)
-        fe, furl = start_dynamo(["frontend", "--listen", "127.0.0.1:0", "--worker", surl, "--router-mode", "kv"])
-        wait_until(lambda: metric(furl, "dynamo_router_indexed_worker_blocks") == 4, "4 blocks after the restart")
-        assert metric(surl, "dynamo_component_vllm_kv_cache_unknown_total") == 0
-        # Removed: 24 blocks in all, so new prompts evict the old ones.
-        for i in range(8):
-            direct(engine, [100 + i] * 100)
-        wait_until(lambda: metric(surl, "dynamo_component_kv_event_blocks") <= 24, "evictions")
-        assert metric(surl, "dynamo_component_vllm_kv_events_total") > 8
-        # Cleared: vLLM's reset empties its cache, and our index with it.
-        reset_prefix_cache(engine)
-        wait_until(lambda: metric(furl, "dynamo_router_indexed_worker_blocks") == 0, "the clear to reach the index")
-        assert metric(surl, "dynamo_component_vllm_kv_event_malformed_frames_total") == 0
-    finally:
-        for p in (fe, sc):
-            if p:
-                stop(p)
+    sc, surl = sidecar(started, engine)
+    wait_until(lambda: metric(surl, "dynamo_component_kv_event_blocks") == 2,
+               "the late sidecar to replay what vLLM cached before it", 20)
+    fe, furl = frontend(started, surl)
+    wait_until(lambda: metric(furl, "dynamo_router_indexed_worker_blocks") == 2, "the index to hold them")
+    # Restart the sidecar while the engine serves; what vLLM caches meanwhile is not lost.
+    stop(sc)
+    direct(engine, [8] * 70)
+    _, surl = sidecar(started, engine)
+    stop(fe)
+    _, furl = frontend(started, surl)
+    wait_until(lambda: metric(furl, "dynamo_router_indexed_worker_blocks") == 4, "4 blocks after the restart")
+    assert metric(surl, "dynamo_component_vllm_kv_cache_unknown_total") == 0
+    # Removed: 24 blocks in all, so new prompts evict the old ones.
+    for i in range(8):
+        direct(engine, [100 + i] * 100)
+    wait_until(lambda: metric(surl, "dynamo_component_kv_event_blocks") <= 24, "evictions")
+    assert metric(surl, "dynamo_component_vllm_kv_events_total") > 8
+    # Cleared: vLLM's reset empties its cache, and our index with it.
+    reset_prefix_cache(engine)
+    wait_until(lambda: metric(furl, "dynamo_router_indexed_worker_blocks") == 0, "the clear to reach the index")
+    assert metric(surl, "dynamo_component_vllm_kv_event_malformed_frames_total") == 0
 
 
-def test_a_replay_buffer_that_no_longer_reaches_back_marks_the_cache_unknown_until_cleared(engine):
+def test_a_replay_buffer_that_no_longer_reaches_back_marks_the_cache_unknown_until_cleared(engine, started):
     # More batches than the publisher keeps (buffer_steps), before the sidecar subscribes.
     for i in range(BUFFER_STEPS + 4):
         direct(engine, [200 + i] * 40)
-    sc, surl = sidecar(engine)
-    fe = None
-    try:
-        wait_until(lambda: metric(surl, "dynamo_component_vllm_kv_cache_unknown_total") == 1,
-                   "the sidecar to mark the cache unknown", 20)
-        fe, furl = start_dynamo(["frontend", "--listen", "127.0.0.1:0", "--worker", surl, "--router-mode", "kv"])
-        wait_until(lambda: metric(furl, "dynamo_router_workers_cache_unknown") == 1, "the router to count it")
-        reset_prefix_cache(engine)
-        wait_until(lambda: metric(furl, "dynamo_router_workers_cache_unknown") == 0, "known again after the clear")
-    finally:
-        for p in (fe, sc):
-            if p:
-                stop(p)
+    _, surl = sidecar(started, engine)
+    wait_until(lambda: metric(surl, "dynamo_component_vllm_kv_cache_unknown_total") == 1,
+               "the sidecar to mark the cache unknown", 20)
+    _, furl = frontend(started, surl)
+    wait_until(lambda: metric(furl, "dynamo_router_workers_cache_unknown") == 1, "the router to count it")
+    reset_prefix_cache(engine)
+    wait_until(lambda: metric(furl, "dynamo_router_workers_cache_unknown") == 0, "known again after the clear")

@@ -55,12 +55,7 @@ pub fn apply(pod: &mut PodSpec, main: &mut Container, serving: Option<IntOrStrin
         set_default_pull_policy(c);
     }
     if let Some(port) = serving {
-        let get = |path: &str| HTTPGetAction {
-            path: Some(path.into()),
-            port: port.clone(),
-            scheme: Some("HTTP".into()),
-            ..Default::default()
-        };
+        let get = |path: &str| http_get(path, port.clone());
         main.readiness_probe.get_or_insert_with(|| Probe {
             http_get: Some(get(READY_PATH)),
             period_seconds: Some(5),
@@ -119,24 +114,50 @@ pub fn apply(pod: &mut PodSpec, main: &mut Container, serving: Option<IntOrStrin
     main.security_context
         .get_or_insert_with(restricted_container_context);
 
-    let volumes = pod.volumes.get_or_insert_with(Vec::new);
-    let mounts = main.volume_mounts.get_or_insert_with(Vec::new);
     for (name, path) in SCRATCH {
-        if mounts.iter().any(|m| m.mount_path == path) {
-            continue;
-        }
-        if !volumes.iter().any(|v| v.name == name) {
-            volumes.push(Volume {
-                name: name.into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            });
-        }
-        mounts.push(VolumeMount {
+        mount_scratch(pod, main, name, path, None);
+    }
+}
+
+/// Mounts emptyDir volume `name` (of `medium`, default disk) at `path` in `container`, unless the
+/// container mounts something there already; the volume is added to the pod if it lacks one of
+/// that name.
+fn mount_scratch(
+    pod: &mut PodSpec,
+    container: &mut Container,
+    name: &str,
+    path: &str,
+    medium: Option<&str>,
+) {
+    let mounts = container.volume_mounts.get_or_insert_with(Vec::new);
+    if mounts.iter().any(|m| m.mount_path == path) {
+        return;
+    }
+    let volumes = pod.volumes.get_or_insert_with(Vec::new);
+    if !volumes.iter().any(|v| v.name == name) {
+        volumes.push(Volume {
             name: name.into(),
-            mount_path: path.into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: medium.map(Into::into),
+                ..Default::default()
+            }),
             ..Default::default()
         });
+    }
+    mounts.push(VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        ..Default::default()
+    });
+}
+
+/// An HTTP GET of `path` on `port` (for probes).
+fn http_get(path: &str, port: IntOrString) -> HTTPGetAction {
+    HTTPGetAction {
+        path: Some(path.into()),
+        port,
+        scheme: Some("HTTP".into()),
+        ..Default::default()
     }
 }
 
@@ -171,35 +192,11 @@ pub fn apply_engine(pod: &mut PodSpec, engine: &mut Container) {
         .get_or_insert_with(restricted_container_context);
     let env = engine.env.get_or_insert_with(Vec::new);
     set_default_env(env, "HOME", NONROOT_HOME);
-    let volumes = pod.volumes.get_or_insert_with(Vec::new);
-    let mounts = engine.volume_mounts.get_or_insert_with(Vec::new);
     for (name, path, medium) in ENGINE_SCRATCH {
-        if mounts.iter().any(|m| m.mount_path == path) {
-            continue;
-        }
-        if !volumes.iter().any(|v| v.name == name) {
-            volumes.push(Volume {
-                name: name.into(),
-                empty_dir: Some(EmptyDirVolumeSource {
-                    medium: medium.map(Into::into),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
-        }
-        mounts.push(VolumeMount {
-            name: name.into(),
-            mount_path: path.into(),
-            ..Default::default()
-        });
+        mount_scratch(pod, engine, name, path, medium);
     }
     let port = engine_port(engine);
-    let get = || HTTPGetAction {
-        path: Some("/health".into()),
-        port: IntOrString::Int(port),
-        scheme: Some("HTTP".into()),
-        ..Default::default()
-    };
+    let get = || http_get("/health", IntOrString::Int(port));
     engine.startup_probe.get_or_insert_with(|| Probe {
         http_get: Some(get()),
         period_seconds: Some(5),

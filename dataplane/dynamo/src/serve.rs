@@ -83,10 +83,42 @@ struct Slot {
     proc: Option<Proc>,
     /// Incremented per start of this slot, so a late exit of an earlier incarnation is ignored.
     generation: u64,
-    backoff: Duration,
+    backoff: Backoff,
     /// Removed through the control API: not restarted.
     removed: bool,
     restarts: u32,
+}
+
+/// Restart delays of a worker or an engine: [`FIRST_BACKOFF`] doubling up to [`MAX_BACKOFF`],
+/// back to the first after a run of [`HEALTHY_RUN`].
+#[derive(Debug, Clone, Copy)]
+struct Backoff(Duration);
+
+impl Default for Backoff {
+    fn default() -> Backoff {
+        Backoff(FIRST_BACKOFF)
+    }
+}
+
+impl Backoff {
+    /// The delay before restarting something that ran for `ran`; the next one is doubled.
+    fn after_run(&mut self, ran: Duration) -> Duration {
+        if ran >= HEALTHY_RUN {
+            self.0 = FIRST_BACKOFF;
+        }
+        self.next()
+    }
+
+    /// The delay now; the next one is doubled.
+    fn next(&mut self) -> Duration {
+        let delay = self.0;
+        self.0 = (self.0 * 2).min(MAX_BACKOFF);
+        delay
+    }
+
+    fn current(&self) -> Duration {
+        self.0
+    }
 }
 
 /// A worker replica's engine process (for services with an `engine` container).
@@ -94,7 +126,7 @@ struct EngineSlot {
     local: LocalEngine,
     proc: Option<EngineProc>,
     generation: u64,
-    backoff: Duration,
+    backoff: Backoff,
     started: Instant,
 }
 
@@ -351,7 +383,7 @@ impl Supervisor {
                     local,
                     proc: Some(proc),
                     generation: 1,
-                    backoff: FIRST_BACKOFF,
+                    backoff: Backoff::default(),
                     started: Instant::now(),
                 },
             );
@@ -369,7 +401,7 @@ impl Supervisor {
                 service: s,
                 proc: Some(proc),
                 generation: 1,
-                backoff: FIRST_BACKOFF,
+                backoff: Backoff::default(),
                 removed: false,
                 restarts: 0,
             },
@@ -458,20 +490,12 @@ impl Supervisor {
                     return;
                 }
                 let ran = proc.map_or(Duration::ZERO, |p| p.started.elapsed());
-                if ran >= HEALTHY_RUN {
-                    slot.backoff = FIRST_BACKOFF;
-                }
-                let delay = slot.backoff;
-                slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
+                let delay = slot.backoff.after_run(ran);
                 eprintln!(
                     "dynamo serve: worker {name} exited ({status}); the frontend routes around it and its requests move to other workers; restarting in {delay:?}"
                 );
                 self.publish().await;
-                let tx = self.tx.clone();
-                self.tasks.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = tx.send(Msg::Restart { name });
-                });
+                self.send_after(delay, Msg::Restart { name });
             }
             Msg::Restart { name } => {
                 let Some(slot) = self.slots.get(&name) else {
@@ -498,18 +522,12 @@ impl Supervisor {
                         let slot = self.slots.get_mut(&name);
                         let delay = slot.map_or(MAX_BACKOFF, |slot| {
                             slot.generation = generation;
-                            let d = slot.backoff;
-                            slot.backoff = (slot.backoff * 2).min(MAX_BACKOFF);
-                            d
+                            slot.backoff.next()
                         });
                         eprintln!(
                             "dynamo serve: worker {name} could not restart ({e:#}); trying again in {delay:?}"
                         );
-                        let tx = self.tx.clone();
-                        self.tasks.spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = tx.send(Msg::Restart { name });
-                        });
+                        self.send_after(delay, Msg::Restart { name });
                     }
                 }
             }
@@ -581,21 +599,13 @@ impl Supervisor {
                     return;
                 }
                 let log = e.proc.take().map(|p| p.log);
-                if e.started.elapsed() >= HEALTHY_RUN {
-                    e.backoff = FIRST_BACKOFF;
-                }
-                let delay = e.backoff;
-                e.backoff = (e.backoff * 2).min(MAX_BACKOFF);
+                let delay = e.backoff.after_run(e.started.elapsed());
                 eprintln!(
                     "dynamo serve: {name}'s engine exited ({status}); its sidecar turns unready and its requests move to other workers; restarting the engine in {delay:?}{}",
                     log.map(|l| format!(" (log: {})", l.display()))
                         .unwrap_or_default()
                 );
-                let tx = self.tx.clone();
-                self.tasks.spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _ = tx.send(Msg::RestartEngine { name });
-                });
+                self.send_after(delay, Msg::RestartEngine { name });
             }
             Msg::RestartEngine { name } => {
                 if self.slots.get(&name).is_none_or(|s| s.removed) {
@@ -625,19 +635,24 @@ impl Supervisor {
                         e.started = Instant::now();
                     }
                     Err(err) => {
+                        let delay = e.backoff.current();
                         eprintln!(
-                            "dynamo serve: {name}'s engine could not restart: {err:#}; trying again in {:?}",
-                            e.backoff
+                            "dynamo serve: {name}'s engine could not restart: {err:#}; trying again in {delay:?}"
                         );
-                        let (tx, delay) = (self.tx.clone(), e.backoff);
-                        self.tasks.spawn(async move {
-                            tokio::time::sleep(delay).await;
-                            let _ = tx.send(Msg::RestartEngine { name });
-                        });
+                        self.send_after(delay, Msg::RestartEngine { name });
                     }
                 }
             }
         }
+    }
+
+    /// Sends `msg` to the supervisor after `delay` (a scheduled restart).
+    fn send_after(&self, delay: Duration, msg: Msg) {
+        let tx = self.tx.clone();
+        self.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send(msg);
+        });
     }
 
     /// Stops `name`'s engine, if it has one, and waits for its process group to end.

@@ -275,19 +275,19 @@ impl KvRouter {
             KvEvent::Cleared => Some(false),
             _ => None,
         };
-        if let Some(unknown) = unknown
-            && member.cache_unknown.swap(unknown, Ordering::Relaxed) != unknown
-        {
-            if unknown {
-                self.stats.cache_unknown_workers.inc();
-            } else {
-                self.stats.cache_unknown_workers.dec();
-                drop(load);
-                self.forget_learned(worker);
-                return self.indexer.apply(worker, event);
-            }
+        let flipped = unknown.filter(|&u| member.cache_unknown.swap(u, Ordering::Relaxed) != u);
+        match flipped {
+            Some(true) => self.stats.cache_unknown_workers.inc(),
+            Some(false) => self.stats.cache_unknown_workers.dec(),
+            None => 0,
+        };
+        let applied = self.indexer.apply(worker, event);
+        // Known again: what was learned for it goes (the lock order is learned, then members).
+        drop(load);
+        if flipped == Some(false) {
+            self.forget_learned(worker);
         }
-        self.indexer.apply(worker, event)
+        applied
     }
 
     /// Drops approximate mode's bookkeeping for `worker` (its index entries go separately).

@@ -201,37 +201,28 @@ async fn catch_up(
     stats: &IngestStats,
     from: i64,
 ) -> Option<i64> {
-    let endpoint = source.replay.clone()?;
-    let fetched = tokio::spawn(async move {
-        tokio::time::timeout(Duration::from_secs(5), replay(&endpoint, from)).await
-    })
-    .await;
-    let batches = match fetched {
-        Ok(Ok(Ok(b))) => b,
-        _ => {
-            stats.gaps.inc();
-            stats.unknown.inc();
-            tracing::warn!(
-                replay = ?source.replay,
-                from,
-                "the vLLM KV event replay socket did not answer: the blocks this engine cached before now are unknown; routing to it learns from its own decisions until the engine clears its cache or restarts (check --vllm-kv-events-replay against the engine's replay_endpoint)"
-            );
-            log.append([KvEvent::Unknown]);
-            return None;
-        }
+    source.replay.as_ref()?;
+    let Some(batches) = fetch_replay(source, from).await else {
+        stats.gaps.inc();
+        mark_unknown(log, stats);
+        tracing::warn!(
+            replay = ?source.replay,
+            from,
+            "the vLLM KV event replay socket did not answer: the blocks this engine cached before now are unknown; routing to it learns from its own decisions until the engine clears its cache or restarts (check --vllm-kv-events-replay against the engine's replay_endpoint)"
+        );
+        return None;
     };
     let mut last = None;
     if let Some(&(first, _)) = batches.first()
         && first > from
     {
         stats.gaps.inc();
-        stats.unknown.inc();
+        mark_unknown(log, stats);
         tracing::warn!(
             from,
             oldest = first,
             "the vLLM KV event replay buffer no longer reaches back to what this sidecar missed: this engine's cache is unknown until it clears or restarts; routing to it learns from its own decisions meanwhile (a larger buffer_steps in --kv-events-config keeps more)"
         );
-        log.append([KvEvent::Unknown]);
     }
     let replayed = batches.len();
     for (seq, payload) in batches {
@@ -248,8 +239,29 @@ async fn catch_up(
     last
 }
 
-/// Fetches batches `from..until` from the replay socket; without one (or when it fails), clears
-/// the worker's blocks so the index forgets what it can no longer vouch for.
+/// The replay socket's batches from `from` on; `None` without a replay socket, or when it fails
+/// or does not answer within 5 s.
+async fn fetch_replay(source: &ZmqSource, from: i64) -> Option<Vec<(i64, Bytes)>> {
+    let endpoint = source.replay.clone()?;
+    // The zeromq crate panics on some peer errors inside recv: contain that in a task.
+    let fetched = tokio::spawn(async move {
+        tokio::time::timeout(Duration::from_secs(5), replay(&endpoint, from)).await
+    })
+    .await;
+    match fetched {
+        Ok(Ok(Ok(batches))) => Some(batches),
+        _ => None,
+    }
+}
+
+/// Events were lost beyond replay: the engine may hold blocks no event described.
+fn mark_unknown(log: &EventLog, stats: &IngestStats) {
+    stats.unknown.inc();
+    log.append([KvEvent::Unknown]);
+}
+
+/// Fetches batches `from..until` from the replay socket; without one (or when it fails), the
+/// worker's cache is unknown: the index forgets what it can no longer vouch for.
 async fn recover_gap(
     source: &ZmqSource,
     log: &EventLog,
@@ -258,31 +270,24 @@ async fn recover_gap(
     until: i64,
 ) {
     stats.gaps.inc();
-    if let Some(endpoint) = source.replay.clone() {
-        // The zeromq crate panics on some peer errors inside recv: contain that in a task.
-        let fetched = tokio::spawn(async move {
-            tokio::time::timeout(Duration::from_secs(5), replay(&endpoint, from)).await
-        })
-        .await;
-        if let Ok(Ok(Ok(batches))) = fetched {
-            let mut next = from;
-            for (seq, payload) in batches {
-                if seq == next && seq < until {
-                    stats.ingest(log, seq, &payload);
-                    next += 1;
-                }
+    if let Some(batches) = fetch_replay(source, from).await {
+        let mut next = from;
+        for (seq, payload) in batches {
+            if seq == next && seq < until {
+                stats.ingest(log, seq, &payload);
+                next += 1;
             }
-            if next == until {
-                if let Some(suppressed) = GAP.allow() {
-                    tracing::info!(
-                        from,
-                        until,
-                        suppressed,
-                        "recovered missed vLLM KV events from the replay socket"
-                    );
-                }
-                return;
+        }
+        if next == until {
+            if let Some(suppressed) = GAP.allow() {
+                tracing::info!(
+                    from,
+                    until,
+                    suppressed,
+                    "recovered missed vLLM KV events from the replay socket"
+                );
             }
+            return;
         }
     }
     if let Some(suppressed) = GAP.allow() {
@@ -293,8 +298,7 @@ async fn recover_gap(
             "missed vLLM KV events could not be replayed: this worker's cache is unknown until the engine clears it or restarts"
         );
     }
-    stats.unknown.inc();
-    log.append([KvEvent::Unknown]);
+    mark_unknown(log, stats);
 }
 
 async fn replay(endpoint: &str, from: i64) -> zeromq::ZmqResult<Vec<(i64, Bytes)>> {
