@@ -9,9 +9,9 @@ use clap::{Args, Parser, Subcommand};
 use dynamo_mocker::{MockerConfig, TimingModel};
 use dynamo_model::Model;
 
-use dynamo_frontend::discovery::DiscoveryMode;
+use dynamo_frontend::{DisaggPolicy, discovery::DiscoveryMode};
 use dynamo_kv::policy::{RouterMode, kv as policy};
-use dynamo_sidecar::engine::EngineKind;
+use dynamo_sidecar::{disagg::Role, engine::EngineKind};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -127,6 +127,28 @@ pub struct FrontendArgs {
     /// empties the pool for a moment. 0 refuses at once.
     #[arg(long, env = "DYN_WORKER_WAIT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub worker_wait: Duration,
+    /// Disaggregated graphs: when a prompt is prefilled by the prefill pool rather than by its
+    /// decode worker (Dynamo's conditional disaggregation policies).
+    #[arg(long, env = "DYN_DISAGG_POLICY", value_enum, default_value = "isl-bounding")]
+    pub disagg_policy: DisaggPolicy,
+    /// isl-bounding: prefill on the decode worker when it has fewer than this many prompt tokens
+    /// to compute...
+    #[arg(long, env = "DYN_MAX_LOCAL_PREFILL_TOKENS", default_value_t = 2048)]
+    pub max_local_prefill_tokens: u64,
+    /// ...or those are less than this share of the prompt (it holds most of the prompt already).
+    #[arg(long, env = "DYN_MAX_LOCAL_PREFILL_RATIO", default_value_t = 0.7)]
+    pub max_local_prefill_ratio: f64,
+    /// prefill-load: the prefill pool is busy when its least-loaded worker has this many prompt
+    /// tokens queued.
+    #[arg(long, env = "DYN_PREFILL_BUSY_TOKENS", default_value_t = 16384)]
+    pub prefill_busy_tokens: u64,
+    /// Never prefill on a decode worker that has this many prompt tokens queued (0: off).
+    #[arg(long, env = "DYN_DECODE_BUSY_TOKENS", default_value_t = 0)]
+    pub decode_busy_tokens: u64,
+    /// Backpressure: while the prefill pool has this many prompt tokens queued in all, prompts are
+    /// prefilled by their decode worker (0: off).
+    #[arg(long, env = "DYN_MAX_PREFILL_QUEUE_TOKENS", default_value_t = 0)]
+    pub max_prefill_queue_tokens: u64,
     /// How requests are spread over workers.
     #[arg(long, env = "DYN_ROUTER_MODE", value_enum, default_value = "kv")]
     pub router_mode: RouterMode,
@@ -206,6 +228,10 @@ pub struct MockerArgs {
     pub mean_output_tokens: u32,
     #[arg(long, env = "DYN_MOCKER_SEED", default_value_t = 0)]
     pub seed: u64,
+    /// Prefill workers: how long a prompt's computed blocks stay held for a decode worker that
+    /// does not release them.
+    #[arg(long, env = "DYN_PREFILL_HOLD", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub prefill_hold: Duration,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -237,12 +263,52 @@ pub struct SidecarArgs {
     /// Topic of the vLLM KV event stream.
     #[arg(long, env = "DYN_VLLM_KV_EVENTS_TOPIC", default_value = "")]
     pub vllm_kv_events_topic: String,
+    /// What this worker does in a disaggregated graph: prefill workers compute prompts' KV and
+    /// hold it, decode workers pull it and generate.
+    #[arg(long, env = "DYN_ROLE", value_enum, default_value = "aggregated")]
+    pub role: Role,
+    /// Shape of the built-in engine's KV blocks (their bytes are real for prefill and decode
+    /// workers): llama-8b, llama-70b, llama-1b, qwen-0.5b, tiny, or
+    /// layers=L,kv_heads=H,head_dim=D[,dtype_bytes=B].
+    #[arg(long, env = "DYN_KV_GEOMETRY", default_value = "llama-8b")]
+    pub kv_geometry: String,
+    /// Memory for the KV blocks of a prefill or decode worker, e.g. 1GiB; the engine gets the
+    /// blocks that fit (at most --num-gpu-blocks).
+    #[arg(long, env = "DYN_KV_MEMORY", default_value = "1GiB", value_parser = parse_bytes)]
+    pub kv_memory: u64,
+    /// TCP port of the KV transfer server (0: any free port).
+    #[arg(long, env = "DYN_KV_TRANSFER_PORT", default_value_t = 0)]
+    pub kv_transfer_port: u16,
+    /// Offer KV blocks over shared memory to workers on the same host and IPC namespace.
+    #[arg(long, env = "DYN_KV_TRANSFER_SHM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kv_transfer_shm: bool,
+    /// Address other workers reach this one at (default: $POD_IP, else the --listen address, else
+    /// 127.0.0.1).
+    #[arg(long, env = "DYN_ADVERTISE_HOST")]
+    pub advertise_host: Option<std::net::IpAddr>,
     #[command(flatten)]
     pub mocker: MockerArgs,
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
     pub process: ProcessArgs,
+}
+
+/// `1GiB`, `512MiB`, `64KiB`, or a plain byte count.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size: use e.g. 1GiB, 512MiB or a byte count"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        other => return Err(format!("unknown size unit {other:?}: use B, KiB, MiB or GiB")),
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -290,6 +356,7 @@ impl MockerArgs {
             mean_output_tokens: self.mean_output_tokens,
             seed: self.seed,
             timing: TimingModel::default(),
+            prefill_hold: self.prefill_hold,
         };
         config.validate().context("invalid mocker settings")?;
         Ok(config)

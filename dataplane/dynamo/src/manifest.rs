@@ -132,18 +132,18 @@ impl Manifest {
                     invalid(format!("spec.services.{name}.replicas is too large ({r})"))
                 })?,
             };
-            let role = match (svc.component_type, svc.sub_component_type) {
-                (ComponentType::Frontend, _) => Role::Frontend,
+            let (role, worker_role) = match (svc.component_type, svc.sub_component_type) {
+                (ComponentType::Frontend, _) => (Role::Frontend, None),
                 (ComponentType::Prefill, _)
                 | (
                     ComponentType::Worker | ComponentType::Decode,
                     Some(SubComponentType::Prefill),
-                ) => {
-                    return Err(invalid(format!(
-                        "spec.services.{name} is a prefill service: disaggregated prefill/decode is not supported by `dynamo serve` yet; use an aggregated graph (componentType: worker), e.g. manifests/agg.yaml"
-                    )));
+                ) => (Role::Worker, Some("prefill")),
+                (ComponentType::Decode, _)
+                | (ComponentType::Worker, Some(SubComponentType::Decode)) => {
+                    (Role::Worker, Some("decode"))
                 }
-                (ComponentType::Worker | ComponentType::Decode, _) => Role::Worker,
+                (ComponentType::Worker, None) => (Role::Worker, None),
                 (ComponentType::Planner, _) => continue,
             };
             let mut env: Vec<(String, String)> = self
@@ -159,7 +159,11 @@ impl Manifest {
                 })
                 .collect();
             env.dedup_by(|a, b| a.0 == b.0);
-            let args = container_args(name, svc.extra_pod_spec.as_ref(), &role);
+            let mut args = container_args(name, svc.extra_pod_spec.as_ref(), &role);
+            if let Some(r) = worker_role {
+                // First, so that a --role in the manifest's own args wins.
+                args.splice(0..0, ["--role".to_owned(), r.to_owned()]);
+            }
             let engine = match role {
                 Role::Worker => svc
                     .extra_pod_spec
@@ -344,13 +348,21 @@ spec:
     }
 
     #[test]
-    fn prefill_services_are_refused_until_disaggregation_lands() {
-        let bad = AGG.replace("componentType: worker", "componentType: prefill");
-        let e = Manifest::parse("x.yaml", &bad)
+    fn prefill_and_decode_services_run_sidecars_with_their_role() {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/disagg.yaml"),
+        )
+        .expect("manifests/disagg.yaml");
+        let graph = Manifest::parse("disagg.yaml", &text)
             .expect("parses")
-            .local_graph("x.yaml")
-            .expect_err("refused")
-            .to_string();
-        assert!(e.contains("disaggregated"), "{e}");
+            .local_graph("disagg.yaml")
+            .expect("runs locally");
+        let roles: Vec<(&str, &[String])> = graph
+            .workers
+            .iter()
+            .map(|w| (w.name.as_str(), &w.args[..2]))
+            .collect();
+        assert!(roles.contains(&("Prefill", &["--role".into(), "prefill".into()][..])), "{roles:?}");
+        assert!(roles.contains(&("Decode", &["--role".into(), "decode".into()][..])), "{roles:?}");
     }
 }

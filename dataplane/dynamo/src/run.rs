@@ -5,19 +5,22 @@ use std::time::Duration;
 
 use anyhow::bail;
 use dynamo_frontend::{
-    Frontend, FrontendConfig,
+    DisaggConfig, Frontend, FrontendConfig,
     discovery::{self, DiscoveryMode},
 };
 use dynamo_kv::policy::KvRouterConfig;
 use dynamo_protocol::net::shutdown_signal;
+use anyhow::Context as _;
 use dynamo_sidecar::{
     Sidecar, SidecarConfig,
+    disagg::{self, KvStoreConfig, Role},
     engine::EngineKind,
     vllm::{VllmConfig, ZmqSource},
 };
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{FrontendArgs, ProcessArgs, SidecarArgs};
+use dynamo_transfer::SharedSecret;
 
 fn announce_ready(enabled: bool, addr: std::net::SocketAddr) {
     if enabled {
@@ -71,6 +74,14 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
         drain: args.process.drain_timeout,
         migration_limit: args.migration_limit,
         worker_wait: args.worker_wait,
+        disagg: DisaggConfig {
+            policy: args.disagg_policy,
+            max_local_prefill_tokens: args.max_local_prefill_tokens,
+            max_local_prefill_ratio: args.max_local_prefill_ratio,
+            prefill_busy_tokens: args.prefill_busy_tokens,
+            decode_busy_tokens: args.decode_busy_tokens,
+            max_prefill_queue_tokens: args.max_prefill_queue_tokens,
+        },
     };
     let fe = Frontend::start(config, model.clone()).await?;
     // The discovery source runs beside the server; `serve` discovery ending (stdin closed) stops
@@ -119,6 +130,7 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
 pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let mocker = args.mocker.to_config(&model)?;
+    let mocker_block_size = mocker.block_size;
     let worker_id = args
         .worker_id
         .clone()
@@ -141,6 +153,8 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
             model: args.model.model_name.clone(),
             poll: args.vllm_poll,
         }),
+        role: args.role,
+        kv_store: kv_store_config(&args, mocker_block_size)?,
     };
     let sc = Sidecar::start(config).await?;
     tracing::info!(addr = %sc.addr, worker_id, instance = %format!("{:016x}", sc.instance_id), engine = args.engine.as_str(), "sidecar listening");
@@ -149,6 +163,46 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
     tracing::info!(why, "sidecar draining");
     sc.shutdown(settle(&args.process, why)).await;
     Ok(())
+}
+
+/// Prefill and decode workers on the built-in engine keep their KV blocks as bytes and serve them
+/// to the graph's other workers, authenticated with the graph's secret.
+fn kv_store_config(
+    args: &SidecarArgs,
+    block_size: usize,
+) -> anyhow::Result<Option<KvStoreConfig>> {
+    if args.role == Role::Aggregated || args.engine != EngineKind::Mocker {
+        return Ok(None);
+    }
+    let secret = std::env::var("DYN_KV_TRANSFER_SECRET").map_err(|_| {
+        anyhow::anyhow!(
+            "--role {} needs the graph's KV transfer secret in DYN_KV_TRANSFER_SECRET (at least {} bytes; `dynamo serve` and the operator set it)",
+            args.role.as_str(),
+            SharedSecret::MIN_LEN
+        )
+    })?;
+    let secret = SharedSecret::new(secret.into_bytes())
+        .context("DYN_KV_TRANSFER_SECRET is too short")?;
+    let block_tokens = u32::try_from(block_size).context("--block-size is too large")?;
+    let geometry = disagg::parse_geometry(&args.kv_geometry, block_tokens)?;
+    let listen_ip = args.listen.ip();
+    let advertise = args
+        .advertise_host
+        .or_else(|| std::env::var("POD_IP").ok().and_then(|ip| ip.parse().ok()))
+        .unwrap_or(if listen_ip.is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            listen_ip
+        });
+    Ok(Some(KvStoreConfig {
+        geometry,
+        memory: args.kv_memory,
+        bind: listen_ip,
+        port: args.kv_transfer_port,
+        advertise,
+        shm: args.kv_transfer_shm,
+        secret,
+    }))
 }
 
 fn hostname() -> String {

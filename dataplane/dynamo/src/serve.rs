@@ -177,7 +177,15 @@ struct WorkerView {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let path = args.manifest.display().to_string();
     let manifest = Manifest::load(&args.manifest)?;
-    let graph = manifest.local_graph(&path)?;
+    let mut graph = manifest.local_graph(&path)?;
+    // The graph's KV transfer secret: prefill and decode workers only serve blocks to each other.
+    let secret = format!("{:032x}", rand::random::<u128>());
+    for svc in &mut graph.workers {
+        if !svc.env.iter().any(|(k, _)| k == "DYN_KV_TRANSFER_SECRET") {
+            svc.env
+                .push(("DYN_KV_TRANSFER_SECRET".into(), secret.clone()));
+        }
+    }
     // Load the model once here so a bad --model-path fails before anything starts.
     let model = args.model.load()?;
     let exe = std::env::current_exe().context("cannot find the dynamo executable")?;

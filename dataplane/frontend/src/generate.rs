@@ -60,28 +60,34 @@ impl AppState {
         params: GenParams,
         started: Instant,
     ) -> Result<Response, ApiError> {
-        let card = self.model.card();
+        // The workers' KV cache may hold less than the model's context.
+        let context_length = self
+            .pool()
+            .context_length()
+            .map_or(self.model.card().context_length, |w| {
+                w.min(self.model.card().context_length)
+            });
         let prompt_len = u32::try_from(tokens.len()).unwrap_or(u32::MAX);
         if tokens.is_empty() {
             return Err(ApiError::invalid("the prompt is empty", "prompt"));
         }
         let max_tokens = match params.max_tokens {
-            Some(m) if u64::from(prompt_len) + u64::from(m) > u64::from(card.context_length) => {
+            Some(m) if u64::from(prompt_len) + u64::from(m) > u64::from(context_length) => {
                 return Err(ApiError::context_too_long(
-                    card.context_length,
+                    context_length,
                     prompt_len,
                     Some(m),
                 ));
             }
             Some(m) => m,
-            None if prompt_len >= card.context_length => {
+            None if prompt_len >= context_length => {
                 return Err(ApiError::context_too_long(
-                    card.context_length,
+                    context_length,
                     prompt_len,
                     None,
                 ));
             }
-            None => card.context_length - prompt_len,
+            None => context_length - prompt_len,
         };
         let id = self.request_id(kind);
         let request = proto::GenerateRequest {
@@ -94,6 +100,8 @@ impl AppState {
             temperature: params.temperature,
             top_p: params.top_p,
             resumed_tokens: 0,
+            prefill_only: false,
+            kv_transfer_params: Vec::new(),
         };
         let (upstream, first) = Upstream::start(self.clone(), request).await?;
         let inflight = InflightGuard::new(self);
@@ -253,6 +261,11 @@ async fn dispatch(
     kind: MigrationType,
 ) -> Result<(Lease, GenerateResponse, Streaming<GenerateResponse>), ApiError> {
     let mut counted = kind == MigrationType::NewRequest;
+    // A new request in a disaggregated graph: its prompt may be prefilled by the prefill pool, once
+    // (a decode worker that fails before answering gets the same parameters; what it cannot pull
+    // it computes).
+    let mut disagg = kind == MigrationType::NewRequest && state.pool().has_prefill();
+    let mut request = std::borrow::Cow::Borrowed(request);
     loop {
         let Some(mut lease) = state
             .pool()
@@ -267,9 +280,14 @@ async fn dispatch(
             *moves += 1;
             counted = true;
         }
+        if std::mem::take(&mut disagg)
+            && let Some(params) = state.prefill_leg(&request, &mut lease).await
+        {
+            request.to_mut().kv_transfer_params = params;
+        }
         let mut client = lease.worker.client.clone();
         let attempt = async {
-            let mut stream = client.generate(request.clone()).await?.into_inner();
+            let mut stream = client.generate(request.as_ref().clone()).await?.into_inner();
             match stream.message().await? {
                 Some(first) => Ok((first, stream)),
                 None => Err(tonic::Status::unavailable(
@@ -280,6 +298,9 @@ async fn dispatch(
         match attempt.await {
             Ok((first, stream)) => {
                 lease.first_token();
+                if let Some(report) = &first.kv_transfer {
+                    state.record_transfer(report);
+                }
                 return Ok((lease, first, stream));
             }
             Err(status) => match status.code() {

@@ -3,6 +3,7 @@
 //! JSON body), and keeps Dynamo-named metrics. It owns no engine state: workers are reached only
 //! through their gRPC request plane.
 
+pub mod disagg;
 pub mod discovery;
 pub mod error;
 pub mod generate;
@@ -32,6 +33,8 @@ use axum::{
 };
 use bytes::BytesMut;
 use dynamo_kv::policy::{KvRouterConfig, RouterMode};
+
+pub use crate::disagg::{DisaggConfig, DisaggPolicy};
 use dynamo_model::Model;
 use http_body_util::BodyExt;
 use serde::de::DeserializeOwned;
@@ -69,6 +72,8 @@ pub struct FrontendConfig {
     pub migration_limit: u32,
     /// How long a request waits for a worker to join when none is left to pick (0: refuse at once).
     pub worker_wait: Duration,
+    /// When prompts go to the prefill pool (disaggregated graphs).
+    pub disagg: DisaggConfig,
 }
 
 /// Shared per-process state of the frontend.
@@ -79,6 +84,7 @@ pub struct AppState {
     max_body_bytes: usize,
     migration_limit: u32,
     worker_wait: Duration,
+    disagg: DisaggConfig,
     draining: CancellationToken,
     next_id: AtomicU64,
     id_salt: u64,
@@ -122,6 +128,7 @@ impl Frontend {
             max_body_bytes: config.max_body_bytes,
             migration_limit: config.migration_limit,
             worker_wait: config.worker_wait,
+            disagg: config.disagg,
             draining: CancellationToken::new(),
             next_id: AtomicU64::new(0),
             id_salt: rand::random(),

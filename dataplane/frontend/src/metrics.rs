@@ -31,6 +31,22 @@ pub struct RequestLabels {
     pub status: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub decision: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    pub transport: String,
+}
+
 type HistFamily = Family<ModelLabel, Histogram, fn() -> Histogram>;
 
 pub struct FrontendMetrics {
@@ -47,6 +63,15 @@ pub struct FrontendMetrics {
     pub osl: Histogram,
     pub cached: Histogram,
     pub tokenize: Histogram,
+    /// Disaggregation: where prompts were prefilled and why; prefills that fell back to local.
+    disagg: Family<DecisionLabels, Counter>,
+    prefill_fallbacks: Family<ReasonLabel, Counter>,
+    /// What decode workers pulled (`dynamo_kv_transfer_*{transport}`).
+    transfer_bytes: Family<TransportLabel, Counter>,
+    transfer_blocks: Family<TransportLabel, Counter>,
+    transfer_seconds: Family<TransportLabel, Histogram, fn() -> Histogram>,
+    /// Time of the prefill leg (pick, queue, compute, parameters back).
+    pub prefill_leg: Histogram,
 }
 
 fn exp(start: f64, factor: f64, n: u16) -> impl Iterator<Item = f64> {
@@ -60,7 +85,41 @@ impl FrontendMetrics {
         if let Some(kv) = kv {
             kv.register_metrics(&mut root, model);
         }
+        let transfer_bytes = Family::<TransportLabel, Counter>::default();
+        let transfer_blocks = Family::<TransportLabel, Counter>::default();
+        let transfer_seconds: Family<TransportLabel, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(exp(0.0001, 2.0, 18)));
+        {
+            let kv = root.sub_registry_with_prefix("dynamo_kv_transfer");
+            kv.register(
+                "bytes",
+                "KV bytes decode workers pulled from prefill workers, by transport",
+                transfer_bytes.clone(),
+            );
+            kv.register(
+                "blocks",
+                "KV blocks decode workers pulled from prefill workers, by transport",
+                transfer_blocks.clone(),
+            );
+            kv.register(
+                "seconds",
+                "Wall time of one pull, by transport",
+                transfer_seconds.clone(),
+            );
+        }
         let registry = root.sub_registry_with_prefix("dynamo_frontend");
+        let disagg = Family::<DecisionLabels, Counter>::default();
+        registry.register(
+            "disagg_decisions",
+            "Where prompts were prefilled (remote: the prefill pool; local: the decode worker), by the policy's reason",
+            disagg.clone(),
+        );
+        let prefill_fallbacks = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "prefill_fallbacks",
+            "Remote prefills that did not happen or did not arrive, by reason (the request went on)",
+            prefill_fallbacks.clone(),
+        );
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "requests",
@@ -112,6 +171,11 @@ impl FrontendMetrics {
             "Chat template rendering and tokenization time",
             || Histogram::new(exp(0.00001, 2.0, 18)),
         );
+        let prefill_leg = hist(
+            "prefill_leg_seconds",
+            "Time of a remote prefill: queue and compute on the prefill worker",
+            || Histogram::new(exp(0.001, 2.0, 17)),
+        );
         let inflight = inflight.get_or_create(&label).clone();
         FrontendMetrics {
             registry: root,
@@ -126,7 +190,42 @@ impl FrontendMetrics {
             osl,
             cached,
             tokenize,
+            disagg,
+            prefill_fallbacks,
+            transfer_bytes,
+            transfer_blocks,
+            transfer_seconds,
+            prefill_leg,
         }
+    }
+
+    pub fn count_disagg(&self, decision: crate::disagg::Decision) {
+        let (decision, reason) = match decision {
+            crate::disagg::Decision::Remote(r) => ("remote", r),
+            crate::disagg::Decision::Local(r) => ("local", r),
+        };
+        self.disagg
+            .get_or_create(&DecisionLabels { decision, reason })
+            .inc();
+    }
+
+    pub fn count_prefill_fallback(&self, reason: &'static str) {
+        self.prefill_fallbacks
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
+    }
+
+    pub fn count_transfer(&self, report: &dynamo_protocol::proto::KvTransferReport) {
+        let label = TransportLabel {
+            transport: report.transport.clone(),
+        };
+        self.transfer_bytes.get_or_create(&label).inc_by(report.bytes);
+        self.transfer_blocks
+            .get_or_create(&label)
+            .inc_by(report.blocks);
+        self.transfer_seconds
+            .get_or_create(&label)
+            .observe(report.micros as f64 / 1e6);
     }
 
     pub fn count_request(&self, endpoint: &'static str, stream: bool, ok: bool) {

@@ -41,6 +41,8 @@ pub struct Worker {
     pub url: String,
     pub info: proto::WorkerInfo,
     pub client: WorkerClient<Channel>,
+    /// Prefill workers form the prefill pool; the others (aggregated and decode) serve requests.
+    pub role: proto::WorkerRole,
     inflight: AtomicU32,
     /// Stops this membership's KV event follower.
     stop: CancellationToken,
@@ -57,6 +59,8 @@ pub struct Lease {
     pub worker: Arc<Worker>,
     /// The kv policy's booking of this request's prefill and decode load.
     pub kv: Option<KvClaim>,
+    /// Leading blocks of the prompt the worker holds, as the kv policy sees it (0 without one).
+    pub overlap_blocks: u32,
 }
 
 impl Lease {
@@ -126,6 +130,8 @@ pub struct WorkerPool {
     candidates: Mutex<HashMap<String, Candidate>>,
     tick: AtomicUsize,
     kv: Option<Arc<KvRouter>>,
+    /// The prefill pool's own index and load (disaggregated graphs).
+    prefill_kv: Option<Arc<KvRouter>>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -134,6 +140,8 @@ impl WorkerPool {
     /// An empty pool; its watch and follower tasks run on `tasks` until `shutdown`.
     pub fn new(config: PoolConfig, tasks: TaskTracker, shutdown: CancellationToken) -> Arc<Self> {
         let kv = (config.mode == RouterMode::Kv).then(|| Arc::new(KvRouter::new(config.kv)));
+        let prefill_kv =
+            (config.mode == RouterMode::Kv).then(|| Arc::new(KvRouter::new(config.kv)));
         let pool = Arc::new(WorkerPool {
             config,
             members: RwLock::new(Arc::new(Vec::new())),
@@ -141,10 +149,15 @@ impl WorkerPool {
             candidates: Mutex::new(HashMap::new()),
             tick: AtomicUsize::new(0),
             kv,
+            prefill_kv,
             tasks,
             shutdown,
         });
-        if let Some(kv) = pool.kv.clone().filter(|kv| !kv.config().events) {
+        for kv in [pool.kv.clone(), pool.prefill_kv.clone()]
+            .into_iter()
+            .flatten()
+            .filter(|kv| !kv.config().events)
+        {
             let stop = pool.shutdown.clone();
             pool.tasks.spawn(async move {
                 loop {
@@ -177,6 +190,51 @@ impl WorkerPool {
 
     pub fn live_count(&self) -> usize {
         self.members().len()
+    }
+
+    /// The shortest context a serving member (aggregated or decode) takes, when one says.
+    pub fn context_length(&self) -> Option<u32> {
+        self.members()
+            .iter()
+            .filter(|m| m.role != proto::WorkerRole::Prefill && m.info.context_length > 0)
+            .map(|m| m.info.context_length)
+            .min()
+    }
+
+    /// The kv policy's router of `role`'s pool.
+    fn router(&self, role: proto::WorkerRole) -> Option<&Arc<KvRouter>> {
+        if role == proto::WorkerRole::Prefill {
+            self.prefill_kv.as_ref()
+        } else {
+            self.kv.as_ref()
+        }
+    }
+
+    /// Whether any prefill worker is a member (the graph is disaggregated now).
+    pub fn has_prefill(&self) -> bool {
+        self.members()
+            .iter()
+            .any(|m| m.role == proto::WorkerRole::Prefill)
+    }
+
+    /// Prompt tokens booked on `worker` and not yet prefilled (kv policy), or its in-flight
+    /// requests otherwise.
+    pub fn pending_prefill(&self, worker: &Worker) -> u64 {
+        self.router(worker.role)
+            .and_then(|kv| kv.pending_prefill_tokens(worker.id))
+            .unwrap_or_else(|| u64::from(worker.inflight()))
+    }
+
+    /// Pending prefill of the least and of all prefill workers (`None` without prefill workers).
+    pub fn prefill_pool_load(&self) -> Option<(u64, u64)> {
+        let members = self.members();
+        let loads: Vec<u64> = members
+            .iter()
+            .filter(|m| m.role == proto::WorkerRole::Prefill)
+            .map(|m| self.pending_prefill(m))
+            .collect();
+        let min = loads.iter().copied().min()?;
+        Some((min, loads.iter().sum()))
     }
 
     /// Every candidate with its status, sorted by URL.
@@ -346,11 +404,12 @@ impl WorkerPool {
             id: info.instance_id,
             url: url.to_owned(),
             client: client.clone(),
+            role: info.role(),
             inflight: AtomicU32::new(0),
             stop: candidate.child_token(),
             info,
         });
-        if let Some(kv) = &self.kv {
+        if let Some(kv) = self.router(worker.role) {
             kv.add_worker(worker.id);
             kv.set_worker_info(
                 worker.id,
@@ -389,41 +448,54 @@ impl WorkerPool {
             removed
         };
         removed.stop.cancel();
-        if let Some(kv) = &self.kv {
+        if let Some(kv) = self.router(removed.role) {
             kv.remove_worker(id);
         }
         tracing::warn!(worker = %removed.url, why, "worker left");
     }
 
-    /// Picks a member not in `exclude` for a prompt of `tokens`, and leases it. `None`: no member
-    /// left to pick.
+    /// Picks a member not in `exclude` that serves requests (aggregated or decode) for a prompt of
+    /// `tokens`, and leases it. `None`: no member left to pick.
     pub fn pick(&self, tokens: &[u32], exclude: &[WorkerId]) -> Option<Lease> {
+        self.pick_in(false, tokens, exclude)
+    }
+
+    /// Picks a prefill worker not in `exclude` for a prompt of `tokens`, and leases it.
+    pub fn pick_prefill(&self, tokens: &[u32], exclude: &[WorkerId]) -> Option<Lease> {
+        self.pick_in(true, tokens, exclude)
+    }
+
+    fn pick_in(&self, prefill: bool, tokens: &[u32], exclude: &[WorkerId]) -> Option<Lease> {
         let members = self.members();
         let candidates: Vec<&Arc<Worker>> = members
             .iter()
+            .filter(|w| (w.role == proto::WorkerRole::Prefill) == prefill)
             .filter(|w| !exclude.contains(&w.id))
             .collect();
         if candidates.is_empty() {
             return None;
         }
         let tick = self.tick.fetch_add(1, Ordering::Relaxed);
-        let (worker, kv) = match &self.kv {
+        let router = if prefill { &self.prefill_kv } else { &self.kv };
+        let (worker, kv, overlap_blocks) = match router {
             Some(kv) => {
                 let ids: Vec<WorkerId> = candidates.iter().map(|w| w.id).collect();
                 let choice = kv.choose(tokens, &ids, tick, &mut rand::rng())?;
                 let worker = candidates[choice.candidate];
-                (worker, kv.claim(worker.id, tokens.len() as u64, &choice))
+                let claim = kv.claim(worker.id, tokens.len() as u64, &choice);
+                (worker, claim, choice.overlap_blocks)
             }
             None => {
                 let loads: Vec<u32> = candidates.iter().map(|w| w.inflight()).collect();
                 let i = select(self.config.mode, &loads, tick, &mut rand::rng())?;
-                (candidates[i], None)
+                (candidates[i], None, 0)
             }
         };
         worker.inflight.fetch_add(1, Ordering::Relaxed);
         Some(Lease {
             worker: worker.clone(),
             kv,
+            overlap_blocks,
         })
     }
 }

@@ -39,6 +39,9 @@ pub struct MockerConfig {
     pub seed: u64,
     /// Step-duration model.
     pub timing: TimingModel,
+    /// How long a prefill-only request's blocks stay held for a decode worker that does not
+    /// release them (it died, or gave up).
+    pub prefill_hold: std::time::Duration,
 }
 
 impl Default for MockerConfig {
@@ -58,6 +61,7 @@ impl Default for MockerConfig {
             mean_output_tokens: 128,
             seed: 0,
             timing: TimingModel::default(),
+            prefill_hold: std::time::Duration::from_secs(30),
         }
     }
 }

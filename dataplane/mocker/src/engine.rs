@@ -10,17 +10,19 @@
 //!
 //! This module owns channels, time and shutdown; all scheduling decisions live in [`crate::scheduler`].
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender, error::TryRecvError};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, MockerConfig};
 use crate::kv_cache::{IdMap, KvEvent};
-use crate::scheduler::{LoadSnapshot, Output, Request, RequestId, Scheduler, SubmitError};
+use crate::scheduler::{Import, LoadSnapshot, Output, Request, RequestId, Scheduler, SubmitError};
 
 /// Sleeps shorter than this are skipped (tokio timers have 1 ms granularity).
 const MIN_SLEEP: Duration = Duration::from_millis(1);
@@ -30,7 +32,7 @@ const MAX_LAG: Duration = Duration::from_millis(5);
 /// Handle to a running engine task; cheap to clone.
 #[derive(Clone)]
 pub struct Engine {
-    commands: UnboundedSender<Submit>,
+    commands: UnboundedSender<Command>,
     shared: Arc<Shared>,
 }
 
@@ -40,9 +42,23 @@ struct Shared {
     shutdown: CancellationToken,
 }
 
-struct Submit {
-    req: Request,
-    outputs: UnboundedSender<Output>,
+/// What the engine task is asked to do between steps.
+enum Command {
+    Submit {
+        req: Request,
+        outputs: UnboundedSender<Output>,
+    },
+    /// Free a held prefill's blocks.
+    Release {
+        lease: RequestId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Reserve blocks for a prompt's pulled KV ([`Scheduler::reserve_import`]).
+    Reserve {
+        tokens: Vec<u32>,
+        blocks: usize,
+        reply: oneshot::Sender<Import>,
+    },
 }
 
 // === impl Engine ===
@@ -68,6 +84,7 @@ impl Engine {
             scheduler,
             commands: rx,
             streams: IdMap::default(),
+            holds: VecDeque::new(),
             events,
             shared: Arc::clone(&shared),
         };
@@ -83,9 +100,34 @@ impl Engine {
         }
         let (outputs, rx) = mpsc::unbounded_channel();
         self.commands
-            .send(Submit { req, outputs })
+            .send(Command::Submit { req, outputs })
             .map_err(|_| SubmitError::Stopped)?;
         Ok(rx)
+    }
+
+    /// Frees the blocks a prefill-only request left held under `lease`. `false`: not held (already
+    /// released or expired, or the engine stopped).
+    pub async fn release(&self, lease: RequestId) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.commands.send(Command::Release { lease, reply }).is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Reserves room for pulling the KV of `tokens`' first `blocks` full blocks; see
+    /// [`Scheduler::reserve_import`]. The import must then go into a submitted [`Request`] (filled
+    /// or not), or its blocks stay pinned. `None` when the engine stopped.
+    pub async fn reserve_import(&self, tokens: Vec<u32>, blocks: usize) -> Option<Import> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Reserve {
+                tokens,
+                blocks,
+                reply,
+            })
+            .ok()?;
+        rx.await.ok()
     }
 
     /// Load as of the last step.
@@ -107,8 +149,10 @@ impl Engine {
 /// The engine task's state.
 struct Driver {
     scheduler: Scheduler,
-    commands: UnboundedReceiver<Submit>,
+    commands: UnboundedReceiver<Command>,
     streams: IdMap<RequestId, UnboundedSender<Output>>,
+    /// Held prefills by expiry (leases in the order they were taken).
+    holds: VecDeque<(Instant, RequestId)>,
     events: UnboundedSender<KvEvent>,
     shared: Arc<Shared>,
 }
@@ -130,9 +174,11 @@ impl Driver {
                 }
             }
             self.drop_closed_streams();
+            self.expire_holds();
 
             if !self.scheduler.has_work() {
                 self.publish_load();
+                let expiry = self.holds.front().map(|&(at, _)| at);
                 tokio::select! {
                     biased;
                     () = shutdown.cancelled() => break,
@@ -140,6 +186,7 @@ impl Driver {
                         Some(cmd) => self.accept(cmd),
                         None => break,
                     },
+                    () = sleep_until_some(expiry) => {}
                 }
                 next = Instant::now();
                 continue;
@@ -170,13 +217,43 @@ impl Driver {
         self.stop();
     }
 
-    fn accept(&mut self, Submit { req, outputs }: Submit) {
-        match self.scheduler.add_request(req) {
-            Ok(id) => {
-                self.streams.insert(id, outputs);
+    fn accept(&mut self, command: Command) {
+        match command {
+            Command::Submit { req, outputs } => match self.scheduler.add_request(req) {
+                Ok(id) => {
+                    self.streams.insert(id, outputs);
+                }
+                // Checked in `submit` against the same config; dropping `outputs` closes the stream.
+                Err(error) => tracing::warn!(%error, "request refused by the scheduler"),
+            },
+            Command::Release { lease, reply } => {
+                let _ = reply.send(self.scheduler.release_held(lease));
             }
-            // Checked in `submit` against the same config; dropping `outputs` closes the stream.
-            Err(error) => tracing::warn!(%error, "request refused by the scheduler"),
+            Command::Reserve {
+                tokens,
+                blocks,
+                reply,
+            } => {
+                let import = self.scheduler.reserve_import(&tokens, blocks);
+                if let Err(import) = reply.send(import) {
+                    // The caller is gone: unpin what was reserved for it.
+                    self.scheduler.drop_import(import);
+                }
+            }
+        }
+    }
+
+    /// Frees held prefills whose decode worker never released them.
+    fn expire_holds(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, lease)) = self.holds.front() {
+            if at > now {
+                break;
+            }
+            self.holds.pop_front();
+            if self.scheduler.release_held(lease) {
+                tracing::warn!(lease, "a held prefill expired before a decode worker released it");
+            }
         }
     }
 
@@ -194,11 +271,23 @@ impl Driver {
 
     fn deliver(&mut self, outputs: Vec<(RequestId, Output)>) {
         for (id, output) in outputs {
+            let lease = match output {
+                Output::Prefilled { lease, .. } => {
+                    let hold = self.shared.config.prefill_hold;
+                    self.holds.push_back((Instant::now() + hold, lease));
+                    Some(lease)
+                }
+                _ => None,
+            };
             let finished = matches!(output, Output::Finished(_));
             let Some(tx) = self.streams.get(&id) else {
                 continue;
             };
             if tx.send(output).is_err() {
+                // Nobody will pass the held blocks on.
+                if let Some(lease) = lease {
+                    self.scheduler.release_held(lease);
+                }
                 self.scheduler.cancel(id);
                 self.streams.remove(&id);
             } else if finished {
@@ -220,6 +309,14 @@ impl Driver {
         self.streams.clear();
         self.commands.close();
         tracing::debug!(requests, "mocker engine stopped");
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

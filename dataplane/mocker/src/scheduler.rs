@@ -54,6 +54,32 @@ pub struct Request {
     /// draws its tokens from the seed and ignores them).
     pub temperature: Option<f32>,
     pub top_p: Option<f32>,
+    /// Disaggregation, prefill leg: compute the prompt's KV, then instead of generating, answer with
+    /// [`Output::Prefilled`] and hold the prompt's full blocks until [`Scheduler::release_held`].
+    pub prefill_only: bool,
+    /// Disaggregation, decode leg: blocks reserved with [`Scheduler::reserve_import`] for this
+    /// prompt, and whether a transfer filled them.
+    pub import: Option<Import>,
+    /// Disaggregation with an engine that moves KV itself (vLLM's connector): its parameters,
+    /// passed through unread. The simulator ignores them.
+    pub kv_transfer_params: Option<Vec<u8>>,
+}
+
+/// Blocks a decode worker reserved for a prompt whose KV it pulls from a prefill worker
+/// ([`Scheduler::reserve_import`]). Every block in it is pinned (referenced) until the request that
+/// carries it is admitted or cancelled, so nothing evicts it meanwhile.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Import {
+    /// Hashes of the prompt's leading full blocks the import covers.
+    pub hashes: Vec<BlockHash>,
+    /// Leading blocks the engine already held (pinned, not pulled).
+    pub held: Vec<u32>,
+    /// Fresh blocks for `hashes[held.len()..]`, in order: the transfer's destination slots. Empty
+    /// when the cache had no room; the request then prefills locally.
+    pub slots: Vec<u32>,
+    /// Whether the transfer filled `slots` with the prompt's KV. If not, they are given back and
+    /// the request prefills whatever the engine does not hold.
+    pub filled: bool,
 }
 
 /// One message on a request's output stream.
@@ -64,6 +90,16 @@ pub enum Output {
         cached_tokens: u32,
     },
     Token(u32),
+    /// A prefill-only request's KV is computed: `blocks` (the prompt's full blocks, in order, with
+    /// the sequence hash of each in `hashes`) stay held under `lease` until released or expired.
+    Prefilled {
+        lease: RequestId,
+        blocks: Vec<u32>,
+        hashes: Vec<u64>,
+    },
+    /// A prefill-only request's transfer parameters, as the decode worker needs them (what the
+    /// sidecar makes of [`Output::Prefilled`], or an engine's own connector's).
+    KvTransferParams(Vec<u8>),
     /// Last message.
     Finished(FinishReason),
 }
@@ -154,6 +190,11 @@ struct Seq {
     step_tokens: usize,
     admitted_once: bool,
     finished: bool,
+    prefill_only: bool,
+    /// Blocks pinned for this request by an import, released once it is admitted.
+    pinned: Vec<BlockId>,
+    /// Its prompt's KV arrived by transfer: the few tokens left to compute ride in the decode pass.
+    imported: bool,
 }
 
 /// The synchronous scheduler and KV cache of one simulated engine.
@@ -173,6 +214,8 @@ pub struct Scheduler {
     prompt_tokens_total: u64,
     cached_tokens_total: u64,
     preemptions: u64,
+    /// Full blocks of finished prefill-only requests, held for decode workers, by lease.
+    held: IdMap<RequestId, Vec<BlockId>>,
 }
 
 // === impl Request ===
@@ -234,6 +277,7 @@ impl Scheduler {
             prompt_tokens_total: 0,
             cached_tokens_total: 0,
             preemptions: 0,
+            held: IdMap::default(),
             config,
         })
     }
@@ -256,6 +300,8 @@ impl Scheduler {
             ignore_eos,
             stop_token_ids,
             resumed_tokens,
+            prefill_only,
+            import,
             ..
         } = req;
         let prompt_len = token_ids.len() - resumed_tokens as usize;
@@ -279,8 +325,14 @@ impl Scheduler {
                 step_tokens: 0,
                 admitted_once: false,
                 finished: false,
+                prefill_only,
+                pinned: Vec::new(),
+                imported: false,
             },
         );
+        if let Some(import) = import {
+            self.apply_import(id, import);
+        }
         self.waiting.push_back(id);
         Ok(id)
     }
@@ -296,6 +348,9 @@ impl Scheduler {
             }
         } else {
             free_blocks(&mut self.pool, &mut seq);
+        }
+        for block in seq.pinned.drain(..) {
+            self.pool.release(block);
         }
         if let Some(pos) = self.running.iter().position(|&r| r == id) {
             self.running.remove(pos);
@@ -322,6 +377,86 @@ impl Scheduler {
     /// Sequences preempted so far.
     pub fn preemptions(&self) -> u64 {
         self.preemptions
+    }
+
+    /// Frees the blocks a prefill-only request left held under `lease`. Returns whether it held any.
+    pub fn release_held(&mut self, lease: RequestId) -> bool {
+        let Some(blocks) = self.held.remove(&lease) else {
+            return false;
+        };
+        for &block in blocks.iter().rev() {
+            self.pool.release(block);
+        }
+        true
+    }
+
+    /// Leases of held prefills.
+    pub fn held_leases(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Reserves room for the KV of `tokens`' first `blocks` full blocks, pulled from a prefill
+    /// worker: the leading ones this engine already caches are pinned (`held`), and fresh blocks are
+    /// allocated for the rest (`slots`; empty when the cache has no room for them beside running
+    /// requests). Pass the result in [`Request::import`] once the transfer is done or failed.
+    pub fn reserve_import(&mut self, tokens: &[u32], blocks: usize) -> Import {
+        let bs = self.config.block_size;
+        let want = blocks.min(tokens.len() / bs);
+        let mut hashes = Vec::with_capacity(want);
+        extend_block_hashes(&mut hashes, &tokens[..want * bs], bs);
+        let mut held = Vec::new();
+        for h in &hashes {
+            let Some(block) = self.pool.lookup(h.sequence) else {
+                break;
+            };
+            self.pool.acquire(block);
+            held.push(block);
+        }
+        let missing = want - held.len();
+        let mut slots = Vec::new();
+        if missing > 0 && self.pool.num_free() >= missing + self.watermark_blocks {
+            slots = (0..missing)
+                .map(|_| self.pool.allocate().expect("free blocks were counted"))
+                .collect();
+        }
+        Import {
+            hashes,
+            held,
+            slots,
+            filled: false,
+        }
+    }
+
+    /// Unpins an import that no request will carry.
+    pub fn drop_import(&mut self, import: Import) {
+        for block in import.held.into_iter().chain(import.slots) {
+            self.pool.release(block);
+        }
+    }
+
+    /// Registers a filled import's blocks in the prefix cache (or gives unfilled ones back) and
+    /// pins them to request `id` until its admission.
+    fn apply_import(&mut self, id: RequestId, import: Import) {
+        let Import {
+            hashes,
+            held,
+            slots,
+            filled,
+        } = import;
+        let pinned = if filled && !slots.is_empty() {
+            let from = held.len();
+            let parent = from.checked_sub(1).map(|p| hashes[p].sequence);
+            self.pool.register(&slots, &hashes[from..from + slots.len()], parent);
+            held.into_iter().chain(slots).collect()
+        } else {
+            for block in slots {
+                self.pool.release(block);
+            }
+            held
+        };
+        let seq = self.seq_mut(id);
+        seq.imported = filled;
+        seq.pinned = pinned;
     }
 
     /// Runs one forward pass of the batch.
@@ -362,6 +497,7 @@ impl Scheduler {
         // 4. Advance every scheduled sequence.
         let fill = self.pool.num_used() as f64 / self.pool.num_total() as f64;
         let mut prefill_tokens = 0;
+        let mut imported_tokens = 0;
         let mut emitted = false;
         let mut any_finished = false;
         for &id in &self.running {
@@ -371,13 +507,26 @@ impl Scheduler {
                 continue;
             }
             if seq.computed < seq.prefill_target {
-                prefill_tokens += n;
+                if seq.imported {
+                    imported_tokens += n;
+                } else {
+                    prefill_tokens += n;
+                }
             }
             seq.computed += n;
             if self.config.enable_prefix_caching {
                 register_full_blocks(&mut self.pool, seq, self.config.block_size);
             }
             if seq.computed < seq.tokens.len() {
+                continue;
+            }
+            if seq.prefill_only {
+                let (lease, blocks, hashes) = hold_prefill(&mut self.pool, id, seq, self.config.block_size);
+                self.held.insert(lease, blocks.clone());
+                out.outputs.push((id, Output::Prefilled { lease, blocks, hashes }));
+                out.outputs.push((id, Output::Finished(FinishReason::Length)));
+                seq.finished = true;
+                any_finished = true;
                 continue;
             }
             emitted = true;
@@ -402,6 +551,9 @@ impl Scheduler {
         }
 
         let mut ms = self.config.timing.prefill_ms(prefill_tokens);
+        // A pulled prompt's last few tokens are computed in the same forward pass as the decode
+        // batch: they cost their per-token share, not a prefill step of their own.
+        ms += self.config.timing.prefill[1] * imported_tokens as f64;
         if emitted {
             ms += self.config.timing.decode_ms(fill);
         }
@@ -450,6 +602,7 @@ impl Scheduler {
         free_blocks(&mut self.pool, seq);
         seq.computed = 0;
         seq.registered = 0;
+        seq.imported = false;
         let refund = std::mem::take(&mut seq.step_tokens);
         self.waiting.push_front(id);
         self.preemptions += 1;
@@ -511,6 +664,9 @@ impl Scheduler {
                 let block = self.pool.allocate().expect("free blocks were counted");
                 seq.blocks.push(block);
             }
+            for block in seq.pinned.drain(..) {
+                self.pool.release(block);
+            }
             seq.registered = hits;
             seq.computed = cached;
             seq.prefill_target = len;
@@ -547,6 +703,25 @@ fn register_full_blocks(pool: &mut BlockPool, seq: &mut Seq, block_size: usize) 
     let parent = from.checked_sub(1).map(|p| seq.hashes[p].sequence);
     pool.register(&seq.blocks[from..full], &seq.hashes[from..full], parent);
     seq.registered = full;
+}
+
+/// Takes a finished prefill-only sequence's full prompt blocks out of it, still referenced, and
+/// releases the rest. Returns (lease, blocks, their sequence hashes).
+fn hold_prefill(
+    pool: &mut BlockPool,
+    id: RequestId,
+    seq: &mut Seq,
+    block_size: usize,
+) -> (RequestId, Vec<u32>, Vec<u64>) {
+    let full = seq.tokens.len() / block_size;
+    extend_block_hashes(&mut seq.hashes, &seq.tokens[..full * block_size], block_size);
+    let tail = seq.blocks.split_off(full.min(seq.blocks.len()));
+    for &block in tail.iter().rev() {
+        pool.release(block);
+    }
+    let blocks = std::mem::take(&mut seq.blocks);
+    let hashes = seq.hashes[..blocks.len()].iter().map(|h| h.sequence).collect();
+    (id, blocks, hashes)
 }
 
 /// Releases all of a sequence's blocks, last block first so that a prompt's tail is evicted before its head.
@@ -1192,5 +1367,81 @@ mod tests {
             let removed = removed_hashes(&events);
             proptest::prop_assert!(removed.len() <= stored.len());
         }
+    }
+
+    #[test]
+    fn prefill_only_holds_full_blocks_until_released() {
+        let mut s = Scheduler::new(cfg()).expect("valid config");
+        let bs = s.config().block_size;
+        let prompt: Vec<u32> = (0..(3 * bs + 2) as u32).collect();
+        s.add_request(Request {
+            prefill_only: true,
+            ..req(prompt.clone(), 8)
+        })
+        .expect("accepted");
+        let (outputs, _, _) = run(&mut s);
+        let out = outputs.into_values().next().expect("one request");
+        let Some(Output::Prefilled { lease, blocks, hashes }) = out.get(1).cloned() else {
+            panic!("expected Scheduled, Prefilled, Finished; got {out:?}");
+        };
+        assert_eq!(out.len(), 3);
+        assert_eq!(blocks.len(), 3);
+        assert_eq!(hashes, seq_hashes(&prompt, bs)[..3].to_vec());
+        assert_eq!(s.load().kv_blocks_used, 3, "the full blocks stay held");
+        assert!(s.release_held(lease));
+        assert!(!s.release_held(lease));
+        assert_eq!(s.load().kv_blocks_used, 0);
+    }
+
+    #[test]
+    fn an_import_registers_pulled_blocks_and_only_the_tail_is_computed() {
+        let mut s = Scheduler::new(cfg()).expect("valid config");
+        let bs = s.config().block_size;
+        let prompt: Vec<u32> = (0..(4 * bs + 1) as u32).collect();
+        // The first block is cached already: only the next three are pulled.
+        s.add_request(req(prompt[..bs + 1].to_vec(), 1)).expect("accepted");
+        run(&mut s);
+        let import = s.reserve_import(&prompt, 4);
+        assert_eq!((import.held.len(), import.slots.len()), (1, 3));
+        let id = s
+            .add_request(Request {
+                import: Some(Import {
+                    filled: true,
+                    ..import
+                }),
+                ..req(prompt.clone(), 2)
+            })
+            .expect("accepted");
+        let step = s.step();
+        assert_eq!(stored_hashes(&step.events), seq_hashes(&prompt, bs)[1..4].to_vec());
+        assert!(step.outputs.contains(&(
+            id,
+            Output::Scheduled {
+                cached_tokens: 4 * bs as u32
+            }
+        )));
+        // One token computed in the decode pass: its per-token share and one decode.
+        let t = s.config().timing;
+        let fill = 5.0 / s.config().num_gpu_blocks as f64;
+        let expected = (t.prefill[1] + t.decode_ms(fill)) / 1000.0 / s.config().speedup;
+        assert!((step.duration.as_secs_f64() - expected).abs() < 1e-6, "{:?}", step.duration);
+    }
+
+    #[test]
+    fn an_unfilled_import_gives_its_slots_back_and_prefills_locally() {
+        let mut s = Scheduler::new(cfg()).expect("valid config");
+        let bs = s.config().block_size;
+        let prompt: Vec<u32> = (0..(2 * bs + 1) as u32).collect();
+        let import = s.reserve_import(&prompt, 2);
+        assert_eq!(s.load().kv_blocks_used, 2);
+        s.add_request(Request {
+            import: Some(import),
+            ..req(prompt, 1)
+        })
+        .expect("accepted");
+        assert_eq!(s.load().kv_blocks_used, 0);
+        let (outputs, _, _) = run(&mut s);
+        let out = outputs.into_values().next().expect("one request");
+        assert_eq!(out[0], Output::Scheduled { cached_tokens: 0 });
     }
 }

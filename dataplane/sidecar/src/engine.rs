@@ -69,6 +69,11 @@ impl Engine for dynamo_mocker::Engine {
     fn load(&self) -> LoadSnapshot {
         dynamo_mocker::Engine::load(self)
     }
+    /// The longest sequence its KV cache holds.
+    fn context_length(&self) -> Option<u32> {
+        let c = self.config();
+        u32::try_from(c.num_gpu_blocks.saturating_mul(c.block_size)).ok()
+    }
     fn block_size(&self) -> u32 {
         u32::try_from(self.config().block_size).unwrap_or(u32::MAX)
     }
@@ -84,6 +89,8 @@ pub struct Started {
     pub events: Option<UnboundedReceiver<KvEvent>>,
     /// Changes each time an external engine (re)starts.
     pub epochs: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The built-in engine's own handle (for its KV block store).
+    pub mocker: Option<dynamo_mocker::Engine>,
 }
 
 /// Starts an engine of `kind`; its tasks run on `tasks` until `stop`.
@@ -105,9 +112,10 @@ pub fn start(
                 }
             });
             Ok(Started {
-                engine: Arc::new(engine),
+                engine: Arc::new(engine.clone()),
                 events: Some(events),
                 epochs: None,
+                mocker: Some(engine),
             })
         }
         EngineKind::Vllm => {
@@ -120,6 +128,7 @@ pub fn start(
                 engine: Arc::new(engine),
                 events: None,
                 epochs,
+                mocker: None,
             })
         }
     }

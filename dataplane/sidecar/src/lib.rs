@@ -33,11 +33,13 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::{Request, Response, Status};
 
 use crate::{
+    disagg::{KvStore, KvStoreConfig, Role},
     engine::{Engine, EngineKind, FinishReason, Output, SubmitError},
     event_log::EventLog,
     vllm::{IngestStats, VllmConfig, ZmqSource},
 };
 
+pub mod disagg;
 pub mod engine;
 pub mod event_log;
 pub mod vllm;
@@ -61,6 +63,10 @@ pub struct SidecarConfig {
     pub vllm_events: Option<ZmqSource>,
     /// The vLLM server, for `engine: Vllm`.
     pub vllm: Option<VllmConfig>,
+    /// What this worker does in a disaggregated graph.
+    pub role: Role,
+    /// The built-in engine's KV blocks as bytes, served to and pulled from peers (disaggregation).
+    pub kv_store: Option<KvStoreConfig>,
 }
 
 /// A running sidecar: its address and the handles to stop it.
@@ -80,6 +86,25 @@ impl Sidecar {
     pub async fn start(config: SidecarConfig) -> anyhow::Result<Sidecar> {
         let tasks = TaskTracker::new();
         let engine_stop = CancellationToken::new();
+        let (listener, addr) = dynamo_protocol::net::bind(config.listen).await?;
+        let mut mocker = config.mocker.clone();
+        if let (Some(kv), EngineKind::Mocker) = (&config.kv_store, config.engine) {
+            let fit = disagg::blocks_that_fit(kv);
+            anyhow::ensure!(
+                fit > 0,
+                "--kv-memory {} bytes holds no KV block of {} bytes (--kv-geometry)",
+                kv.memory,
+                kv.geometry.block_bytes()
+            );
+            if fit < mocker.num_gpu_blocks {
+                tracing::info!(
+                    blocks = fit,
+                    block_bytes = kv.geometry.block_bytes(),
+                    "the engine gets the KV blocks that fit --kv-memory"
+                );
+                mocker.num_gpu_blocks = fit;
+            }
+        }
         let block_size = match config.engine {
             EngineKind::Mocker => u32::try_from(config.mocker.block_size).unwrap_or(u32::MAX),
             // Known once the server answers (and from its events).
@@ -88,13 +113,20 @@ impl Sidecar {
         let events = EventLog::new(EVENT_RING, block_size);
         let started = engine::start(
             config.engine,
-            &config.mocker,
+            &mocker,
             config.vllm.as_ref(),
             &events,
             &tasks,
             engine_stop.clone(),
         )?;
         let engine = started.engine;
+        let kv_store = match (&config.kv_store, &started.mocker) {
+            (Some(kv), Some(mocker)) => {
+                let url = format!("http://{}", SocketAddr::new(kv.advertise, addr.port()));
+                Some(KvStore::start(kv, mocker.clone(), url, &tasks, engine_stop.clone()).await?)
+            }
+            _ => None,
+        };
         let ingest = IngestStats::default();
         match (config.vllm_events.clone(), started.events) {
             (Some(source), own) => {
@@ -129,6 +161,8 @@ impl Sidecar {
             model: config.model_name.clone(),
             context_length: config.context_length,
             draining: draining.clone(),
+            role: config.role,
+            kv: kv_store.clone(),
         };
         let metrics = Arc::new(WorkerMetrics::new(
             &config.worker_id,
@@ -136,6 +170,7 @@ impl Sidecar {
             events,
             &ingest,
             requests,
+            kv_store.as_deref(),
         ));
         let grpc = tonic::service::Routes::new(
             WorkerServer::new(service)
@@ -154,7 +189,6 @@ impl Sidecar {
             });
         let app = grpc.merge(http);
 
-        let (listener, addr) = dynamo_protocol::net::bind(config.listen).await?;
         let stop_accepting = CancellationToken::new();
         let server = tasks.spawn(dynamo_protocol::net::serve(
             listener,
@@ -203,11 +237,35 @@ struct WorkerService {
     draining: CancellationToken,
     /// `Generate` requests the engine accepted (`dynamo_component_requests_total`).
     requests: Counter,
+    role: Role,
+    kv: Option<Arc<KvStore>>,
+}
+
+fn submit_status(error: SubmitError) -> Status {
+    match error {
+        SubmitError::Stopped => Status::unavailable(error.to_string()),
+        SubmitError::TooLarge { .. } => Status::resource_exhausted(error.to_string()),
+        SubmitError::ContextTooLong { .. }
+        | SubmitError::EmptyPrompt
+        | SubmitError::ZeroMaxTokens
+        | SubmitError::ResumedPastPrompt { .. } => Status::invalid_argument(error.to_string()),
+    }
 }
 
 #[tonic::async_trait]
 impl proto::worker_server::Worker for WorkerService {
     type GenerateStream = GenerateStream;
+
+    async fn release_kv(
+        &self,
+        request: Request<proto::ReleaseKvRequest>,
+    ) -> Result<Response<proto::ReleaseKvResponse>, Status> {
+        let Some(kv) = &self.kv else {
+            return Ok(Response::new(proto::ReleaseKvResponse { released: false }));
+        };
+        let released = kv.release(request.into_inner().lease).await;
+        Ok(Response::new(proto::ReleaseKvResponse { released }))
+    }
     type SubscribeKvEventsStream =
         Pin<Box<dyn Stream<Item = Result<proto::KvEventBatch, Status>> + Send + 'static>>;
 
@@ -219,30 +277,44 @@ impl proto::worker_server::Worker for WorkerService {
             return Err(Status::unavailable("worker is draining"));
         }
         let req = request.into_inner();
-        let rx = self
-            .engine
-            .submit(engine::Request {
-                token_ids: req.token_ids,
-                max_tokens: req.max_tokens,
-                ignore_eos: req.ignore_eos,
-                stop_token_ids: req.stop_token_ids,
-                seed: req.seed,
-                resumed_tokens: req.resumed_tokens,
-                temperature: req.temperature,
-                top_p: req.top_p,
-            })
-            .map_err(|error| match error {
-                SubmitError::Stopped => Status::unavailable(error.to_string()),
-                SubmitError::TooLarge { .. } => Status::resource_exhausted(error.to_string()),
-                SubmitError::ContextTooLong { .. } => Status::invalid_argument(error.to_string()),
-                SubmitError::EmptyPrompt
-                | SubmitError::ZeroMaxTokens
-                | SubmitError::ResumedPastPrompt { .. } => {
-                    Status::invalid_argument(error.to_string())
-                }
-            })?;
+        let params = (!req.kv_transfer_params.is_empty()).then_some(req.kv_transfer_params);
+        let mut request = engine::Request {
+            token_ids: req.token_ids,
+            max_tokens: req.max_tokens,
+            ignore_eos: req.ignore_eos,
+            stop_token_ids: req.stop_token_ids,
+            seed: req.seed,
+            resumed_tokens: req.resumed_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            ..engine::Request::default()
+        };
+        let mut report = None;
+        let rx = match (&self.kv, req.prefill_only, params) {
+            (Some(kv), true, _) => kv.prefill(request),
+            (Some(kv), false, Some(params)) => {
+                let (pulled, r) = kv.pull(request, &params).await;
+                report = Some(r);
+                self.engine.submit(pulled)
+            }
+            (None, true, _) if self.engine.kind() == EngineKind::Mocker => {
+                return Err(Status::failed_precondition(
+                    "this worker keeps no KV blocks to hand over (start it with --role prefill, or --kv-memory)",
+                ));
+            }
+            (_, prefill_only, params) => {
+                request.prefill_only = prefill_only;
+                request.kv_transfer_params = params;
+                self.engine.submit(request)
+            }
+        }
+        .map_err(submit_status)?;
         self.requests.inc();
-        Ok(Response::new(GenerateStream { rx, done: false }))
+        Ok(Response::new(GenerateStream {
+            rx,
+            done: false,
+            report,
+        }))
     }
 
     async fn info(
@@ -264,8 +336,11 @@ impl proto::worker_server::Worker for WorkerService {
             engine: engine.kind().as_str().into(),
             block_size: engine.block_size(),
             kv_blocks_total: engine.kv_blocks_total(),
-            context_length: engine.context_length().unwrap_or(self.context_length),
+            context_length: engine
+                .context_length()
+                .map_or(self.context_length, |c| c.min(self.context_length)),
             instance_id: self.events.instance(),
+            role: self.role.to_proto() as i32,
         }))
     }
 
@@ -342,6 +417,8 @@ impl proto::worker_server::Worker for WorkerService {
 pub struct GenerateStream {
     rx: mpsc::UnboundedReceiver<Output>,
     done: bool,
+    /// How a pulled prompt's KV arrived, for the first message.
+    report: Option<proto::KvTransferReport>,
 }
 
 impl Stream for GenerateStream {
@@ -361,12 +438,18 @@ impl Stream for GenerateStream {
             }
             Poll::Ready(Some(output)) => output,
         };
-        let mut msg = proto::GenerateResponse::default();
+        let mut msg = proto::GenerateResponse {
+            kv_transfer: self.report.take(),
+            ..proto::GenerateResponse::default()
+        };
         let mut next = Some(first);
         while let Some(output) = next.take() {
             match output {
                 Output::Scheduled { cached_tokens } => msg.cached_tokens = Some(cached_tokens),
                 Output::Token(id) => msg.token_ids.push(id),
+                Output::KvTransferParams(params) => msg.kv_transfer_params = params,
+                // Turned into parameters by the KV store before they get here.
+                Output::Prefilled { .. } => {}
                 Output::Finished(reason) => {
                     msg.finish_reason = match reason {
                         FinishReason::Length => proto::FinishReason::Length,
@@ -403,6 +486,7 @@ impl WorkerMetrics {
         events: EventLog,
         ingest: &IngestStats,
         requests: Counter,
+        kv: Option<&KvStore>,
     ) -> WorkerMetrics {
         let mut registry = Registry::with_prefix_and_labels(
             "dynamo_component",
@@ -503,6 +587,9 @@ impl WorkerMetrics {
             "Prompt tokens served from the prefix cache / prompt tokens, since start",
             m.hit_rate.clone(),
         );
+        if let Some(kv) = kv {
+            kv.register_metrics(&mut registry);
+        }
         WorkerMetrics { registry, ..m }
     }
 }

@@ -62,5 +62,6 @@ pub fn frontend_config(
         drain: Duration::from_secs(5),
         migration_limit: 3,
         worker_wait: Duration::ZERO,
+        disagg: Default::default(),
     }
 }

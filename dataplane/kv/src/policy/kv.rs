@@ -550,6 +550,12 @@ impl KvRouter {
             .set(gauge(stats.worker_block_refs));
     }
 
+    /// Prompt tokens routed to `worker` and not yet prefilled, as this router booked them.
+    pub fn pending_prefill_tokens(&self, worker: WorkerId) -> Option<u64> {
+        self.load_of(worker)
+            .map(|l| l.prefill_tokens.load(Ordering::Relaxed))
+    }
+
     /// Books a request routed to `worker` by `choice` on its load, until the claim drops. `None`
     /// when `worker` is not a member.
     pub fn claim(
