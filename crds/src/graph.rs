@@ -544,7 +544,10 @@ spec:
 
     #[test]
     fn repo_manifests_parse_as_graphs() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+        let dir = std::path::Path::new(
+            &std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+        )
+        .join("../manifests");
         let mut seen = 0;
         for entry in std::fs::read_dir(dir).expect("manifests dir") {
             let path = entry.expect("entry").path();

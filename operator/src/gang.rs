@@ -509,7 +509,10 @@ spec:
 
     #[test]
     fn a_vllm_worker_pod_runs_the_sidecar_and_the_engine_each_restricted_with_writable_volumes() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/vllm-agg.yaml");
+        let path = format!(
+            "{}/../manifests/vllm-agg.yaml",
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+        );
         let text = std::fs::read_to_string(path).expect("manifest");
         let mut g: DynamoGraphDeployment = serde_saphyr::from_str(&text).expect("parses");
         g.metadata.namespace = Some("team".into());

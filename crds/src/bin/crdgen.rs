@@ -6,9 +6,11 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = match std::env::args_os().nth(1) {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(dynamo_crds::CHART_CRD_DIR),
+        None => PathBuf::from(
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+        )
+        .join("..")
+        .join(dynamo_crds::CHART_CRD_DIR),
     };
     std::fs::create_dir_all(&dir)?;
     for (file, crd) in dynamo_crds::crds() {

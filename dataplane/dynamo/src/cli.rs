@@ -129,7 +129,12 @@ pub struct FrontendArgs {
     pub worker_wait: Duration,
     /// Disaggregated graphs: when a prompt is prefilled by the prefill pool rather than by its
     /// decode worker (Dynamo's conditional disaggregation policies).
-    #[arg(long, env = "DYN_DISAGG_POLICY", value_enum, default_value = "isl-bounding")]
+    #[arg(
+        long,
+        env = "DYN_DISAGG_POLICY",
+        value_enum,
+        default_value = "isl-bounding"
+    )]
     pub disagg_policy: DisaggPolicy,
     /// isl-bounding: prefill on the decode worker when it has fewer than this many prompt tokens
     /// to compute...
@@ -306,9 +311,14 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         "KiB" | "K" => 1 << 10,
         "MiB" | "M" => 1 << 20,
         "GiB" | "G" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?}: use B, KiB, MiB or GiB")),
+        other => {
+            return Err(format!(
+                "unknown size unit {other:?}: use B, KiB, MiB or GiB"
+            ));
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("{s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
 }
 
 #[derive(Debug, Clone, Args)]

@@ -306,7 +306,10 @@ spec:
 
     #[test]
     fn every_example_manifest_parses_as_the_crd() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests");
+        let dir = &format!(
+            "{}/../../manifests",
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+        );
         let mut n = 0;
         for entry in std::fs::read_dir(dir).expect("manifests dir") {
             let path = entry.expect("entry").path();
@@ -350,7 +353,10 @@ spec:
     #[test]
     fn prefill_and_decode_services_run_sidecars_with_their_role() {
         let text = std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../manifests/disagg.yaml"),
+            std::path::Path::new(
+                &std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+            )
+            .join("../../manifests/disagg.yaml"),
         )
         .expect("manifests/disagg.yaml");
         let graph = Manifest::parse("disagg.yaml", &text)
@@ -362,7 +368,13 @@ spec:
             .iter()
             .map(|w| (w.name.as_str(), &w.args[..2]))
             .collect();
-        assert!(roles.contains(&("Prefill", &["--role".into(), "prefill".into()][..])), "{roles:?}");
-        assert!(roles.contains(&("Decode", &["--role".into(), "decode".into()][..])), "{roles:?}");
+        assert!(
+            roles.contains(&("Prefill", &["--role".into(), "prefill".into()][..])),
+            "{roles:?}"
+        );
+        assert!(
+            roles.contains(&("Decode", &["--role".into(), "decode".into()][..])),
+            "{roles:?}"
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use anyhow::Context as _;
 use anyhow::bail;
 use dynamo_frontend::{
     DisaggConfig, Frontend, FrontendConfig,
@@ -10,7 +11,6 @@ use dynamo_frontend::{
 };
 use dynamo_kv::policy::KvRouterConfig;
 use dynamo_protocol::net::shutdown_signal;
-use anyhow::Context as _;
 use dynamo_sidecar::{
     Sidecar, SidecarConfig,
     disagg::{self, KvStoreConfig, Role},
@@ -167,10 +167,7 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
 
 /// Prefill and decode workers on the built-in engine keep their KV blocks as bytes and serve them
 /// to the graph's other workers, authenticated with the graph's secret.
-fn kv_store_config(
-    args: &SidecarArgs,
-    block_size: usize,
-) -> anyhow::Result<Option<KvStoreConfig>> {
+fn kv_store_config(args: &SidecarArgs, block_size: usize) -> anyhow::Result<Option<KvStoreConfig>> {
     if args.role == Role::Aggregated || args.engine != EngineKind::Mocker {
         return Ok(None);
     }
@@ -181,8 +178,8 @@ fn kv_store_config(
             SharedSecret::MIN_LEN
         )
     })?;
-    let secret = SharedSecret::new(secret.into_bytes())
-        .context("DYN_KV_TRANSFER_SECRET is too short")?;
+    let secret =
+        SharedSecret::new(secret.into_bytes()).context("DYN_KV_TRANSFER_SECRET is too short")?;
     let block_tokens = u32::try_from(block_size).context("--block-size is too large")?;
     let geometry = disagg::parse_geometry(&args.kv_geometry, block_tokens)?;
     let listen_ip = args.listen.ip();

@@ -332,6 +332,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         sup.handle(cmd).await;
     };
+    // The frontend's stdin is the supervisor's (it sends worker sets on it): closing it is what
+    // asks the frontend to drain.
+    frontend.stdin = sup.frontend_stdin.take();
     stop(&mut frontend, &mut rx).await;
     sup.stop_all(&mut rx).await;
     tasks.close();

@@ -19,7 +19,10 @@ struct Serve {
 
 impl Serve {
     fn start(extra: &[&str]) -> Serve {
-        let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../../manifests/agg.yaml");
+        let manifest = &format!(
+            "{}/../../manifests/agg.yaml",
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+        );
         let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo"))
             .args(["serve", manifest, "--port", "0", "--host", "127.0.0.1"])
             .args(extra)

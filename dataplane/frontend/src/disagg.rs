@@ -107,9 +107,7 @@ pub fn decide(c: &DisaggConfig, s: &Situation) -> Decision {
             Decision::Remote("decode_busy")
         }
         Some(reason) => Decision::Local(reason),
-        None if c.max_prefill_queue_tokens > 0
-            && s.prefill_total >= c.max_prefill_queue_tokens =>
-        {
+        None if c.max_prefill_queue_tokens > 0 && s.prefill_total >= c.max_prefill_queue_tokens => {
             Decision::Local("backpressure")
         }
         None => Decision::Remote(match c.policy {

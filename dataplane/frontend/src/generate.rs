@@ -81,11 +81,7 @@ impl AppState {
             }
             Some(m) => m,
             None if prompt_len >= context_length => {
-                return Err(ApiError::context_too_long(
-                    context_length,
-                    prompt_len,
-                    None,
-                ));
+                return Err(ApiError::context_too_long(context_length, prompt_len, None));
             }
             None => context_length - prompt_len,
         };
@@ -287,7 +283,10 @@ async fn dispatch(
         }
         let mut client = lease.worker.client.clone();
         let attempt = async {
-            let mut stream = client.generate(request.as_ref().clone()).await?.into_inner();
+            let mut stream = client
+                .generate(request.as_ref().clone())
+                .await?
+                .into_inner();
             match stream.message().await? {
                 Some(first) => Ok((first, stream)),
                 None => Err(tonic::Status::unavailable(

@@ -219,7 +219,9 @@ impl FrontendMetrics {
         let label = TransportLabel {
             transport: report.transport.clone(),
         };
-        self.transfer_bytes.get_or_create(&label).inc_by(report.bytes);
+        self.transfer_bytes
+            .get_or_create(&label)
+            .inc_by(report.bytes);
         self.transfer_blocks
             .get_or_create(&label)
             .inc_by(report.blocks);

@@ -109,7 +109,11 @@ impl Engine {
     /// released or expired, or the engine stopped).
     pub async fn release(&self, lease: RequestId) -> bool {
         let (reply, rx) = oneshot::channel();
-        if self.commands.send(Command::Release { lease, reply }).is_err() {
+        if self
+            .commands
+            .send(Command::Release { lease, reply })
+            .is_err()
+        {
             return false;
         }
         rx.await.unwrap_or(false)
@@ -252,7 +256,10 @@ impl Driver {
             }
             self.holds.pop_front();
             if self.scheduler.release_held(lease) {
-                tracing::warn!(lease, "a held prefill expired before a decode worker released it");
+                tracing::warn!(
+                    lease,
+                    "a held prefill expired before a decode worker released it"
+                );
             }
         }
     }

@@ -446,7 +446,8 @@ impl Scheduler {
         let pinned = if filled && !slots.is_empty() {
             let from = held.len();
             let parent = from.checked_sub(1).map(|p| hashes[p].sequence);
-            self.pool.register(&slots, &hashes[from..from + slots.len()], parent);
+            self.pool
+                .register(&slots, &hashes[from..from + slots.len()], parent);
             held.into_iter().chain(slots).collect()
         } else {
             for block in slots {
@@ -521,10 +522,19 @@ impl Scheduler {
                 continue;
             }
             if seq.prefill_only {
-                let (lease, blocks, hashes) = hold_prefill(&mut self.pool, id, seq, self.config.block_size);
+                let (lease, blocks, hashes) =
+                    hold_prefill(&mut self.pool, id, seq, self.config.block_size);
                 self.held.insert(lease, blocks.clone());
-                out.outputs.push((id, Output::Prefilled { lease, blocks, hashes }));
-                out.outputs.push((id, Output::Finished(FinishReason::Length)));
+                out.outputs.push((
+                    id,
+                    Output::Prefilled {
+                        lease,
+                        blocks,
+                        hashes,
+                    },
+                ));
+                out.outputs
+                    .push((id, Output::Finished(FinishReason::Length)));
                 seq.finished = true;
                 any_finished = true;
                 continue;
@@ -714,13 +724,20 @@ fn hold_prefill(
     block_size: usize,
 ) -> (RequestId, Vec<u32>, Vec<u64>) {
     let full = seq.tokens.len() / block_size;
-    extend_block_hashes(&mut seq.hashes, &seq.tokens[..full * block_size], block_size);
+    extend_block_hashes(
+        &mut seq.hashes,
+        &seq.tokens[..full * block_size],
+        block_size,
+    );
     let tail = seq.blocks.split_off(full.min(seq.blocks.len()));
     for &block in tail.iter().rev() {
         pool.release(block);
     }
     let blocks = std::mem::take(&mut seq.blocks);
-    let hashes = seq.hashes[..blocks.len()].iter().map(|h| h.sequence).collect();
+    let hashes = seq.hashes[..blocks.len()]
+        .iter()
+        .map(|h| h.sequence)
+        .collect();
     (id, blocks, hashes)
 }
 
@@ -1381,7 +1398,12 @@ mod tests {
         .expect("accepted");
         let (outputs, _, _) = run(&mut s);
         let out = outputs.into_values().next().expect("one request");
-        let Some(Output::Prefilled { lease, blocks, hashes }) = out.get(1).cloned() else {
+        let Some(Output::Prefilled {
+            lease,
+            blocks,
+            hashes,
+        }) = out.get(1).cloned()
+        else {
             panic!("expected Scheduled, Prefilled, Finished; got {out:?}");
         };
         assert_eq!(out.len(), 3);
@@ -1399,7 +1421,8 @@ mod tests {
         let bs = s.config().block_size;
         let prompt: Vec<u32> = (0..(4 * bs + 1) as u32).collect();
         // The first block is cached already: only the next three are pulled.
-        s.add_request(req(prompt[..bs + 1].to_vec(), 1)).expect("accepted");
+        s.add_request(req(prompt[..bs + 1].to_vec(), 1))
+            .expect("accepted");
         run(&mut s);
         let import = s.reserve_import(&prompt, 4);
         assert_eq!((import.held.len(), import.slots.len()), (1, 3));
@@ -1413,7 +1436,10 @@ mod tests {
             })
             .expect("accepted");
         let step = s.step();
-        assert_eq!(stored_hashes(&step.events), seq_hashes(&prompt, bs)[1..4].to_vec());
+        assert_eq!(
+            stored_hashes(&step.events),
+            seq_hashes(&prompt, bs)[1..4].to_vec()
+        );
         assert!(step.outputs.contains(&(
             id,
             Output::Scheduled {
@@ -1424,7 +1450,11 @@ mod tests {
         let t = s.config().timing;
         let fill = 5.0 / s.config().num_gpu_blocks as f64;
         let expected = (t.prefill[1] + t.decode_ms(fill)) / 1000.0 / s.config().speedup;
-        assert!((step.duration.as_secs_f64() - expected).abs() < 1e-6, "{:?}", step.duration);
+        assert!(
+            (step.duration.as_secs_f64() - expected).abs() < 1e-6,
+            "{:?}",
+            step.duration
+        );
     }
 
     #[test]

@@ -35,8 +35,8 @@ use dynamo_mocker::{Import, Output, Request, SubmitError};
 use dynamo_protocol::proto::{self, worker_client::WorkerClient};
 use dynamo_transfer::{
     BlockPool, BlockSetDescriptor, KvGeometry, PoolId, SharedSecret, ShmServer, ShmServerConfig,
-    ShmTransport, ShmTransportConfig, TcpServer, TcpServerConfig, TcpTransport,
-    TcpTransportConfig, TransportKind,
+    ShmTransport, ShmTransportConfig, TcpServer, TcpServerConfig, TcpTransport, TcpTransportConfig,
+    TransportKind,
     testing::{fill_block, first_mismatch},
 };
 use prometheus_client::{
@@ -187,9 +187,10 @@ impl KvStore {
     ) -> anyhow::Result<Arc<KvStore>> {
         let blocks = engine.config().num_gpu_blocks;
         let block_bytes = config.geometry.block_bytes();
-        let pool = Arc::new(BlockPool::new_shared(block_bytes, blocks).with_context(|| {
-            format!("could not map {blocks} KV blocks of {block_bytes} bytes")
-        })?);
+        let pool =
+            Arc::new(BlockPool::new_shared(block_bytes, blocks).with_context(|| {
+                format!("could not map {blocks} KV blocks of {block_bytes} bytes")
+            })?);
         let server = TcpServer::bind(
             SocketAddr::new(config.bind, config.port),
             config.secret.clone(),
@@ -326,7 +327,11 @@ impl KvStore {
         blocks: Vec<u32>,
         hashes: Vec<u64>,
     ) -> anyhow::Result<Vec<u8>> {
-        let (pool, content, layers) = (self.pool.clone(), self.content.clone(), self.geometry.layers);
+        let (pool, content, layers) = (
+            self.pool.clone(),
+            self.content.clone(),
+            self.geometry.layers,
+        );
         let (b, h) = (blocks.clone(), hashes.clone());
         tokio::task::spawn_blocking(move || write_content(&pool, &content, layers, &b, &h))
             .await??;
@@ -376,7 +381,11 @@ impl KvStore {
     /// The decode leg: pulls the prompt's KV blocks this engine lacks, per `params`, and returns
     /// the request to submit (carrying the import) with a report of the pull. A pull that fails
     /// leaves the request to prefill locally.
-    pub async fn pull(&self, mut request: Request, params: &[u8]) -> (Request, proto::KvTransferReport) {
+    pub async fn pull(
+        &self,
+        mut request: Request,
+        params: &[u8],
+    ) -> (Request, proto::KvTransferReport) {
         let started = Instant::now();
         let mut report = proto::KvTransferReport::default();
         let params: Params = match serde_json::from_slice(params) {
@@ -386,7 +395,9 @@ impl KvStore {
                 return (request, report);
             }
         };
-        let result = self.pull_blocks(&request.token_ids, &params, &mut report).await;
+        let result = self
+            .pull_blocks(&request.token_ids, &params, &mut report)
+            .await;
         report.micros = started.elapsed().as_micros() as u64;
         match result {
             Ok(import) => {
@@ -401,8 +412,14 @@ impl KvStore {
             transport: report.transport.clone(),
         };
         if report.error.is_empty() && report.blocks > 0 {
-            self.metrics.blocks.get_or_create(&label).inc_by(report.blocks);
-            self.metrics.bytes.get_or_create(&label).inc_by(report.bytes);
+            self.metrics
+                .blocks
+                .get_or_create(&label)
+                .inc_by(report.blocks);
+            self.metrics
+                .bytes
+                .get_or_create(&label)
+                .inc_by(report.bytes);
             self.metrics
                 .seconds
                 .get_or_create(&label)
@@ -439,7 +456,11 @@ impl KvStore {
             params.block_size as usize,
         );
         anyhow::ensure!(
-            mine.len() == n && mine.iter().zip(&params.hashes).all(|(a, &b)| a.sequence == b),
+            mine.len() == n
+                && mine
+                    .iter()
+                    .zip(&params.hashes)
+                    .all(|(a, &b)| a.sequence == b),
             "the prefill worker's blocks are not this prompt's"
         );
         let Some(mut import) = self.engine.reserve_import(tokens.to_vec(), n).await else {
@@ -488,12 +509,17 @@ impl KvStore {
             report.error = format!("reading the blocks failed: {error}");
             return Ok(import);
         };
-        let (pool, content, layers) = (self.pool.clone(), self.content.clone(), self.geometry.layers);
+        let (pool, content, layers) = (
+            self.pool.clone(),
+            self.content.clone(),
+            self.geometry.layers,
+        );
         let slots = import.slots.clone();
         let hashes: Vec<u64> = mine[range].iter().map(|h| h.sequence).collect();
-        let verified =
-            tokio::task::spawn_blocking(move || verify_content(&pool, &content, layers, &slots, &hashes))
-                .await?;
+        let verified = tokio::task::spawn_blocking(move || {
+            verify_content(&pool, &content, layers, &slots, &hashes)
+        })
+        .await?;
         if let Err(error) = verified {
             report.error = format!("{error:#}");
             return Ok(import);
@@ -507,11 +533,15 @@ impl KvStore {
     /// Tells the prefill worker it may free the lease (in the background).
     fn release_remote(&self, worker: String, lease: u64) {
         let client = {
-            let mut clients = self.releasers.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut clients = self
+                .releasers
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
             match clients.get(&worker) {
                 Some(c) => c.clone(),
                 None => {
-                    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(worker.clone()) else {
+                    let Ok(endpoint) = tonic::transport::Endpoint::from_shared(worker.clone())
+                    else {
                         return;
                     };
                     let c = WorkerClient::new(
@@ -646,9 +676,12 @@ mod tests {
     fn geometry_presets_and_custom_shapes() {
         let g = parse_geometry("llama-8b", 64).expect("preset");
         assert_eq!(g.block_bytes(), 8 << 20);
-        let g = parse_geometry("layers=2,kv_heads=2,head_dim=32,dtype_bytes=4", 32).expect("custom");
+        let g =
+            parse_geometry("layers=2,kv_heads=2,head_dim=32,dtype_bytes=4", 32).expect("custom");
         assert_eq!(g.block_bytes(), 2 * 2 * 2 * 32 * 4 * 32);
-        let e = parse_geometry("layers=2", 32).expect_err("incomplete").to_string();
+        let e = parse_geometry("layers=2", 32)
+            .expect_err("incomplete")
+            .to_string();
         assert!(e.contains("must all be set"), "{e}");
         let e = parse_geometry("huge", 32).expect_err("unknown").to_string();
         assert!(e.contains("expected a preset"), "{e}");

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // Each test binary uses its own subset.
 //! Pieces of a local graph shared by the integration tests: real sidecars with the mocker engine on
 //! ephemeral ports, and the frontend settings that point at them.
 
@@ -40,6 +41,8 @@ pub async fn start_sidecar_with(
         engine: EngineKind::Mocker,
         vllm_events: None,
         vllm: None,
+        role: dynamo_sidecar::disagg::Role::Aggregated,
+        kv_store: None,
     })
     .await
     .expect("sidecar starts")

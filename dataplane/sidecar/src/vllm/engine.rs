@@ -166,7 +166,11 @@ impl Engine for VllmEngine {
         let body = completion_body(&model, &request);
         let (tx, rx) = unbounded_channel();
         let post = self.client.post(&self.completions).json(&body);
-        self.tasks.spawn(stream_completion(post, tx));
+        if request.prefill_only {
+            self.tasks.spawn(prefill_completion(post, tx));
+        } else {
+            self.tasks.spawn(stream_completion(post, tx));
+        }
         Ok(rx)
     }
 
@@ -210,7 +214,83 @@ fn completion_body(model: &str, r: &Request) -> serde_json::Value {
             body[name] = v;
         }
     }
+    // Disaggregation through vLLM's KV connector: the prefill leg asks it to keep the prompt's
+    // blocks for a remote decode (one token, not streamed: the parameters come in the response
+    // body); the decode leg passes the prefill's parameters on, which makes it pull the blocks.
+    if r.prefill_only {
+        body["max_tokens"] = serde_json::json!(1);
+        body["stream"] = serde_json::json!(false);
+        body.as_object_mut().map(|o| o.remove("stream_options"));
+        body["kv_transfer_params"] = serde_json::json!({
+            "do_remote_decode": true,
+            "do_remote_prefill": false,
+            "remote_engine_id": null,
+            "remote_block_ids": null,
+            "remote_host": null,
+            "remote_port": null,
+        });
+    } else if let Some(params) = r
+        .kv_transfer_params
+        .as_deref()
+        .and_then(|p| serde_json::from_slice::<serde_json::Value>(p).ok())
+    {
+        body["kv_transfer_params"] = params;
+    }
     body
+}
+
+/// The prefill leg on vLLM: one non-streamed completion whose `kv_transfer_params` the decode
+/// worker's vLLM needs.
+async fn prefill_completion(post: reqwest::RequestBuilder, tx: UnboundedSender<Output>) {
+    #[derive(Deserialize)]
+    struct Prefilled {
+        #[serde(default)]
+        kv_transfer_params: Option<serde_json::Value>,
+        #[serde(default)]
+        usage: Option<Usage>,
+    }
+    let response = tokio::select! {
+        () = tx.closed() => return,
+        r = post.send() => r,
+    };
+    let body = match response {
+        Ok(r) if r.status().is_success() => r.json::<Prefilled>().await,
+        Ok(r) => {
+            if let Some(suppressed) = REQUEST_FAILED.allow() {
+                tracing::warn!(status = %r.status(), suppressed, "vLLM refused a prefill");
+            }
+            return;
+        }
+        Err(error) => Err(error),
+    };
+    let prefilled = match body {
+        Ok(p) => p,
+        Err(error) => {
+            if let Some(suppressed) = REQUEST_FAILED.allow() {
+                tracing::warn!(%error, suppressed, "vLLM prefill failed");
+            }
+            return;
+        }
+    };
+    let Some(params) = prefilled.kv_transfer_params.filter(|p| !p.is_null()) else {
+        if let Some(suppressed) = REQUEST_FAILED.allow() {
+            tracing::warn!(
+                suppressed,
+                "vLLM answered a prefill without kv_transfer_params: is it started with --kv-transfer-config (NixlConnector)?"
+            );
+        }
+        return;
+    };
+    let cached = prefilled
+        .usage
+        .and_then(|u| u.prompt_tokens_details)
+        .and_then(|d| d.cached_tokens)
+        .unwrap_or(0);
+    let _ = tx.send(Output::Scheduled {
+        cached_tokens: cached,
+    });
+    let _ = tx.send(Output::KvTransferParams(params.to_string().into_bytes()));
+    let _ = tx.send(Output::Finished(FinishReason::Length));
 }
 
 // === streaming ===
@@ -563,6 +643,37 @@ mod tests {
     use super::*;
 
     #[test]
+    fn disaggregated_legs_carry_vllm_kv_transfer_params() {
+        let prefill = completion_body(
+            "tiny",
+            &Request {
+                prefill_only: true,
+                ..Request::new(vec![1, 2], 50)
+            },
+        );
+        assert_eq!(prefill["kv_transfer_params"]["do_remote_decode"], true);
+        assert_eq!(
+            (prefill["max_tokens"].clone(), prefill["stream"].clone()),
+            (1.into(), false.into())
+        );
+        assert!(prefill.get("stream_options").is_none());
+        let params =
+            br#"{"do_remote_prefill":true,"remote_block_ids":[3,4],"remote_engine_id":"e"}"#;
+        let decode = completion_body(
+            "tiny",
+            &Request {
+                kv_transfer_params: Some(params.to_vec()),
+                ..Request::new(vec![1, 2], 50)
+            },
+        );
+        assert_eq!(
+            decode["kv_transfer_params"]["remote_block_ids"],
+            serde_json::json!([3, 4])
+        );
+        assert_eq!(decode["stream"], true);
+    }
+
+    #[test]
     fn the_request_passes_stop_length_eos_and_sampling_fields_through() {
         let r = Request {
             token_ids: vec![1, 2, 3],
@@ -573,6 +684,7 @@ mod tests {
             resumed_tokens: 0,
             temperature: Some(0.0),
             top_p: Some(0.9),
+            ..Request::default()
         };
         let body = completion_body("tiny", &r);
         assert_eq!(body["prompt"], serde_json::json!([1, 2, 3]));
