@@ -339,6 +339,7 @@ async fn reconcile_graph(dgd: &DynamoGraphDeployment, ctx: &Context) -> Result<A
         return Ok(Action::requeue(Duration::from_secs(300)));
     }
 
+    ensure_kv_transfer_secret(&g, ctx).await?;
     let replicas = ensure_adapters(&g, ctx).await?;
     ensure_children(&g, ctx, &replicas).await?;
 
@@ -682,6 +683,37 @@ where
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+/// Creates a disaggregated graph's KV transfer secret once (random, owned by the graph; never
+/// rotated under running pods).
+async fn ensure_kv_transfer_secret(g: &Graph<'_>, ctx: &Context) -> Result<(), Error> {
+    let disaggregated = g
+        .dgd
+        .spec
+        .services
+        .values()
+        .any(|s| matches!(s.role(), "prefill" | "decode"));
+    if !disaggregated {
+        return Ok(());
+    }
+    let name = gang::kv_transfer_secret_name(&g.name);
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.clone()),
+            namespace: Some(g.ns.clone()),
+            owner_references: Some(vec![gang::owner_reference(g.dgd)]),
+            ..Default::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            gang::KV_TRANSFER_SECRET_KEY.to_owned(),
+            format!("{:032x}", rand::random::<u128>()),
+        )])),
+        ..Default::default()
+    };
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &g.ns);
+    idempotent(api.create(&PostParams::default(), &secret).await)
+        .map_err(kube_err("create", "Secret", &name))
 }
 
 // === gangs ===

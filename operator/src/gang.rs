@@ -15,7 +15,7 @@ use dynamo_crds::{ComponentType, DynamoGraphDeployment, DynamoGraphDeploymentSpe
 use k8s_openapi::api::core::v1::{
     Affinity, Container, ContainerPort, EnvFromSource, EnvVar, EnvVarSource, NodeAffinity,
     NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, ObjectFieldSelector, Pod,
-    PodSchedulingGate, PodSpec, ResourceRequirements, SecretEnvSource,
+    PodSchedulingGate, PodSpec, ResourceRequirements, SecretEnvSource, SecretKeySelector,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -235,6 +235,49 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
             value_from: None,
         });
     }
+    let role = svc.role();
+    if matches!(role, "prefill" | "decode") {
+        // Disaggregation: the sidecar's role (its own --role wins), the graph's KV transfer
+        // secret, the address peers pull blocks from, and a fixed transfer port.
+        let own: Vec<String> = spec
+            .envs
+            .iter()
+            .chain(&svc.envs)
+            .map(|e| e.name.clone())
+            .collect();
+        for (k, v) in [("DYN_ROLE", role), ("DYN_KV_TRANSFER_PORT", "9100")] {
+            if !own.iter().any(|n| n == k) {
+                put(EnvVar {
+                    name: k.into(),
+                    value: Some(v.into()),
+                    value_from: None,
+                });
+            }
+        }
+        put(EnvVar {
+            name: "DYN_KV_TRANSFER_SECRET".into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: kv_transfer_secret_name(&graph_name),
+                    key: KV_TRANSFER_SECRET_KEY.into(),
+                    optional: None,
+                }),
+                ..Default::default()
+            }),
+        });
+        put(EnvVar {
+            name: "POD_IP".into(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    api_version: None,
+                }),
+                ..Default::default()
+            }),
+        });
+    }
     container.env = Some(env);
     if let Some(secret) = &svc.env_from_secret {
         container
@@ -257,6 +300,9 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
     } else {
         None
     };
+    if matches!(role, "prefill" | "decode") {
+        ensure_port(&mut container, "kv-transfer", KV_TRANSFER_PORT);
+    }
     lifecycle::apply(&mut pod_spec, &mut container, serving);
     if svc.component_type.is_worker() {
         // Take the engine container out while the pod's volumes are borrowed for it.
@@ -346,6 +392,17 @@ fn frontend_discovery(pod: &mut PodSpec, container: &mut Container, graph: &str)
 }
 
 /// The owner reference (controller) that ties an object to its graph, for garbage collection.
+/// Port of a prefill or decode worker's KV transfer server.
+pub const KV_TRANSFER_PORT: i32 = 9100;
+/// Key of the graph's KV transfer secret in its Secret.
+pub const KV_TRANSFER_SECRET_KEY: &str = "secret";
+
+/// The Secret holding a graph's KV transfer secret: prefill and decode workers only serve KV
+/// blocks (prompt content) to peers that know it.
+pub fn kv_transfer_secret_name(graph: &str) -> String {
+    format!("{graph}-kv-transfer")
+}
+
 pub fn owner_reference(graph: &DynamoGraphDeployment) -> OwnerReference {
     OwnerReference {
         api_version: "nvidia.com/v1alpha1".into(),
@@ -505,6 +562,50 @@ spec:
             .find(|e| e.name == name)?
             .value
             .clone()
+    }
+
+    #[test]
+    fn disaggregated_workers_get_their_role_the_graph_secret_and_their_pod_ip() {
+        let path = format!(
+            "{}/../manifests/disagg.yaml",
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(path).expect("manifest");
+        let mut g: DynamoGraphDeployment = serde_saphyr::from_str(&text).expect("parses");
+        g.metadata.namespace = Some("team".into());
+        for (service, role) in [("Prefill", "prefill"), ("Decode", "decode")] {
+            let p = pod(&g, service, 0, 0);
+            assert_eq!(env(&p, "DYN_ROLE").as_deref(), Some(role));
+            let c = &p.spec.as_ref().expect("spec").containers[0];
+            let vars = c.env.as_ref().expect("env");
+            let from = |name: &str| {
+                vars.iter()
+                    .find(|e| e.name == name)
+                    .and_then(|e| e.value_from.clone())
+                    .unwrap_or_else(|| panic!("{name} comes from a source"))
+            };
+            let secret = from("DYN_KV_TRANSFER_SECRET")
+                .secret_key_ref
+                .expect("secret");
+            assert_eq!(
+                (secret.name.as_str(), secret.key.as_str()),
+                ("disagg-kv-transfer", "secret")
+            );
+            assert_eq!(
+                from("POD_IP").field_ref.expect("field").field_path,
+                "status.podIP"
+            );
+            let ports = c.ports.as_ref().expect("ports");
+            assert!(
+                ports
+                    .iter()
+                    .any(|p| p.name.as_deref() == Some("kv-transfer")
+                        && p.container_port == KV_TRANSFER_PORT)
+            );
+        }
+        let fe = pod(&g, "Frontend", 0, 0);
+        assert_eq!(env(&fe, "DYN_ROLE"), None);
+        assert_eq!(env(&fe, "DYN_KV_TRANSFER_SECRET"), None);
     }
 
     #[test]
