@@ -22,10 +22,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigError, MockerConfig};
 use crate::kv_cache::{IdMap, KvEvent};
-use crate::scheduler::{Import, LoadSnapshot, Output, Request, RequestId, Scheduler, SubmitError};
+use crate::scheduler::{LoadSnapshot, Output, Request, RequestId, Scheduler, SubmitError};
 
 /// Sleeps shorter than this are skipped (tokio timers have 1 ms granularity).
 const MIN_SLEEP: Duration = Duration::from_millis(1);
+/// How often a loop that could run nothing rechecks without a command.
+const IDLE_RECHECK: Duration = Duration::from_millis(5);
 /// When the loop falls further behind its virtual deadline than this, the deadline restarts from now.
 const MAX_LAG: Duration = Duration::from_millis(5);
 
@@ -53,12 +55,8 @@ enum Command {
         lease: RequestId,
         reply: oneshot::Sender<bool>,
     },
-    /// Reserve blocks for a prompt's pulled KV ([`Scheduler::reserve_import`]).
-    Reserve {
-        tokens: Vec<u32>,
-        blocks: usize,
-        reply: oneshot::Sender<Import>,
-    },
+    /// A pull announced by [`Output::PullKv`] ended ([`Scheduler::transfer_done`]).
+    TransferDone { id: RequestId, ok: bool },
 }
 
 // === impl Engine ===
@@ -119,19 +117,11 @@ impl Engine {
         rx.await.unwrap_or(false)
     }
 
-    /// Reserves room for pulling the KV of `tokens`' first `blocks` full blocks; see
-    /// [`Scheduler::reserve_import`]. The import must then go into a submitted [`Request`] (filled
-    /// or not), or its blocks stay pinned. `None` when the engine stopped.
-    pub async fn reserve_import(&self, tokens: Vec<u32>, blocks: usize) -> Option<Import> {
-        let (reply, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Reserve {
-                tokens,
-                blocks,
-                reply,
-            })
-            .ok()?;
-        rx.await.ok()
+    /// The pull announced by [`Output::PullKv`] for request `id` ended (see
+    /// [`Scheduler::transfer_done`]).
+    pub fn transfer_done(&self, id: RequestId, ok: bool) {
+        // A stopped engine has nothing left to resume.
+        let _ = self.commands.send(Command::TransferDone { id, ok });
     }
 
     /// Load as of the last step.
@@ -198,6 +188,21 @@ impl Driver {
 
             let step = self.scheduler.step();
             self.publish_load();
+            if step.outputs.is_empty() && step.events.is_empty() && step.duration.is_zero() {
+                // Nothing could run (waiting requests need blocks that pulls hold): wait for a
+                // command (a pull's end, a cancel) rather than spin; recheck now and then.
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => break,
+                    cmd = self.commands.recv() => match cmd {
+                        Some(cmd) => self.accept(cmd),
+                        None => break,
+                    },
+                    () = tokio::time::sleep(IDLE_RECHECK) => {}
+                }
+                next = Instant::now();
+                continue;
+            }
             let now = Instant::now();
             if now.saturating_duration_since(next) > MAX_LAG {
                 next = now;
@@ -233,17 +238,7 @@ impl Driver {
             Command::Release { lease, reply } => {
                 let _ = reply.send(self.scheduler.release_held(lease));
             }
-            Command::Reserve {
-                tokens,
-                blocks,
-                reply,
-            } => {
-                let import = self.scheduler.reserve_import(&tokens, blocks);
-                if let Err(import) = reply.send(import) {
-                    // The caller is gone: unpin what was reserved for it.
-                    self.scheduler.drop_import(import);
-                }
-            }
+            Command::TransferDone { id, ok } => self.scheduler.transfer_done(id, ok),
         }
     }
 

@@ -24,8 +24,7 @@ pub use config::{ConfigError, MockerConfig};
 pub use engine::Engine;
 pub use kv_cache::{KvEvent, StoredBlock};
 pub use scheduler::{
-    FinishReason, Import, LoadSnapshot, Output, Request, RequestId, Scheduler, StepOutput,
-    SubmitError,
+    FinishReason, LoadSnapshot, Output, Request, RequestId, Scheduler, StepOutput, SubmitError,
 };
 pub use timing::TimingModel;
 pub use tokio_util::sync::CancellationToken;

@@ -57,29 +57,14 @@ pub struct Request {
     /// Disaggregation, prefill leg: compute the prompt's KV, then instead of generating, answer with
     /// [`Output::Prefilled`] and hold the prompt's full blocks until [`Scheduler::release_held`].
     pub prefill_only: bool,
-    /// Disaggregation, decode leg: blocks reserved with [`Scheduler::reserve_import`] for this
-    /// prompt, and whether a transfer filled them.
-    pub import: Option<Import>,
+    /// Disaggregation, decode leg: the prompt's first `remote_blocks` full blocks are computed
+    /// elsewhere and pulled in. At admission the engine allocates them (keeping the leading ones it
+    /// already caches), announces them with [`Output::PullKv`], and leaves the request aside until
+    /// [`Scheduler::transfer_done`]; other requests run meanwhile.
+    pub remote_blocks: u32,
     /// Disaggregation with an engine that moves KV itself (vLLM's connector): its parameters,
     /// passed through unread. The simulator ignores them.
     pub kv_transfer_params: Option<Vec<u8>>,
-}
-
-/// Blocks a decode worker reserved for a prompt whose KV it pulls from a prefill worker
-/// ([`Scheduler::reserve_import`]). Every block in it is pinned (referenced) until the request that
-/// carries it is admitted or cancelled, so nothing evicts it meanwhile.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct Import {
-    /// Hashes of the prompt's leading full blocks the import covers.
-    pub hashes: Vec<BlockHash>,
-    /// Leading blocks the engine already held (pinned, not pulled).
-    pub held: Vec<u32>,
-    /// Fresh blocks for `hashes[held.len()..]`, in order: the transfer's destination slots. Empty
-    /// when the cache had no room; the request then prefills locally.
-    pub slots: Vec<u32>,
-    /// Whether the transfer filled `slots` with the prompt's KV. If not, they are given back and
-    /// the request prefills whatever the engine does not hold.
-    pub filled: bool,
 }
 
 /// One message on a request's output stream.
@@ -96,6 +81,13 @@ pub enum Output {
         lease: RequestId,
         blocks: Vec<u32>,
         hashes: Vec<u64>,
+    },
+    /// A request with remote blocks was admitted: fill `slots` with the KV of its full blocks
+    /// `first..first + slots.len()`, then call [`Scheduler::transfer_done`].
+    PullKv {
+        id: RequestId,
+        first: u32,
+        slots: Vec<u32>,
     },
     /// A prefill-only request's transfer parameters, as the decode worker needs them (what the
     /// sidecar makes of [`Output::Prefilled`], or an engine's own connector's).
@@ -191,8 +183,8 @@ struct Seq {
     admitted_once: bool,
     finished: bool,
     prefill_only: bool,
-    /// Blocks pinned for this request by an import, released once it is admitted.
-    pinned: Vec<BlockId>,
+    /// Full blocks to pull at admission (0: none, or already pulled).
+    remote_blocks: usize,
     /// Its prompt's KV arrived by transfer: the few tokens left to compute ride in the decode pass.
     imported: bool,
 }
@@ -216,6 +208,8 @@ pub struct Scheduler {
     preemptions: u64,
     /// Full blocks of finished prefill-only requests, held for decode workers, by lease.
     held: IdMap<RequestId, Vec<BlockId>>,
+    /// Admitted requests whose blocks are being pulled (not stepped, never preempted).
+    pulling: Vec<RequestId>,
 }
 
 // === impl Request ===
@@ -278,6 +272,7 @@ impl Scheduler {
             cached_tokens_total: 0,
             preemptions: 0,
             held: IdMap::default(),
+            pulling: Vec::new(),
             config,
         })
     }
@@ -301,7 +296,7 @@ impl Scheduler {
             stop_token_ids,
             resumed_tokens,
             prefill_only,
-            import,
+            remote_blocks,
             ..
         } = req;
         let prompt_len = token_ids.len() - resumed_tokens as usize;
@@ -326,13 +321,10 @@ impl Scheduler {
                 admitted_once: false,
                 finished: false,
                 prefill_only,
-                pinned: Vec::new(),
+                remote_blocks: remote_blocks as usize,
                 imported: false,
             },
         );
-        if let Some(import) = import {
-            self.apply_import(id, import);
-        }
         self.waiting.push_back(id);
         Ok(id)
     }
@@ -349,8 +341,8 @@ impl Scheduler {
         } else {
             free_blocks(&mut self.pool, &mut seq);
         }
-        for block in seq.pinned.drain(..) {
-            self.pool.release(block);
+        if let Some(pos) = self.pulling.iter().position(|&r| r == id) {
+            self.pulling.remove(pos);
         }
         if let Some(pos) = self.running.iter().position(|&r| r == id) {
             self.running.remove(pos);
@@ -367,7 +359,7 @@ impl Scheduler {
         LoadSnapshot {
             kv_blocks_used: self.pool.num_used(),
             kv_blocks_total: self.pool.num_total(),
-            running: self.running.len(),
+            running: self.running.len() + self.pulling.len(),
             waiting: self.waiting.len(),
             prompt_tokens_total: self.prompt_tokens_total,
             cached_tokens_total: self.cached_tokens_total,
@@ -395,69 +387,38 @@ impl Scheduler {
         self.held.len()
     }
 
-    /// Reserves room for the KV of `tokens`' first `blocks` full blocks, pulled from a prefill
-    /// worker: the leading ones this engine already caches are pinned (`held`), and fresh blocks are
-    /// allocated for the rest (`slots`; empty when the cache has no room for them beside running
-    /// requests). Pass the result in [`Request::import`] once the transfer is done or failed.
-    pub fn reserve_import(&mut self, tokens: &[u32], blocks: usize) -> Import {
+    /// The pull announced by [`Output::PullKv`] for request `id` ended: with `ok`, its blocks hold
+    /// the prompt's KV and are registered in the prefix cache (published as stored); otherwise
+    /// they are given back and the request computes them itself. Either way it joins the batch.
+    pub fn transfer_done(&mut self, id: RequestId, ok: bool) {
+        let Some(pos) = self.pulling.iter().position(|&r| r == id) else {
+            return; // Cancelled meanwhile.
+        };
+        self.pulling.remove(pos);
         let bs = self.config.block_size;
-        let want = blocks.min(tokens.len() / bs);
-        let mut hashes = Vec::with_capacity(want);
-        extend_block_hashes(&mut hashes, &tokens[..want * bs], bs);
-        let mut held = Vec::new();
-        for h in &hashes {
-            let Some(block) = self.pool.lookup(h.sequence) else {
-                break;
-            };
-            self.pool.acquire(block);
-            held.push(block);
-        }
-        let missing = want - held.len();
-        let mut slots = Vec::new();
-        if missing > 0 && self.pool.num_free() >= missing + self.watermark_blocks {
-            slots = (0..missing)
-                .map(|_| self.pool.allocate().expect("free blocks were counted"))
-                .collect();
-        }
-        Import {
-            hashes,
-            held,
-            slots,
-            filled: false,
-        }
-    }
-
-    /// Unpins an import that no request will carry.
-    pub fn drop_import(&mut self, import: Import) {
-        for block in import.held.into_iter().chain(import.slots) {
-            self.pool.release(block);
-        }
-    }
-
-    /// Registers a filled import's blocks in the prefix cache (or gives unfilled ones back) and
-    /// pins them to request `id` until its admission.
-    fn apply_import(&mut self, id: RequestId, import: Import) {
-        let Import {
-            hashes,
-            held,
-            slots,
-            filled,
-        } = import;
-        let pinned = if filled && !slots.is_empty() {
-            let from = held.len();
-            let parent = from.checked_sub(1).map(|p| hashes[p].sequence);
+        let seq = self.seqs.get_mut(&id).expect("pulling ids are live");
+        let from = seq.computed / bs;
+        let to = std::mem::take(&mut seq.remote_blocks);
+        if ok {
+            extend_block_hashes(&mut seq.hashes, &seq.tokens[..to * bs], bs);
+            let parent = from.checked_sub(1).map(|p| seq.hashes[p].sequence);
             self.pool
-                .register(&slots, &hashes[from..from + slots.len()], parent);
-            held.into_iter().chain(slots).collect()
+                .register(&seq.blocks[from..to], &seq.hashes[from..to], parent);
+            seq.computed = to * bs;
+            seq.registered = to;
+            seq.imported = true;
         } else {
-            for block in slots {
+            for &block in seq.blocks[from..].iter().rev() {
                 self.pool.release(block);
             }
-            held
-        };
-        let seq = self.seq_mut(id);
-        seq.imported = filled;
-        seq.pinned = pinned;
+            seq.blocks.truncate(from);
+        }
+        self.running.push(id);
+    }
+
+    /// Requests whose blocks are being pulled.
+    pub fn pulling(&self) -> usize {
+        self.pulling.len()
     }
 
     /// Runs one forward pass of the batch.
@@ -623,7 +584,7 @@ impl Scheduler {
     /// Admits waiting requests FIFO within the step's remaining `budget`.
     fn admit(&mut self, mut budget: usize, outputs: &mut Vec<(RequestId, Output)>) {
         let bs = self.config.block_size;
-        while self.running.len() < self.config.max_num_seqs && budget > 0 {
+        while self.running.len() + self.pulling.len() < self.config.max_num_seqs && budget > 0 {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
@@ -646,14 +607,22 @@ impl Scheduler {
             }
             let cached = hits * bs;
             let remaining = len - cached;
-            let n = if self.config.enable_chunked_prefill || remaining <= budget {
+            // Blocks to pull instead of computing (never the block of the last prompt token).
+            let pull_to = seq.remote_blocks.min((len - 1) / bs);
+            let n = if pull_to > hits {
+                0
+            } else if self.config.enable_chunked_prefill || remaining <= budget {
                 remaining.min(budget)
             } else if self.running.is_empty() && budget == self.config.max_num_batched_tokens {
                 remaining // Too long for one step: it runs alone.
             } else {
                 break;
             };
-            let new_blocks = (cached + n).div_ceil(bs) - hits;
+            let new_blocks = if pull_to > hits {
+                pull_to - hits
+            } else {
+                (cached + n).div_ceil(bs) - hits
+            };
             let reserve = if self.running.is_empty() {
                 0
             } else {
@@ -674,9 +643,6 @@ impl Scheduler {
                 let block = self.pool.allocate().expect("free blocks were counted");
                 seq.blocks.push(block);
             }
-            for block in seq.pinned.drain(..) {
-                self.pool.release(block);
-            }
             seq.registered = hits;
             seq.computed = cached;
             seq.prefill_target = len;
@@ -689,7 +655,16 @@ impl Scheduler {
                 let cached_tokens = u32::try_from(cached).unwrap_or(u32::MAX);
                 outputs.push((id, Output::Scheduled { cached_tokens }));
             }
-            self.running.push(id);
+            if pull_to > hits {
+                seq.remote_blocks = pull_to;
+                let slots = seq.blocks[hits..].to_vec();
+                let first = u32::try_from(hits).unwrap_or(u32::MAX);
+                outputs.push((id, Output::PullKv { id, first, slots }));
+                self.pulling.push(id);
+            } else {
+                seq.remote_blocks = 0;
+                self.running.push(id);
+            }
         }
     }
 
@@ -1415,8 +1390,32 @@ mod tests {
         assert_eq!(s.load().kv_blocks_used, 0);
     }
 
+    /// Admits `prompt` with its first `remote` blocks pulled; returns its id and the PullKv slots.
+    fn admit_pulling(
+        s: &mut Scheduler,
+        prompt: &[u32],
+        remote: u32,
+    ) -> (RequestId, u32, Vec<u32>, StepOutput) {
+        let id = s
+            .add_request(Request {
+                remote_blocks: remote,
+                ..req(prompt.to_vec(), 2)
+            })
+            .expect("accepted");
+        let step = s.step();
+        let Some((_, Output::PullKv { first, slots, .. })) = step
+            .outputs
+            .iter()
+            .find(|(_, o)| matches!(o, Output::PullKv { .. }))
+            .cloned()
+        else {
+            panic!("expected PullKv, got {:?}", step.outputs);
+        };
+        (id, first, slots, step)
+    }
+
     #[test]
-    fn an_import_registers_pulled_blocks_and_only_the_tail_is_computed() {
+    fn pulled_blocks_are_registered_and_only_the_tail_is_computed() {
         let mut s = Scheduler::new(cfg()).expect("valid config");
         let bs = s.config().block_size;
         let prompt: Vec<u32> = (0..(4 * bs + 1) as u32).collect();
@@ -1424,28 +1423,21 @@ mod tests {
         s.add_request(req(prompt[..bs + 1].to_vec(), 1))
             .expect("accepted");
         run(&mut s);
-        let import = s.reserve_import(&prompt, 4);
-        assert_eq!((import.held.len(), import.slots.len()), (1, 3));
-        let id = s
-            .add_request(Request {
-                import: Some(Import {
-                    filled: true,
-                    ..import
-                }),
-                ..req(prompt.clone(), 2)
-            })
-            .expect("accepted");
+        let (id, first, slots, step) = admit_pulling(&mut s, &prompt, 4);
+        assert_eq!((first, slots.len()), (1, 3));
+        assert!(step.duration.is_zero(), "nothing computed while pulling");
+        assert_eq!(s.load().running, 1);
+        s.transfer_done(id, true);
         let step = s.step();
         assert_eq!(
             stored_hashes(&step.events),
             seq_hashes(&prompt, bs)[1..4].to_vec()
         );
-        assert!(step.outputs.contains(&(
-            id,
-            Output::Scheduled {
-                cached_tokens: 4 * bs as u32
-            }
-        )));
+        assert!(
+            step.outputs
+                .iter()
+                .any(|(i, o)| *i == id && matches!(o, Output::Token(_)))
+        );
         // One token computed in the decode pass: its per-token share and one decode.
         let t = s.config().timing;
         let fill = 5.0 / s.config().num_gpu_blocks as f64;
@@ -1458,20 +1450,35 @@ mod tests {
     }
 
     #[test]
-    fn an_unfilled_import_gives_its_slots_back_and_prefills_locally() {
+    fn a_failed_pull_gives_its_blocks_back_and_prefills_locally() {
         let mut s = Scheduler::new(cfg()).expect("valid config");
         let bs = s.config().block_size;
         let prompt: Vec<u32> = (0..(2 * bs + 1) as u32).collect();
-        let import = s.reserve_import(&prompt, 2);
+        let (id, _, slots, _) = admit_pulling(&mut s, &prompt, 2);
+        assert_eq!(slots.len(), 2);
         assert_eq!(s.load().kv_blocks_used, 2);
-        s.add_request(Request {
-            import: Some(import),
-            ..req(prompt, 1)
-        })
-        .expect("accepted");
+        s.transfer_done(id, false);
+        let (outputs, events, _) = run(&mut s);
+        assert_eq!(
+            outputs[&id]
+                .iter()
+                .filter(|o| matches!(o, Output::Token(_)))
+                .count(),
+            2
+        );
+        assert_eq!(stored_hashes(&events)[..2], seq_hashes(&prompt, bs)[..2]);
         assert_eq!(s.load().kv_blocks_used, 0);
-        let (outputs, _, _) = run(&mut s);
-        let out = outputs.into_values().next().expect("one request");
-        assert_eq!(out[0], Output::Scheduled { cached_tokens: 0 });
+    }
+
+    #[test]
+    fn a_cancelled_pull_frees_its_blocks_and_a_late_completion_is_ignored() {
+        let mut s = Scheduler::new(cfg()).expect("valid config");
+        let bs = s.config().block_size;
+        let prompt: Vec<u32> = (0..(3 * bs + 1) as u32).collect();
+        let (id, _, _, _) = admit_pulling(&mut s, &prompt, 3);
+        assert!(s.cancel(id));
+        s.transfer_done(id, true);
+        assert_eq!(s.load().kv_blocks_used, 0);
+        assert!(!s.has_work());
     }
 }

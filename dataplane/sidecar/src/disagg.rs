@@ -31,7 +31,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use dynamo_mocker::{Import, Output, Request, SubmitError};
+use dynamo_mocker::{Output, Request, SubmitError};
 use dynamo_protocol::proto::{self, worker_client::WorkerClient};
 use dynamo_transfer::{
     BlockPool, BlockSetDescriptor, KvGeometry, PoolId, SharedSecret, ShmServer, ShmServerConfig,
@@ -169,6 +169,14 @@ pub struct KvStore {
     releasers: Mutex<HashMap<String, WorkerClient<tonic::transport::Channel>>>,
     metrics: TransferMetrics,
     tasks: TaskTracker,
+}
+
+/// A decode-leg request after its pull: its outputs, those already taken from them, and how the
+/// KV arrived.
+pub struct Pulled {
+    pub outputs: UnboundedReceiver<Output>,
+    pub taken: Vec<Output>,
+    pub report: proto::KvTransferReport,
 }
 
 /// The number of engine blocks a store of `config` holds.
@@ -378,66 +386,68 @@ impl KvStore {
         self.engine.release(lease).await
     }
 
-    /// The decode leg: pulls the prompt's KV blocks this engine lacks, per `params`, and returns
-    /// the request to submit (carrying the import) with a report of the pull. A pull that fails
-    /// leaves the request to prefill locally.
-    pub async fn pull(
-        &self,
-        mut request: Request,
-        params: &[u8],
-    ) -> (Request, proto::KvTransferReport) {
+    /// The decode leg: submits `request` with the prompt's full blocks to be pulled per `params`;
+    /// once the engine admits it and allocates them (keeping the leading blocks it already holds),
+    /// reads only the others, checks every byte, and lets the engine go on. Returns the request's
+    /// outputs, those already taken from it (`Scheduled`), and a report of the pull. Parameters it
+    /// cannot use, or a pull that fails, leave the request to prefill locally.
+    pub async fn pull(&self, mut request: Request, params: &[u8]) -> Result<Pulled, SubmitError> {
         let started = Instant::now();
-        let mut report = proto::KvTransferReport::default();
-        let params: Params = match serde_json::from_slice(params) {
-            Ok(p) => p,
+        let mut report = proto::KvTransferReport {
+            transport: "none".into(),
+            ..proto::KvTransferReport::default()
+        };
+        let params = match serde_json::from_slice::<Params>(params)
+            .map_err(|e| anyhow::anyhow!("kv_transfer_params are not this engine's: {e}"))
+            .and_then(|p| self.check(&request.token_ids, p))
+        {
+            Ok(p) => Some(p),
             Err(error) => {
-                report.error = format!("kv_transfer_params are not this engine's: {error}");
-                return (request, report);
+                report.error = format!("{error:#}");
+                None
             }
         };
-        let result = self
-            .pull_blocks(&request.token_ids, &params, &mut report)
-            .await;
-        report.micros = started.elapsed().as_micros() as u64;
-        match result {
-            Ok(import) => {
-                if !import.filled && report.error.is_empty() {
-                    report.error = "no free KV blocks to pull into".into();
+        request.remote_blocks = params
+            .as_ref()
+            .map_or(0, |p| u32::try_from(p.hashes.len()).unwrap_or(u32::MAX));
+        let tokens = request.token_ids.clone();
+        let mut rx = self.engine.submit(request)?;
+        let mut taken = Vec::new();
+        // Admission comes first (Scheduled), then the blocks to fill when there are any.
+        while let Some(output) = rx.recv().await {
+            match output {
+                Output::PullKv { id, first, slots } => {
+                    let ok = match &params {
+                        Some(p) => {
+                            self.fill(&tokens, p, first as usize, &slots, &mut report)
+                                .await
+                        }
+                        None => false,
+                    };
+                    self.engine.transfer_done(id, ok);
+                    break;
                 }
-                request.import = Some(import);
+                scheduled @ Output::Scheduled { .. } => taken.push(scheduled),
+                other => {
+                    taken.push(other);
+                    break;
+                }
             }
-            Err(error) => report.error = format!("{error:#}"),
         }
-        let label = TransportLabel {
-            transport: report.transport.clone(),
-        };
-        if report.error.is_empty() && report.blocks > 0 {
-            self.metrics
-                .blocks
-                .get_or_create(&label)
-                .inc_by(report.blocks);
-            self.metrics
-                .bytes
-                .get_or_create(&label)
-                .inc_by(report.bytes);
-            self.metrics
-                .seconds
-                .get_or_create(&label)
-                .observe(report.micros as f64 / 1e6);
-        } else if !report.error.is_empty() {
-            self.metrics.failures.get_or_create(&label).inc();
-            tracing::warn!(error = %report.error, prefill = %params.worker, "KV pull failed; prefilling locally");
+        report.micros = started.elapsed().as_micros() as u64;
+        self.count(&report);
+        if let Some(p) = params {
+            self.release_remote(p.worker, p.lease);
         }
-        self.release_remote(params.worker, params.lease);
-        (request, report)
+        Ok(Pulled {
+            outputs: rx,
+            taken,
+            report,
+        })
     }
 
-    async fn pull_blocks(
-        &self,
-        tokens: &[u32],
-        params: &Params,
-        report: &mut proto::KvTransferReport,
-    ) -> anyhow::Result<Import> {
+    /// The parameters' blocks are this prompt's, in this worker's shape.
+    fn check(&self, tokens: &[u32], params: Params) -> anyhow::Result<Params> {
         anyhow::ensure!(
             params.block_size == self.geometry.block_tokens,
             "the prefill worker's blocks hold {} tokens, this worker's {}",
@@ -451,10 +461,8 @@ impl KvStore {
             self.pool.block_bytes()
         );
         let n = params.hashes.len().min(params.tcp.blocks.len());
-        let mine = dynamo_kv::block_hashes(
-            &tokens[..(n * params.block_size as usize).min(tokens.len())],
-            params.block_size as usize,
-        );
+        let bs = params.block_size as usize;
+        let mine = dynamo_kv::block_hashes(&tokens[..(n * bs).min(tokens.len())], bs);
         anyhow::ensure!(
             mine.len() == n
                 && mine
@@ -463,17 +471,24 @@ impl KvStore {
                     .all(|(a, &b)| a.sequence == b),
             "the prefill worker's blocks are not this prompt's"
         );
-        let Some(mut import) = self.engine.reserve_import(tokens.to_vec(), n).await else {
-            anyhow::bail!("the engine stopped");
-        };
-        let have = import.held.len();
-        report.reused_blocks = have as u64;
-        if import.slots.is_empty() {
-            import.filled = have == n;
-            report.transport = "none".into();
-            return Ok(import);
+        Ok(params)
+    }
+
+    /// Reads blocks `first..first + slots.len()` of the prompt into `slots` and checks them.
+    async fn fill(
+        &self,
+        tokens: &[u32],
+        params: &Params,
+        first: usize,
+        slots: &[u32],
+        report: &mut proto::KvTransferReport,
+    ) -> bool {
+        let range = first..first + slots.len();
+        if range.end > params.tcp.blocks.len() {
+            report.error = "the engine asked for blocks the prefill worker does not hold".into();
+            return false;
         }
-        let range = have..have + import.slots.len();
+        report.reused_blocks = first as u64;
         let pick = |d: &BlockSetDescriptor| BlockSetDescriptor {
             blocks: d.blocks[range.clone()].to_vec(),
             ..d.clone()
@@ -486,7 +501,7 @@ impl KvStore {
             report.transport = TransportKind::Shm.to_string();
             match self
                 .shm_transport
-                .read(&pick(&shm.blocks), &self.pool, &import.slots)
+                .read(&pick(&shm.blocks), &self.pool, slots)
                 .await
             {
                 Ok(c) => done = Some(c),
@@ -495,11 +510,7 @@ impl KvStore {
         }
         if done.is_none() {
             report.transport = TransportKind::Tcp.to_string();
-            match self
-                .tcp
-                .read(&pick(&params.tcp), &self.pool, &import.slots)
-                .await
-            {
+            match self.tcp.read(&pick(&params.tcp), &self.pool, slots).await {
                 Ok(c) => done = Some(c),
                 Err(error) => last_error = Some(error),
             }
@@ -507,27 +518,55 @@ impl KvStore {
         let Some(completion) = done else {
             let error = last_error.map_or_else(|| "no transport".to_owned(), |e| e.to_string());
             report.error = format!("reading the blocks failed: {error}");
-            return Ok(import);
+            return false;
         };
+        let bs = params.block_size as usize;
+        let hashes: Vec<u64> = dynamo_kv::block_hashes(&tokens[..range.end * bs], bs)[range]
+            .iter()
+            .map(|h| h.sequence)
+            .collect();
         let (pool, content, layers) = (
             self.pool.clone(),
             self.content.clone(),
             self.geometry.layers,
         );
-        let slots = import.slots.clone();
-        let hashes: Vec<u64> = mine[range].iter().map(|h| h.sequence).collect();
+        let slots = slots.to_vec();
         let verified = tokio::task::spawn_blocking(move || {
             verify_content(&pool, &content, layers, &slots, &hashes)
         })
-        .await?;
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r);
         if let Err(error) = verified {
             report.error = format!("{error:#}");
-            return Ok(import);
+            return false;
         }
         report.blocks = completion.blocks as u64;
         report.bytes = completion.bytes;
-        import.filled = true;
-        Ok(import)
+        true
+    }
+
+    fn count(&self, report: &proto::KvTransferReport) {
+        let label = TransportLabel {
+            transport: report.transport.clone(),
+        };
+        if !report.error.is_empty() {
+            self.metrics.failures.get_or_create(&label).inc();
+            tracing::warn!(error = %report.error, "KV pull failed; prefilling locally");
+        } else if report.blocks > 0 {
+            self.metrics
+                .blocks
+                .get_or_create(&label)
+                .inc_by(report.blocks);
+            self.metrics
+                .bytes
+                .get_or_create(&label)
+                .inc_by(report.bytes);
+            self.metrics
+                .seconds
+                .get_or_create(&label)
+                .observe(report.micros as f64 / 1e6);
+        }
     }
 
     /// Tells the prefill worker it may free the lease (in the background).

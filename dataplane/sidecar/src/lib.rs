@@ -290,13 +290,14 @@ impl proto::worker_server::Worker for WorkerService {
             ..engine::Request::default()
         };
         let mut report = None;
+        let mut taken = Vec::new();
         let rx = match (&self.kv, req.prefill_only, params) {
             (Some(kv), true, _) => kv.prefill(request),
-            (Some(kv), false, Some(params)) => {
-                let (pulled, r) = kv.pull(request, &params).await;
-                report = Some(r);
-                self.engine.submit(pulled)
-            }
+            (Some(kv), false, Some(params)) => kv.pull(request, &params).await.map(|pulled| {
+                report = Some(pulled.report);
+                taken = pulled.taken;
+                pulled.outputs
+            }),
             (None, true, _) if self.engine.kind() == EngineKind::Mocker => {
                 return Err(Status::failed_precondition(
                     "this worker keeps no KV blocks to hand over (start it with --role prefill, or --kv-memory)",
@@ -314,6 +315,7 @@ impl proto::worker_server::Worker for WorkerService {
             rx,
             done: false,
             report,
+            taken: taken.into(),
         }))
     }
 
@@ -419,6 +421,8 @@ pub struct GenerateStream {
     done: bool,
     /// How a pulled prompt's KV arrived, for the first message.
     report: Option<proto::KvTransferReport>,
+    /// Outputs read before the stream started (a pull waits for the request's admission).
+    taken: std::collections::VecDeque<Output>,
 }
 
 impl Stream for GenerateStream {
@@ -428,7 +432,11 @@ impl Stream for GenerateStream {
         if self.done {
             return Poll::Ready(None);
         }
-        let first = match self.rx.poll_recv(cx) {
+        let first = match self.taken.pop_front() {
+            Some(output) => Poll::Ready(Some(output)),
+            None => self.rx.poll_recv(cx),
+        };
+        let first = match first {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
                 self.done = true;
@@ -448,8 +456,8 @@ impl Stream for GenerateStream {
                 Output::Scheduled { cached_tokens } => msg.cached_tokens = Some(cached_tokens),
                 Output::Token(id) => msg.token_ids.push(id),
                 Output::KvTransferParams(params) => msg.kv_transfer_params = params,
-                // Turned into parameters by the KV store before they get here.
-                Output::Prefilled { .. } => {}
+                // Handled by the KV store before they get here.
+                Output::Prefilled { .. } | Output::PullKv { .. } => {}
                 Output::Finished(reason) => {
                     msg.finish_reason = match reason {
                         FinishReason::Length => proto::FinishReason::Length,
@@ -459,7 +467,7 @@ impl Stream for GenerateStream {
                     break;
                 }
             }
-            next = self.rx.try_recv().ok();
+            next = self.taken.pop_front().or_else(|| self.rx.try_recv().ok());
         }
         Poll::Ready(Some(Ok(msg)))
     }
