@@ -61,6 +61,10 @@ step "real vLLM engines behind the sidecar (dynamo serve manifests/vllm-agg.yaml
 DYNAMO_BIN="$CARGO_TARGET_DIR/debug/dynamo" DYN_VLLM_PYTHON="$VLLM_PYTHON" \
   "$VENV/bin/python" -m pytest -q e2e/vllm/test_vllm_engine.py
 
+step "disaggregated prefill/decode on vLLM (dynamo serve manifests/vllm-disagg.yaml: NixlConnector, greedy output equal to one engine's)"
+DYNAMO_BIN="$CARGO_TARGET_DIR/debug/dynamo" DYN_VLLM_PYTHON="$VLLM_PYTHON" \
+  "$VENV/bin/python" -m pytest -q e2e/vllm/test_vllm_disagg.py
+
 step "cluster tools (control plane, kwok, helm, and the real node's kubelet, kube-proxy, containerd, runc, CNI, crictl; cached in $DYNAMO_CACHE/tools)"
 hack/tools.sh
 
