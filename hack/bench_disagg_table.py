@@ -17,7 +17,7 @@ def main(out):
     print("| run | ok | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms | ITL p99 ms | ITL p90 / agg | ITL p99 / agg | TTFT p90 / agg |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     base = None
-    for label in ["agg", "disagg-always", "disagg-conditional"]:
+    for label in ["agg", "disagg-always", "disagg-conditional", "dynamo-agg", "dynamo-disagg"]:
         path = os.path.join(out, label + ".json")
         if not os.path.exists(path):
             continue
