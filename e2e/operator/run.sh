@@ -258,6 +258,17 @@ case_multinode_gang_lands_in_one_rack() {
   done
   [ "$(jp pod disagg-multinode-decode-1-1 '{.spec.containers[0].env[?(@.name=="DYN_LEADER_ADDR")].value}')" = \
     "disagg-multinode-decode-1-0.disagg-multinode-decode-pods.$NS.svc" ] || fail "wrong DYN_LEADER_ADDR"
+  # Disaggregation: the graph's KV transfer secret exists, is owned by the graph, and the prefill and
+  # decode pods take it, their role and their pod IP.
+  [ "$(jp secret disagg-multinode-kv-transfer '{.metadata.ownerReferences[0].name}')" = disagg-multinode ] \
+    || fail "no KV transfer secret owned by the graph"
+  [ -n "$(jp secret disagg-multinode-kv-transfer '{.data.secret}')" ] || fail "the KV transfer secret is empty"
+  [ "$(jp pod disagg-multinode-decode-1-1 '{.spec.containers[0].env[?(@.name=="DYN_KV_TRANSFER_SECRET")].valueFrom.secretKeyRef.name}')" = \
+    disagg-multinode-kv-transfer ] || fail "decode pod does not take the KV transfer secret"
+  [ "$(jp pod disagg-multinode-decode-1-1 '{.spec.containers[0].env[?(@.name=="DYN_ROLE")].value}')" = decode ] \
+    || fail "decode pod has no DYN_ROLE=decode"
+  [ "$(jp pod disagg-multinode-decode-1-1 '{.spec.containers[0].env[?(@.name=="POD_IP")].valueFrom.fieldRef.fieldPath}')" = status.podIP ] \
+    || fail "decode pod has no POD_IP"
   delete_graph disagg-multinode
 }
 

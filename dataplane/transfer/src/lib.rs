@@ -23,12 +23,14 @@
 //! peer's descriptor, the CUDA driver). The crate denies `unsafe_code`; only [`pool`], [`shm`] and
 //! `cuda` allow it, and every `unsafe` block carries a `// SAFETY:` comment.
 //!
-//! # Measured (2026-11)
+//! # Measured (2026-11, again 2026-12-07)
 //!
-//! `cargo bench` on a 2-vCPU VM, default geometry, two runs: 16 shuffled 8 MiB blocks by shared memory
-//! at 1.0x a single-thread `memcpy` of the same blocks, by TCP loopback (client and server in one
-//! process) at 0.35-0.36x, below the 0.5x target; one 8 MiB block costs the same as its `memcpy` by
-//! shared memory and 4.6-6.7 ms against 0.7-1.0 ms by TCP. On an NVIDIA H200 (`examples/cuda_bw.rs`,
+//! `cargo bench` on a 2-vCPU VM, default geometry: 16 shuffled 8 MiB blocks by shared memory at 1.0x
+//! a single-thread `memcpy` of the same blocks, by TCP loopback (client and server in one process)
+//! at 0.35-0.36x (2026-11) and 0.24x (2026-12-07: memcpy 13.2 ms, TCP 55 ms), below the 0.5x target;
+//! one 8 MiB block costs its `memcpy` plus ~8 µs by shared memory and 2.6 ms against 0.25 ms by TCP.
+//! Striping a block set over 2 connections and 4 MiB socket buffers were tried on 2026-12-07 and
+//! gained nothing measurable on 2 cores (both kernel copies already fill them); not kept. On an NVIDIA H200 (`examples/cuda_bw.rs`,
 //! 1 GiB): device-to-device 2,076 GB/s as one run and 1,214 GB/s as single 8 MiB blocks, pinned
 //! host<->device 54 GB/s, and the host-staged path 2.6 GB/s end to end, bounded by TCP loopback.
 //!
