@@ -245,7 +245,13 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
             .chain(&svc.envs)
             .map(|e| e.name.clone())
             .collect();
-        for (k, v) in [("DYN_ROLE", role), ("DYN_KV_TRANSFER_PORT", "9100")] {
+        // Pods under the restricted profile share no IPC namespace: KV moves over TCP unless the
+        // graph opts into shared memory (DYN_KV_TRANSFER_SHM=true in its env, with pods that can).
+        for (k, v) in [
+            ("DYN_ROLE", role),
+            ("DYN_KV_TRANSFER_PORT", "9100"),
+            ("DYN_KV_TRANSFER_SHM", "false"),
+        ] {
             if !own.iter().any(|n| n == k) {
                 put(EnvVar {
                     name: k.into(),
@@ -576,6 +582,7 @@ spec:
         for (service, role) in [("Prefill", "prefill"), ("Decode", "decode")] {
             let p = pod(&g, service, 0, 0);
             assert_eq!(env(&p, "DYN_ROLE").as_deref(), Some(role));
+            assert_eq!(env(&p, "DYN_KV_TRANSFER_SHM").as_deref(), Some("false"));
             let c = &p.spec.as_ref().expect("spec").containers[0];
             let vars = c.env.as_ref().expect("env");
             let from = |name: &str| {
