@@ -86,6 +86,12 @@ stop_operator() {
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     kill "-$sig" "$pid" 2>/dev/null || true
     for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    # One that outlives its signal by 10 s is killed, not left behind (its PID file goes next).
+    if kill -0 "$pid" 2>/dev/null; then
+      log "operator $pid still running 10 s after SIG$sig; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+      for i in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    fi
   fi
   rm -f "$OP_PID_FILE"
 }

@@ -36,6 +36,15 @@ async fn main() -> anyhow::Result<()> {
             shutdown_signal().await;
             tracing::info!("shutting down");
             cancel.cancel();
+            // Shutdown is bounded: an operator that cannot finish it (its API server went away
+            // mid-request) exits anyway rather than linger after its stop was asked.
+            std::thread::spawn(|| {
+                std::thread::sleep(SHUTDOWN_DEADLINE);
+                eprintln!(
+                    "dynamo-operator: still shutting down {SHUTDOWN_DEADLINE:?} after the signal; exiting"
+                );
+                std::process::exit(1);
+            });
         }
     });
 
@@ -86,6 +95,9 @@ async fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// How long shutdown may take after SIGTERM / Ctrl-C before the process exits regardless.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(30);
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
