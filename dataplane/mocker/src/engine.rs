@@ -173,14 +173,8 @@ impl Driver {
             if !self.scheduler.has_work() {
                 self.publish_load();
                 let expiry = self.holds.front().map(|&(at, _)| at);
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break,
-                    cmd = self.commands.recv() => match cmd {
-                        Some(cmd) => self.accept(cmd),
-                        None => break,
-                    },
-                    () = sleep_until_some(expiry) => {}
+                if !self.idle(&shutdown, expiry).await {
+                    break;
                 }
                 next = Instant::now();
                 continue;
@@ -191,14 +185,11 @@ impl Driver {
             if step.outputs.is_empty() && step.events.is_empty() && step.duration.is_zero() {
                 // Nothing could run (waiting requests need blocks that pulls hold): wait for a
                 // command (a pull's end, a cancel) rather than spin; recheck now and then.
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => break,
-                    cmd = self.commands.recv() => match cmd {
-                        Some(cmd) => self.accept(cmd),
-                        None => break,
-                    },
-                    () = tokio::time::sleep(IDLE_RECHECK) => {}
+                if !self
+                    .idle(&shutdown, Some(Instant::now() + IDLE_RECHECK))
+                    .await
+                {
+                    break;
                 }
                 next = Instant::now();
                 continue;
@@ -224,6 +215,22 @@ impl Driver {
             }
         }
         self.stop();
+    }
+
+    /// Waits for the next command (taking it), or until `wake`. `false`: the engine stops.
+    async fn idle(&mut self, shutdown: &CancellationToken, wake: Option<Instant>) -> bool {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => false,
+            cmd = self.commands.recv() => match cmd {
+                Some(cmd) => {
+                    self.accept(cmd);
+                    true
+                }
+                None => false,
+            },
+            () = sleep_until_some(wake) => true,
+        }
     }
 
     fn accept(&mut self, command: Command) {

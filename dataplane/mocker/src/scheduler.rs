@@ -382,11 +382,6 @@ impl Scheduler {
         true
     }
 
-    /// Leases of held prefills.
-    pub fn held_leases(&self) -> usize {
-        self.held.len()
-    }
-
     /// The pull announced by [`Output::PullKv`] for request `id` ended: with `ok`, its blocks hold
     /// the prompt's KV and are registered in the prefix cache (published as stored); otherwise
     /// they are given back and the request computes them itself. Either way it joins the batch.
@@ -414,11 +409,6 @@ impl Scheduler {
             seq.blocks.truncate(from);
         }
         self.running.push(id);
-    }
-
-    /// Requests whose blocks are being pulled.
-    pub fn pulling(&self) -> usize {
-        self.pulling.len()
     }
 
     /// Runs one forward pass of the batch.

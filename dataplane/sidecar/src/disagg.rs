@@ -300,6 +300,7 @@ impl KvStore {
         let (tx, out) = unbounded_channel();
         let store = self.clone();
         self.tasks.spawn(async move {
+            let mut offered = None;
             while let Some(output) = rx.recv().await {
                 let output = match output {
                     Output::Prefilled {
@@ -307,7 +308,10 @@ impl KvStore {
                         blocks,
                         hashes,
                     } => match store.offer(lease, blocks, hashes).await {
-                        Ok(params) => Output::KvTransferParams(params),
+                        Ok(params) => {
+                            offered = Some(lease);
+                            Output::KvTransferParams(params)
+                        }
                         Err(error) => {
                             tracing::warn!(%error, "could not offer a prefill's blocks");
                             store.engine.release(lease).await;
@@ -317,9 +321,10 @@ impl KvStore {
                     },
                     other => other,
                 };
-                if tx.send(output.clone()).is_err() {
-                    if let Output::KvTransferParams(params) = output {
-                        store.release_own(&params).await;
+                if tx.send(output).is_err() {
+                    // The requester went away: nobody will pull the blocks.
+                    if let Some(lease) = offered {
+                        store.engine.release(lease).await;
                     }
                     return;
                 }
@@ -374,13 +379,6 @@ impl KvStore {
         Ok(serde_json::to_vec(&params)?)
     }
 
-    /// Frees a lease of this worker's own (its requester went away).
-    async fn release_own(&self, params: &[u8]) {
-        if let Ok(p) = serde_json::from_slice::<Params>(params) {
-            self.engine.release(p.lease).await;
-        }
-    }
-
     /// `ReleaseKv` from a decode worker.
     pub async fn release(&self, lease: u64) -> bool {
         self.engine.release(lease).await
@@ -407,10 +405,10 @@ impl KvStore {
                 None
             }
         };
-        request.remote_blocks = params
-            .as_ref()
-            .map_or(0, |p| u32::try_from(p.hashes.len()).unwrap_or(u32::MAX));
-        let tokens = request.token_ids.clone();
+        request.remote_blocks = params.as_ref().map_or(0, |p| {
+            let checked = p.hashes.len().min(p.tcp.blocks.len());
+            u32::try_from(checked).unwrap_or(u32::MAX)
+        });
         let mut rx = self.engine.submit(request)?;
         let mut taken = Vec::new();
         // Admission comes first (Scheduled), then the blocks to fill when there are any.
@@ -418,10 +416,7 @@ impl KvStore {
             match output {
                 Output::PullKv { id, first, slots } => {
                     let ok = match &params {
-                        Some(p) => {
-                            self.fill(&tokens, p, first as usize, &slots, &mut report)
-                                .await
-                        }
+                        Some(p) => self.fill(p, first as usize, &slots, &mut report).await,
                         None => false,
                     };
                     self.engine.transfer_done(id, ok);
@@ -477,7 +472,6 @@ impl KvStore {
     /// Reads blocks `first..first + slots.len()` of the prompt into `slots` and checks them.
     async fn fill(
         &self,
-        tokens: &[u32],
         params: &Params,
         first: usize,
         slots: &[u32],
@@ -520,11 +514,8 @@ impl KvStore {
             report.error = format!("reading the blocks failed: {error}");
             return false;
         };
-        let bs = params.block_size as usize;
-        let hashes: Vec<u64> = dynamo_kv::block_hashes(&tokens[..range.end * bs], bs)[range]
-            .iter()
-            .map(|h| h.sequence)
-            .collect();
+        // `check` found these equal to this prompt's own hashes.
+        let hashes = params.hashes[range].to_vec();
         let (pool, content, layers) = (
             self.pool.clone(),
             self.content.clone(),
