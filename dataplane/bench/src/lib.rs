@@ -1,8 +1,13 @@
 //! `dynamo bench`: an open-loop load generator for any OpenAI-compatible endpoint (ours,
-//! Dynamo's, vLLM's). It replays a Mooncake trace, or a synthetic multi-turn workload in the same
-//! shape, firing each request at its (scaled) arrival time, and records per request the schedule
-//! lag, TTFT, inter-token latencies, end-to-end latency and the server's token usage. The result
-//! is a table on stdout, `OUT/LABEL.json` and a TTFT CDF in `OUT/LABEL.png`.
+//! Dynamo's, vLLM's). It replays a Mooncake trace, an Azure LLM inference trace, or a synthetic
+//! multi-turn workload, firing each request at its (scaled) arrival time, and records per request
+//! the schedule lag, TTFT, inter-token latencies, end-to-end latency and the server's token usage.
+//! The result is a table on stdout, `OUT/LABEL.json` and a TTFT CDF in `OUT/LABEL.png`.
+//!
+//! With `--sla-ttft-ms` and `--sla-itl-ms` (in trace time) each request is judged against the
+//! targets, and while it runs bench reads the server's `/metrics` for the GPUs of its live workers
+//! (`dynamo_frontend_worker_gpus`), so the run reports SLA attainment, GPU-seconds and scaling
+//! actions, and draws load, GPUs and attainment over time in `OUT/LABEL-timeline.png`.
 //!
 //! Prompts are built from the trace's `hash_ids` ([`workload::PromptTokens`]): with
 //! `--endpoint completions` the prompt is sent as token ids, so requests share exactly the prefix
@@ -12,6 +17,7 @@
 //!
 //! It does not judge the server: it only measures. Server errors are counted, never fatal.
 
+pub mod gpus;
 pub mod png;
 pub mod report;
 pub mod sse;
@@ -40,7 +46,8 @@ pub struct BenchArgs {
     /// Hugging Face model directory whose tokenizer builds the prompts (default: built-in tiny).
     #[arg(long, env = "DYN_MODEL_PATH")]
     pub model_path: Option<PathBuf>,
-    /// Mooncake JSONL trace to replay.
+    /// Trace to replay: Mooncake JSONL, or Azure LLM inference CSV
+    /// (`TIMESTAMP,ContextTokens,GeneratedTokens`, recognised by its header).
     #[arg(
         long,
         env = "DYN_BENCH_TRACE",
@@ -103,6 +110,21 @@ pub struct BenchArgs {
     /// Send nothing: draw the table and the chart (OUT/LABEL.png) of the `--compare` files only.
     #[arg(long, requires = "compare")]
     pub report_only: bool,
+    /// TTFT target in trace-time milliseconds; compared with wall-clock TTFT x `--time-scale`
+    /// (a server started with `--speedup-ratio` equal to the time scale runs that much faster).
+    #[arg(long, env = "DYN_BENCH_SLA_TTFT_MS", requires = "sla_itl_ms")]
+    pub sla_ttft_ms: Option<f64>,
+    /// Inter-token latency target in trace-time milliseconds, met by a request whose mean gap
+    /// between tokens is at most this (requests with fewer than two output tokens are judged on
+    /// TTFT alone).
+    #[arg(long, env = "DYN_BENCH_SLA_ITL_MS", requires = "sla_ttft_ms")]
+    pub sla_itl_ms: Option<f64>,
+    /// How often to read the server's `/metrics` for its live workers' GPUs (wall time).
+    #[arg(long, env = "DYN_BENCH_METRICS_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub metrics_interval: Duration,
+    /// Width of one point of the timeline chart, in trace time.
+    #[arg(long, env = "DYN_BENCH_WINDOW", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub window: Duration,
 }
 
 /// The OpenAI endpoint to send to.
@@ -215,13 +237,47 @@ pub async fn run(args: &BenchArgs, model: &Model) -> Result<Outcome, BenchError>
     }
     let compared = read_compared(&args.compare)?;
 
-    let records = replay(args, model, &lines).await?;
+    let client = reqwest::Client::builder()
+        .timeout(args.timeout)
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(usize::MAX)
+        .build()
+        .map_err(BenchError::Client)?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let start = Instant::now();
+    let sampler = tokio::spawn(gpus::sample(
+        client.clone(),
+        format!("{}/metrics", args.url.trim_end_matches('/')),
+        args.metrics_interval,
+        start,
+        stop.clone(),
+    ));
+    let records = replay(args, &client, model, &lines, start).await;
+    stop.cancel();
+    let samples = sampler.await.unwrap_or_default();
+    let mut records = records?;
     let oracle = workload::oracle_hit_rate(&lines);
+    let mut summary = Summary::new(&records, oracle);
+    let scale = if args.time_scale > 0.0 { args.time_scale } else { 1.0 };
+    if let (Some(ttft), Some(itl)) = (args.sla_ttft_ms, args.sla_itl_ms) {
+        let wall = report::WallSla {
+            ttft_ms: ttft / scale,
+            itl_ms: itl / scale,
+        };
+        let a = report::judge_all(&mut records, &wall);
+        summary.sla_attainment = Some(a.both);
+        summary.sla_ttft_attainment = Some(a.ttft);
+        summary.sla_itl_attainment = Some(a.itl);
+    }
+    let end_ms = summary.duration_s * 1000.0;
+    summary.gpu_seconds = gpus::integrate(&samples, end_ms).map(|s| s * scale);
+    summary.scaling_actions = gpus::changes(&samples);
     let mut report = Report {
         label: args.label.clone(),
         config: config_json(args, model),
-        summary: Summary::new(&records, oracle),
+        summary,
         records,
+        gpu_samples: samples,
     };
 
     let (table, png, legend) = {
@@ -245,6 +301,16 @@ pub async fn run(args: &BenchArgs, model: &Model) -> Result<Outcome, BenchError>
         path: args.out.clone(),
         source,
     })?;
+    if report.summary.gpu_seconds.is_some() || report.summary.sla_attainment.is_some() {
+        let (png, legend) = gpus::timeline(&report, scale, args.window.as_secs_f64());
+        write(args.out.join(format!("{}-timeline.png", args.label)), &png)?;
+        if let serde_json::Value::Object(map) = &mut report.config {
+            map.insert(
+                "timeline_chart".into(),
+                serde_json::to_value(&legend).unwrap_or_default(),
+            );
+        }
+    }
     let json = serde_json::to_vec_pretty(&report).unwrap_or_default();
     let json_path = write(args.out.join(format!("{}.json", args.label)), &json)?;
     let png_path = write(args.out.join(format!("{}.png", args.label)), &png)?;
@@ -311,6 +377,8 @@ fn config_json(args: &BenchArgs, model: &Model) -> serde_json::Value {
         "endpoint": args.endpoint,
         "timeout_s": args.timeout.as_secs_f64(),
         "concurrency_limit": args.concurrency_limit,
+        "sla_ttft_ms": args.sla_ttft_ms,
+        "sla_itl_ms": args.sla_itl_ms,
     })
 }
 
@@ -320,15 +388,11 @@ fn config_json(args: &BenchArgs, model: &Model) -> serde_json::Value {
 /// The next request's body is built while waiting for its time; being late is recorded as lag.
 async fn replay(
     args: &BenchArgs,
+    client: &reqwest::Client,
     model: &Model,
     lines: &[TraceLine],
+    start: Instant,
 ) -> Result<Vec<RequestRecord>, BenchError> {
-    let client = reqwest::Client::builder()
-        .timeout(args.timeout)
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(usize::MAX)
-        .build()
-        .map_err(BenchError::Client)?;
     let card = model.card();
     let tokens = PromptTokens::new(card.vocab_size, &card.special_token_ids, args.block_tokens);
     let model_name = args.model.clone().unwrap_or_else(|| card.name.clone());
@@ -343,7 +407,6 @@ async fn replay(
         .map(|n| Arc::new(Semaphore::new(n.max(1))));
     let due = workload::schedule(lines, args.time_scale);
 
-    let start = Instant::now();
     let mut tasks = Vec::with_capacity(lines.len());
     for (index, (line, at)) in lines.iter().zip(due).enumerate() {
         let max_tokens = args

@@ -77,6 +77,69 @@ pub fn ttft_cdf(runs: &[(String, Vec<f64>)]) -> (Vec<u8>, Legend) {
     (img.png(), legend)
 }
 
+/// What the timeline chart shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimelineLegend {
+    pub title: &'static str,
+    /// The x axis spans 0..x_max_s (trace seconds); vertical grid lines every tenth of it.
+    pub x_max_s: f64,
+    /// Panels top to bottom: `(name, y_max, colour)`; each y axis spans 0..y_max with grid lines
+    /// every quarter.
+    pub panels: Vec<(String, f64, &'static str)>,
+}
+
+/// Draws stacked panels sharing the x axis, one step line of `(x, y)` points each. A panel's
+/// y range is `0..y_max` when given, else `0..` 1.1 x its largest value.
+pub fn timeline(panels: &[(String, Option<f64>, Vec<(f64, f64)>)]) -> (Vec<u8>, TimelineLegend) {
+    let x_max = panels
+        .iter()
+        .flat_map(|(_, _, p)| p.iter().map(|(x, _)| *x))
+        .fold(0.0, f64::max)
+        .max(1e-3);
+    let mut img = Canvas::new();
+    let n = panels.len().max(1);
+    let band = (H - MARGIN) / n;
+    let mut legend = Vec::new();
+    for (k, (name, fixed, points)) in panels.iter().enumerate() {
+        let (colour, cname) = PALETTE[k % PALETTE.len()];
+        let y_max = fixed.unwrap_or_else(|| points.iter().map(|(_, y)| *y).fold(0.0, f64::max) * 1.1);
+        let y_max = if y_max > 0.0 { y_max } else { 1.0 };
+        legend.push((name.clone(), y_max, cname));
+        let (x0, x1) = (MARGIN, W - MARGIN / 2);
+        let (y1, y0) = (MARGIN / 2 + k * band, (k + 1) * band);
+        for i in 0..=10 {
+            let x = x0 + (x1 - x0) * i / 10;
+            img.line(x, y0, x, y1, [225, 225, 225], 1);
+        }
+        for i in 0..=4 {
+            let y = y0 - (y0 - y1) * i / 4;
+            img.line(x0, y, x1, y, [225, 225, 225], 1);
+        }
+        img.line(x0, y0, x1, y0, [0, 0, 0], 2);
+        img.line(x0, y0, x0, y1, [0, 0, 0], 2);
+        let to_px = |x: f64, y: f64| {
+            let px = x0 as f64 + (x / x_max).clamp(0.0, 1.0) * (x1 - x0) as f64;
+            let py = y0 as f64 - (y / y_max).clamp(0.0, 1.0) * (y0 - y1) as f64;
+            (px.round() as usize, py.round() as usize)
+        };
+        let mut prev: Option<(usize, usize)> = None;
+        for &(x, y) in points {
+            let here = to_px(x, y);
+            if let Some(p) = prev {
+                img.line(p.0, p.1, here.0, p.1, colour, 2);
+                img.line(here.0, p.1, here.0, here.1, colour, 2);
+            }
+            prev = Some(here);
+        }
+    }
+    let legend = TimelineLegend {
+        title: "over trace time: one panel per series",
+        x_max_s: x_max,
+        panels: legend,
+    };
+    (img.png(), legend)
+}
+
 struct Canvas {
     rgb: Vec<u8>,
 }
@@ -173,6 +236,18 @@ fn crc32(data: &[u8]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeline_has_one_panel_per_series() {
+        let (png, legend) = timeline(&[
+            ("load".into(), None, vec![(0.0, 1.0), (60.0, 4.0)]),
+            ("attainment".into(), Some(1.0), vec![(0.0, 1.0), (60.0, 0.5)]),
+        ]);
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        assert_eq!(legend.panels.len(), 2);
+        assert!((legend.panels[0].1 - 4.4).abs() < 1e-9);
+        assert_eq!(legend.x_max_s, 60.0);
+    }
 
     #[test]
     fn crc32_matches_the_standard_check_value() {

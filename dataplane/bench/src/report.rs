@@ -33,11 +33,70 @@ pub struct RequestRecord {
     pub cached_tokens: u32,
     /// Chunks that carried text.
     pub text_chunks: u32,
+    /// Whether it met the run's SLA (both targets), when the run has one. A failed request does
+    /// not; a request with fewer than two output tokens is judged on its TTFT alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_met: Option<bool>,
 }
 
 impl RequestRecord {
     pub fn ok(&self) -> bool {
         self.error.is_none() && self.status == Some(200)
+    }
+
+    /// Mean gap between this request's tokens (its ITL for the SLA), when it had two or more.
+    pub fn mean_itl_ms(&self) -> Option<f64> {
+        (!self.itl_ms.is_empty() && self.completion_tokens.max(self.text_chunks) >= 2)
+            .then(|| self.itl_ms.iter().sum::<f64>() / self.itl_ms.len() as f64)
+    }
+
+    /// Judges this request against wall-clock targets: `(ttft met, itl met)`; ITL is met
+    /// trivially by a request with fewer than two output tokens.
+    pub fn judge(&self, sla: &WallSla) -> (bool, bool) {
+        if !self.ok() {
+            return (false, false);
+        }
+        let ttft = self.ttft_ms.is_some_and(|t| t <= sla.ttft_ms);
+        let itl = self.mean_itl_ms().is_none_or(|i| i <= sla.itl_ms);
+        (ttft, itl)
+    }
+}
+
+/// SLA targets in wall-clock milliseconds (the trace-time targets divided by the time scale).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct WallSla {
+    pub ttft_ms: f64,
+    pub itl_ms: f64,
+}
+
+/// SLA figures of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Attainment {
+    /// Share of all requests that met both targets.
+    pub both: f64,
+    pub ttft: f64,
+    /// Among requests with at least two output tokens.
+    pub itl: f64,
+}
+
+/// Marks each record's `sla_met` and returns the run's attainment.
+pub fn judge_all(records: &mut [RequestRecord], sla: &WallSla) -> Attainment {
+    let (mut both, mut ttft, mut itl, mut itl_n) = (0usize, 0usize, 0usize, 0usize);
+    for r in records.iter_mut() {
+        let (t, i) = r.judge(sla);
+        r.sla_met = Some(t && i);
+        both += usize::from(t && i);
+        ttft += usize::from(t);
+        if !r.ok() || r.mean_itl_ms().is_some() {
+            itl_n += 1;
+            itl += usize::from(r.ok() && i);
+        }
+    }
+    let share = |k: usize, n: usize| if n == 0 { 1.0 } else { k as f64 / n as f64 };
+    Attainment {
+        both: share(both, records.len()),
+        ttft: share(ttft, records.len()),
+        itl: share(itl, itl_n),
     }
 }
 
@@ -67,6 +126,21 @@ pub struct Summary {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
     pub cached_tokens: u64,
+    /// Share of requests that met both SLA targets (`--sla-ttft-ms`, `--sla-itl-ms`); absent without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_attainment: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_ttft_attainment: Option<f64>,
+    /// Among requests with at least two output tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_itl_attainment: Option<f64>,
+    /// GPUs of the live workers (the frontend's `dynamo_frontend_worker_gpus`) integrated over the
+    /// run, in wall seconds x the time scale (trace seconds); absent when the server reports none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_seconds: Option<f64>,
+    /// Changes of that GPU count during the run (scaling actions as the frontend saw them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling_actions: Option<u32>,
 }
 
 /// The nearest-rank percentile `p` (0..=100) of `sorted` (ascending); 0 for an empty slice.
@@ -135,6 +209,7 @@ impl Summary {
             prompt_tokens,
             completion_tokens,
             cached_tokens,
+            ..Summary::default()
         }
     }
 }
@@ -146,6 +221,9 @@ pub struct Report {
     pub config: serde_json::Value,
     pub summary: Summary,
     pub records: Vec<RequestRecord>,
+    /// `(wall ms from the start, GPUs of live workers)` as read from the server's `/metrics`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpu_samples: Vec<(f64, f64)>,
 }
 
 impl Report {
@@ -182,6 +260,9 @@ pub fn table(runs: &[&Report]) -> String {
         ("oracle hit rate", |s| s.oracle_hit_rate, 3),
         ("hit / oracle", |s| s.hit_of_oracle, 3),
         ("schedule lag p99 ms", |s| s.lag_p99_ms, 1),
+        ("SLA attainment", |s| s.sla_attainment.unwrap_or(f64::NAN), 4),
+        ("GPU-seconds", |s| s.gpu_seconds.unwrap_or(f64::NAN), 0),
+        ("scaling actions", |s| s.scaling_actions.map_or(f64::NAN, f64::from), 0),
     ];
     let width = runs
         .iter()
@@ -219,7 +300,7 @@ pub fn table(runs: &[&Report]) -> String {
             let base = get(&runs[0].summary);
             for r in &runs[1..] {
                 let v = get(&r.summary);
-                if base != 0.0 {
+                if base != 0.0 && base.is_finite() && v.is_finite() {
                     let _ = write!(out, "{:>width$.2}", v / base);
                 } else {
                     let _ = write!(out, "{:>width$}", "-");
@@ -248,6 +329,43 @@ mod tests {
         assert_eq!(percentile(&v, 0.0), 1.0);
         assert_eq!(percentile(&[7.0], 90.0), 7.0);
         assert_eq!(percentile(&[], 50.0), 0.0);
+    }
+
+    #[test]
+    fn sla_judges_ttft_and_mean_itl_and_skips_itl_of_one_token_answers() {
+        let sla = WallSla {
+            ttft_ms: 100.0,
+            itl_ms: 10.0,
+        };
+        let ok = |ttft: f64, itl: Vec<f64>, tokens: u32| RequestRecord {
+            status: Some(200),
+            ttft_ms: Some(ttft),
+            text_chunks: tokens,
+            completion_tokens: tokens,
+            itl_ms: itl,
+            ..RequestRecord::default()
+        };
+        let mut records = vec![
+            ok(50.0, vec![5.0, 14.0], 3),  // mean ITL 9.5: met
+            ok(150.0, vec![5.0], 2),       // TTFT missed
+            ok(50.0, vec![12.0, 12.0], 3), // ITL missed
+            ok(90.0, vec![], 1),           // one token: TTFT only
+            RequestRecord {
+                status: Some(500),
+                error: Some("x".into()),
+                ..RequestRecord::default()
+            },
+        ];
+        let a = judge_all(&mut records, &sla);
+        let met: Vec<Option<bool>> = records.iter().map(|r| r.sla_met).collect();
+        assert_eq!(
+            met,
+            [Some(true), Some(false), Some(false), Some(true), Some(false)]
+        );
+        assert!((a.both - 0.4).abs() < 1e-12);
+        assert!((a.ttft - 0.6).abs() < 1e-12);
+        // ITL among the 4 with two or more tokens, or failed: 2 of 4.
+        assert!((a.itl - 0.5).abs() < 1e-12);
     }
 
     #[test]

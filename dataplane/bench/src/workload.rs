@@ -1,6 +1,6 @@
-//! What to send and when: Mooncake trace lines (or a synthetic multi-turn workload in the same
-//! shape), the deterministic prompt tokens behind each `hash_id`, and the oracle prefix-cache hit
-//! rate of a workload. Nothing here touches the network.
+//! What to send and when: Mooncake trace lines, Azure LLM inference trace rows (read into the same
+//! shape), or a synthetic multi-turn workload; the deterministic prompt tokens behind each
+//! `hash_id`; and the oracle prefix-cache hit rate of a workload. Nothing here touches the network.
 
 use std::{collections::HashSet, io::BufRead, path::Path, time::Duration};
 
@@ -42,9 +42,131 @@ pub fn parse_line(text: &str, line: usize, block_tokens: u32) -> Result<TraceLin
     Ok(t)
 }
 
-/// Reads up to `limit` lines of a Mooncake JSONL trace. Blank lines are skipped; any other
-/// malformed line is an error naming its line number.
+/// Reads up to `limit` requests of a trace: the Azure LLM inference CSV format when the file starts
+/// with its header (`TIMESTAMP,ContextTokens,GeneratedTokens`), a Mooncake JSONL trace otherwise.
+/// Blank lines are skipped; any other malformed line is an error naming its line number.
 pub fn read_trace(
+    path: &Path,
+    limit: Option<usize>,
+    block_tokens: u32,
+) -> Result<Vec<TraceLine>, BenchError> {
+    let io_err = |source| BenchError::ReadTrace {
+        path: path.to_owned(),
+        source,
+    };
+    let mut first = String::new();
+    std::io::BufReader::new(std::fs::File::open(path).map_err(io_err)?)
+        .read_line(&mut first)
+        .map_err(io_err)?;
+    if first.trim_start_matches('\u{feff}').starts_with(AZURE_HEADER) {
+        read_azure(path, limit, block_tokens)
+    } else {
+        read_mooncake(path, limit, block_tokens)
+    }
+}
+
+/// The header line of the Azure LLM inference traces (2023 and 2024 releases).
+pub const AZURE_HEADER: &str = "TIMESTAMP,ContextTokens,GeneratedTokens";
+
+/// Reads an Azure LLM inference trace: `TIMESTAMP,ContextTokens,GeneratedTokens` rows with times
+/// such as `2023-11-16 18:15:46.6805900`. The traces carry no prompt content, so each request gets
+/// prompt blocks of its own (no prefix is shared); timestamps become milliseconds from the first.
+pub fn read_azure(
+    path: &Path,
+    limit: Option<usize>,
+    block_tokens: u32,
+) -> Result<Vec<TraceLine>, BenchError> {
+    let io_err = |source| BenchError::ReadTrace {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    let mut out = Vec::new();
+    let mut origin = None;
+    for (i, text) in std::io::BufReader::new(file).lines().enumerate().skip(1) {
+        if limit.is_some_and(|l| out.len() >= l) {
+            break;
+        }
+        let text = text.map_err(io_err)?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let line = i + 1;
+        let (ms, input_length, output_length) = parse_azure_row(&text)
+            .map_err(|reason| BenchError::InvalidTraceLine { line, reason })?;
+        let t0 = *origin.get_or_insert(ms);
+        if ms < t0 {
+            return Err(BenchError::InvalidTraceLine {
+                line,
+                reason: "timestamp earlier than the first row's (rows must be in time order)".into(),
+            });
+        }
+        let blocks = input_length.div_ceil(block_tokens.max(1)).max(1);
+        // Ids above 2^41 keep clear of Mooncake ids and of the synthetic workload's.
+        let base = (1u64 << 41) + ((out.len() as u64) << 16);
+        out.push(TraceLine {
+            timestamp: (ms - t0) as u64,
+            input_length,
+            output_length,
+            hash_ids: (0..u64::from(blocks)).map(|b| base + b).collect(),
+        });
+    }
+    Ok(out)
+}
+
+/// `(milliseconds since 1970, context tokens, generated tokens)` of one Azure row.
+fn parse_azure_row(text: &str) -> Result<(i64, u32, u32), String> {
+    let mut cols = text.trim().split(',');
+    let (Some(ts), Some(ctx), Some(gen_), None) = (cols.next(), cols.next(), cols.next(), cols.next())
+    else {
+        return Err(format!(
+            "expected 3 columns ({AZURE_HEADER}), found {:?}",
+            text.trim()
+        ));
+    };
+    let ms = parse_timestamp(ts.trim())
+        .ok_or_else(|| format!("{ts:?} is not a time like 2023-11-16 18:15:46.6805900"))?;
+    let count = |what: &str, v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|e| format!("{what} {v:?} is not a token count: {e}"))
+    };
+    let input = count("ContextTokens", ctx)?;
+    if input == 0 {
+        return Err("ContextTokens is 0; a request needs a prompt".into());
+    }
+    Ok((ms, input, count("GeneratedTokens", gen_)?))
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.fraction]` (a `T` also separates) as milliseconds since 1970 (UTC).
+fn parse_timestamp(s: &str) -> Option<i64> {
+    let (date, time) = s.split_once([' ', 'T'])?;
+    let mut d = date.split('-').map(|p| p.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.split(':').map(|p| p.parse::<i64>().ok());
+    let (h, min, sec) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || h > 23 || min > 59 || sec > 60 {
+        return None;
+    }
+    let frac_ms = if frac.is_empty() {
+        0
+    } else {
+        let digits: String = frac.chars().chain("000".chars()).take(3).collect();
+        digits.parse::<i64>().ok()?
+    };
+    // Days from 1970-01-01 to the civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(((days * 24 + h) * 60 + min) * 60_000 + sec * 1000 + frac_ms)
+}
+
+/// Reads up to `limit` lines of a Mooncake JSONL trace.
+fn read_mooncake(
     path: &Path,
     limit: Option<usize>,
     block_tokens: u32,
@@ -257,6 +379,54 @@ mod tests {
         assert_eq!(p.prompt(&a), pa, "deterministic");
         let joined: Vec<u32> = p.blocks(&a).flatten().collect();
         assert_eq!(joined, pa);
+    }
+
+    #[test]
+    fn azure_rows_become_requests_with_prompts_of_their_own() {
+        let dir = std::env::temp_dir().join(format!("azure-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("t.csv");
+        std::fs::write(
+            &path,
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n\
+             2023-11-16 23:59:59.5000000,374,44\n\
+             2023-11-17 00:00:01.2224670,879,55\n\n",
+        )
+        .expect("write");
+        let lines = read_trace(&path, None, 512).expect("valid trace");
+        assert_eq!(lines.len(), 2);
+        assert_eq!((lines[0].timestamp, lines[1].timestamp), (0, 1722));
+        assert_eq!((lines[1].input_length, lines[1].output_length), (879, 55));
+        assert_eq!(lines[1].hash_ids.len(), 2);
+        assert_eq!(oracle_hit_rate(&lines), 0.0, "no shared prefix");
+
+        std::fs::write(
+            &path,
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,374\n",
+        )
+        .expect("write");
+        let e = read_trace(&path, None, 512).expect_err("two columns");
+        assert!(e.to_string().contains("line 2") && e.to_string().contains("3 columns"), "{e}");
+        std::fs::write(
+            &path,
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n16/11/2023 18:15,374,4\n",
+        )
+        .expect("write");
+        let e = read_trace(&path, None, 512).expect_err("bad time");
+        assert!(e.to_string().contains("is not a time"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_shared_azure_trace_is_read_whole() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/traces/azure_conv_2023.csv");
+        if !path.exists() {
+            return;
+        }
+        let lines = read_trace(&path, None, 64).expect("valid trace");
+        assert_eq!(lines.len(), 19_366);
+        let last = lines.last().expect("rows").timestamp;
+        assert!((3_500_000..3_600_000).contains(&last), "{last} ms");
     }
 
     #[test]
