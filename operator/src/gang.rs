@@ -236,6 +236,16 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
         });
     }
     let role = svc.role();
+    let gpus = svc.gpus_per_pod() * u32::try_from(svc.node_count()).unwrap_or(1);
+    if matches!(role, "worker" | "prefill" | "decode") && gpus > 0 {
+        // What the worker reports to the frontend (its GPU gauge, which the planner reads): the
+        // gang's GPUs, since one sidecar serves the gang.
+        put(EnvVar {
+            name: "DYN_GPUS".into(),
+            value: Some(gpus.to_string()),
+            value_from: None,
+        });
+    }
     if matches!(role, "prefill" | "decode") {
         // Disaggregation: the sidecar's role (its own --role wins), the graph's KV transfer
         // secret, the address peers pull blocks from, and a fixed transfer port.
@@ -612,6 +622,7 @@ spec:
         }
         let fe = pod(&g, "Frontend", 0, 0);
         assert_eq!(env(&fe, "DYN_ROLE"), None);
+        assert_eq!(env(&fe, "DYN_GPUS"), None);
         assert_eq!(env(&fe, "DYN_KV_TRANSFER_SECRET"), None);
     }
 
@@ -722,6 +733,8 @@ spec:
         assert_eq!(labels[LABEL_COMPONENT], "worker");
         assert_eq!(env(&p, "DYN_RANK").as_deref(), Some("1"));
         assert_eq!(env(&p, "DYN_WORLD_SIZE").as_deref(), Some("2"));
+        // The gang's GPUs (8 per pod, 2 pods), reported by its sidecar to the frontend.
+        assert_eq!(env(&p, "DYN_GPUS").as_deref(), Some("16"));
         assert_eq!(
             env(&p, "DYN_LEADER_ADDR").as_deref(),
             Some("llm-decode-1-0.llm-decode-pods.team.svc")

@@ -228,6 +228,11 @@ pub struct MockerArgs {
         default_value_t = 1.0
     )]
     pub speedup_ratio: f64,
+    /// Multiplies every step time of the engine's timing model (Dynamo's mocker coefficients, an
+    /// 8B-class model on one H100): 8 models an engine eight times slower, such as a much larger
+    /// model. Unlike `--speedup-ratio`, this is the engine's own speed, not a time compression.
+    #[arg(long, env = "DYN_TIMING_SCALE", default_value_t = 1.0)]
+    pub timing_scale: f64,
     /// Without ignore_eos, a request ends after this many tokens on average (0: only at max_tokens).
     #[arg(long, env = "DYN_MEAN_OUTPUT_TOKENS", default_value_t = 128)]
     pub mean_output_tokens: u32,
@@ -268,6 +273,11 @@ pub struct SidecarArgs {
     /// Topic of the vLLM KV event stream.
     #[arg(long, env = "DYN_VLLM_KV_EVENTS_TOPIC", default_value = "")]
     pub vllm_kv_events_topic: String,
+    /// GPUs this worker occupies, reported to the frontend (its `dynamo_frontend_worker_gpus`
+    /// gauge, which planners and `dynamo bench` count). The operator sets it from the pod's
+    /// `nvidia.com/gpu` limit.
+    #[arg(long, env = "DYN_GPUS", default_value_t = 1)]
+    pub gpus: u32,
     /// What this worker does in a disaggregated graph: prefill workers compute prompts' KV and
     /// hold it, decode workers pull it and generate.
     #[arg(long, env = "DYN_ROLE", value_enum, default_value = "aggregated")]
@@ -351,6 +361,11 @@ pub struct ServeArgs {
 impl MockerArgs {
     pub fn to_config(&self, model: &Model) -> anyhow::Result<MockerConfig> {
         let card = model.card();
+        anyhow::ensure!(
+            self.timing_scale > 0.0 && self.timing_scale.is_finite(),
+            "--timing-scale must be a positive number (got {})",
+            self.timing_scale
+        );
         let config = MockerConfig {
             num_gpu_blocks: self.num_gpu_blocks,
             block_size: self.block_size,
@@ -365,7 +380,7 @@ impl MockerArgs {
             special_token_ids: card.special_token_ids.clone(),
             mean_output_tokens: self.mean_output_tokens,
             seed: self.seed,
-            timing: TimingModel::default(),
+            timing: TimingModel::default().scaled(self.timing_scale),
             prefill_hold: self.prefill_hold,
         };
         config.validate().context("invalid mocker settings")?;

@@ -155,6 +155,7 @@ pub async fn sidecar(args: SidecarArgs) -> anyhow::Result<()> {
         }),
         role: args.role,
         kv_store: kv_store_config(&args, mocker_block_size)?,
+        gpus: args.gpus,
     };
     let sc = Sidecar::start(config).await?;
     tracing::info!(addr = %sc.addr, worker_id, instance = %format!("{:016x}", sc.instance_id), engine = args.engine.as_str(), "sidecar listening");

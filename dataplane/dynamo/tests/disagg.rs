@@ -57,6 +57,7 @@ async fn start_shaped(model: &Model, name: &str, role: Role, shm: bool, geometry
         vllm: None,
         role,
         kv_store,
+        gpus: 1,
     })
     .await
     .expect("sidecar starts")

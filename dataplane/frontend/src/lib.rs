@@ -369,6 +369,7 @@ async fn metrics(State(s): State<Arc<AppState>>) -> Response {
     if let Some(kv) = s.pool.kv() {
         kv.refresh_metrics();
     }
+    s.metrics.set_fleet(&s.pool.fleet());
     (
         [(
             header::CONTENT_TYPE,

@@ -43,6 +43,20 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RoleLabel {
+    pub role: &'static str,
+}
+
+/// The fleet as the frontend sees it, per role, at one scrape.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetView {
+    pub workers: i64,
+    pub gpus: i64,
+    pub inflight: i64,
+    pub pending_prefill_tokens: i64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabel {
     pub transport: String,
 }
@@ -72,6 +86,11 @@ pub struct FrontendMetrics {
     transfer_seconds: Family<TransportLabel, Histogram, fn() -> Histogram>,
     /// Time of the prefill leg (pick, queue, compute, parameters back).
     pub prefill_leg: Histogram,
+    /// The live fleet by role (`aggregated`, `prefill`, `decode`), set at each scrape.
+    fleet_workers: Family<RoleLabel, Gauge>,
+    fleet_gpus: Family<RoleLabel, Gauge>,
+    fleet_inflight: Family<RoleLabel, Gauge>,
+    fleet_pending_prefill: Family<RoleLabel, Gauge>,
 }
 
 fn exp(start: f64, factor: f64, n: u16) -> impl Iterator<Item = f64> {
@@ -177,6 +196,24 @@ impl FrontendMetrics {
             || Histogram::new(exp(0.001, 2.0, 17)),
         );
         let inflight = inflight.get_or_create(&label).clone();
+        let mut fleet = |name: &str, help: &str| {
+            let fam = Family::<RoleLabel, Gauge>::default();
+            registry.register(name, help, fam.clone());
+            fam
+        };
+        let fleet_workers = fleet("live_workers", "Workers the frontend routes to, by role");
+        let fleet_gpus = fleet(
+            "worker_gpus",
+            "GPUs of the workers the frontend routes to, by role (what a fleet costs)",
+        );
+        let fleet_inflight = fleet(
+            "worker_inflight_requests",
+            "Requests the frontend has in flight on its workers, by role",
+        );
+        let fleet_pending_prefill = fleet(
+            "worker_pending_prefill_tokens",
+            "Prompt tokens routed to workers and not yet prefilled, by role (queued prefill)",
+        );
         FrontendMetrics {
             registry: root,
             requests,
@@ -196,6 +233,24 @@ impl FrontendMetrics {
             transfer_blocks,
             transfer_seconds,
             prefill_leg,
+            fleet_workers,
+            fleet_gpus,
+            fleet_inflight,
+            fleet_pending_prefill,
+        }
+    }
+
+    /// Sets the fleet gauges: one entry per role the graph has had (a role with no live worker
+    /// left reads 0).
+    pub fn set_fleet(&self, roles: &[(&'static str, FleetView)]) {
+        for (role, v) in roles {
+            let l = RoleLabel { role };
+            self.fleet_workers.get_or_create(&l).set(v.workers);
+            self.fleet_gpus.get_or_create(&l).set(v.gpus);
+            self.fleet_inflight.get_or_create(&l).set(v.inflight);
+            self.fleet_pending_prefill
+                .get_or_create(&l)
+                .set(v.pending_prefill_tokens);
         }
     }
 

@@ -237,6 +237,29 @@ impl WorkerPool {
         Some((min, loads.iter().sum()))
     }
 
+    /// The live fleet per role, for the fleet gauges: every role always listed, so a role whose
+    /// last worker left reads 0 rather than its last value.
+    pub fn fleet(&self) -> [(&'static str, crate::metrics::FleetView); 3] {
+        use proto::WorkerRole as R;
+        let mut out = [
+            ("aggregated", Default::default()),
+            ("prefill", Default::default()),
+            ("decode", Default::default()),
+        ];
+        for m in self.members().iter() {
+            let v: &mut crate::metrics::FleetView = match m.role {
+                R::Prefill => &mut out[1].1,
+                R::Decode => &mut out[2].1,
+                _ => &mut out[0].1,
+            };
+            v.workers += 1;
+            v.gpus += i64::from(m.info.gpus.max(1));
+            v.inflight += i64::from(m.inflight());
+            v.pending_prefill_tokens += i64::try_from(self.pending_prefill(m)).unwrap_or(i64::MAX);
+        }
+        out
+    }
+
     /// Every candidate with its status, sorted by URL.
     pub fn candidates(&self) -> Vec<CandidateView> {
         let members = self.members();

@@ -35,6 +35,15 @@ impl Default for TimingModel {
 // === impl TimingModel ===
 
 impl TimingModel {
+    /// This model with every step time multiplied by `factor` (a slower or faster engine).
+    pub fn scaled(self, factor: f64) -> TimingModel {
+        let m = |[a, b, c]: [f64; 3]| [a * factor, b * factor, c * factor];
+        TimingModel {
+            prefill: m(self.prefill),
+            decode: m(self.decode),
+        }
+    }
+
     /// Milliseconds to prefill `tokens` uncached prompt tokens in one step; 0 for no tokens.
     pub fn prefill_ms(&self, tokens: usize) -> f64 {
         if tokens == 0 {

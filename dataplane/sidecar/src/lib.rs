@@ -67,6 +67,8 @@ pub struct SidecarConfig {
     pub role: Role,
     /// The built-in engine's KV blocks as bytes, served to and pulled from peers (disaggregation).
     pub kv_store: Option<KvStoreConfig>,
+    /// GPUs this worker occupies, as reported in `Info` (what a planner counts).
+    pub gpus: u32,
 }
 
 /// A running sidecar: its address and the handles to stop it.
@@ -163,6 +165,7 @@ impl Sidecar {
             draining: draining.clone(),
             role: config.role,
             kv: kv_store.clone(),
+            gpus: config.gpus,
         };
         let metrics = Arc::new(WorkerMetrics::new(
             &config.worker_id,
@@ -239,6 +242,7 @@ struct WorkerService {
     requests: Counter,
     role: Role,
     kv: Option<Arc<KvStore>>,
+    gpus: u32,
 }
 
 fn submit_status(error: SubmitError) -> Status {
@@ -343,6 +347,7 @@ impl proto::worker_server::Worker for WorkerService {
                 .map_or(self.context_length, |c| c.min(self.context_length)),
             instance_id: self.events.instance(),
             role: self.role.to_proto() as i32,
+            gpus: self.gpus,
         }))
     }
 

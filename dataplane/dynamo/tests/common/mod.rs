@@ -43,6 +43,7 @@ pub async fn start_sidecar_with(
         vllm: None,
         role: dynamo_sidecar::disagg::Role::Aggregated,
         kv_store: None,
+        gpus: 1,
     })
     .await
     .expect("sidecar starts")
