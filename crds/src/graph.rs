@@ -324,6 +324,20 @@ pub struct PlannerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_replicas: Option<i32>,
+    /// Sizing algorithm: `sla` (dynamo-rs's, the default) or `dynamo` (NVIDIA Dynamo's
+    /// throughput-based planner, as a baseline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["sla", "dynamo"]))]
+    pub algorithm: Option<String>,
+    /// `active` (default) acts on its decisions; `advisory` decides and reports without scaling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["active", "advisory"]))]
+    pub mode: Option<String>,
+    /// The engine's performance profile, a `dynamo profile` JSON file (a path relative to the
+    /// manifest under `dynamo serve`). Without one, a worker on the built-in engine is described
+    /// by its own timing model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
 }
 
 // === status ===

@@ -186,6 +186,13 @@ pub struct FrontendArgs {
     /// Approximate kv mode: how long a routed prompt counts as cached on its worker.
     #[arg(long, env = "DYN_KV_APPROX_TTL", default_value = "120s", value_parser = humantime::parse_duration)]
     pub kv_approx_ttl: Duration,
+    /// Per-request TTFT target in milliseconds: each finished request is counted as meeting the
+    /// targets or not (`dynamo_frontend_sla_requests_total{met}`), for the SLA planner.
+    #[arg(long, env = "DYN_SLA_TTFT_MS", requires = "sla_itl_ms", value_parser = positive_ms)]
+    pub sla_ttft_ms: Option<f64>,
+    /// Per-request mean inter-token latency target in milliseconds.
+    #[arg(long, env = "DYN_SLA_ITL_MS", requires = "sla_ttft_ms", value_parser = positive_ms)]
+    pub sla_itl_ms: Option<f64>,
     /// Largest accepted request body; larger ones get 413.
     #[arg(long, env = "DYN_MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub max_body_bytes: usize,
@@ -310,6 +317,13 @@ pub struct SidecarArgs {
 }
 
 /// `1GiB`, `512MiB`, `64KiB`, or a plain byte count.
+fn positive_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("{s:?} is not a positive number of milliseconds")),
+    }
+}
+
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));

@@ -82,6 +82,13 @@ pub async fn frontend(args: FrontendArgs) -> anyhow::Result<()> {
             decode_busy_tokens: args.decode_busy_tokens,
             max_prefill_queue_tokens: args.max_prefill_queue_tokens,
         },
+        sla: match (args.sla_ttft_ms, args.sla_itl_ms) {
+            (Some(t), Some(i)) => Some(dynamo_frontend::SlaTargets {
+                ttft: Duration::from_secs_f64(t / 1000.0),
+                itl: Duration::from_secs_f64(i / 1000.0),
+            }),
+            _ => None,
+        },
     };
     let fe = Frontend::start(config, model.clone()).await?;
     // The discovery source runs beside the server; `serve` discovery ending (stdin closed) stops

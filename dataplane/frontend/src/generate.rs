@@ -111,6 +111,7 @@ impl AppState {
             completion_tokens: 0,
             started,
             last_token: None,
+            first_token: None,
             params,
             recorded: false,
             _inflight: inflight,
@@ -367,6 +368,7 @@ struct TokenRun {
     completion_tokens: u32,
     started: Instant,
     last_token: Option<Instant>,
+    first_token: Option<Instant>,
     params: GenParams,
     /// Whether the outcome is already in the metrics.
     recorded: bool,
@@ -396,6 +398,7 @@ impl TokenRun {
         let m = &self.state.metrics;
         match self.last_token {
             None => {
+                self.first_token = Some(now);
                 m.ttft
                     .observe(now.duration_since(self.started).as_secs_f64());
                 // Tokens that arrive together share the time since the previous message.
@@ -480,6 +483,19 @@ impl TokenRun {
         m.isl.observe(f64::from(self.prompt_tokens));
         m.osl.observe(f64::from(self.completion_tokens));
         m.cached.observe(f64::from(self.cached_tokens));
+        if let Some(sla) = self.state.sla {
+            let ttft_ok = self
+                .first_token
+                .is_some_and(|t| t.duration_since(self.started) <= sla.ttft);
+            // Mean gap between tokens; a request with fewer than two is judged on TTFT alone.
+            let itl_ok = match (self.first_token, self.last_token) {
+                (Some(first), Some(last)) if self.completion_tokens >= 2 => {
+                    last.duration_since(first) / (self.completion_tokens - 1) <= sla.itl
+                }
+                _ => true,
+            };
+            m.count_sla(ok && ttft_ok && itl_ok);
+        }
     }
 
     async fn unary(

@@ -74,6 +74,16 @@ pub struct FrontendConfig {
     pub worker_wait: Duration,
     /// When prompts go to the prefill pool (disaggregated graphs).
     pub disagg: DisaggConfig,
+    /// Per-request latency targets: each finished request is counted as meeting them or not
+    /// (`dynamo_frontend_sla_requests_total{met}`), which the SLA planner reads.
+    pub sla: Option<SlaTargets>,
+}
+
+/// Per-request TTFT and mean-ITL targets.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlaTargets {
+    pub ttft: Duration,
+    pub itl: Duration,
 }
 
 /// Shared per-process state of the frontend.
@@ -85,6 +95,7 @@ pub struct AppState {
     migration_limit: u32,
     worker_wait: Duration,
     disagg: DisaggConfig,
+    sla: Option<SlaTargets>,
     draining: CancellationToken,
     next_id: AtomicU64,
     id_salt: u64,
@@ -129,6 +140,7 @@ impl Frontend {
             migration_limit: config.migration_limit,
             worker_wait: config.worker_wait,
             disagg: config.disagg,
+            sla: config.sla,
             draining: CancellationToken::new(),
             next_id: AtomicU64::new(0),
             id_salt: rand::random(),

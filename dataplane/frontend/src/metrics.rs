@@ -91,6 +91,12 @@ pub struct FrontendMetrics {
     fleet_gpus: Family<RoleLabel, Gauge>,
     fleet_inflight: Family<RoleLabel, Gauge>,
     fleet_pending_prefill: Family<RoleLabel, Gauge>,
+    sla: Family<MetLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MetLabel {
+    pub met: &'static str,
 }
 
 fn exp(start: f64, factor: f64, n: u16) -> impl Iterator<Item = f64> {
@@ -214,7 +220,14 @@ impl FrontendMetrics {
             "worker_pending_prefill_tokens",
             "Prompt tokens routed to workers and not yet prefilled, by role (queued prefill)",
         );
+        let sla = Family::<MetLabel, Counter>::default();
+        registry.register(
+            "sla_requests",
+            "Finished requests by whether they met both SLA targets (--sla-ttft-ms, --sla-itl-ms; mean ITL)",
+            sla.clone(),
+        );
         FrontendMetrics {
+            sla,
             registry: root,
             requests,
             migrations,
@@ -238,6 +251,14 @@ impl FrontendMetrics {
             fleet_inflight,
             fleet_pending_prefill,
         }
+    }
+
+    pub fn count_sla(&self, met: bool) {
+        self.sla
+            .get_or_create(&MetLabel {
+                met: if met { "true" } else { "false" },
+            })
+            .inc();
     }
 
     /// Sets the fleet gauges: one entry per role the graph has had (a role with no live worker

@@ -67,5 +67,6 @@ pub fn frontend_config(
         migration_limit: 3,
         worker_wait: Duration::ZERO,
         disagg: Default::default(),
+        sla: None,
     }
 }
