@@ -18,6 +18,7 @@
 //! It does not judge the server: it only measures. Server errors are counted, never fatal.
 
 pub mod gpus;
+pub mod profile;
 pub mod png;
 pub mod report;
 pub mod sse;
@@ -477,7 +478,7 @@ fn body(
 }
 
 /// Sends one request and reads its stream to the end, filling in `record`.
-async fn send(
+pub(crate) async fn send(
     client: &reqwest::Client,
     url: &str,
     body: bytes::Bytes,

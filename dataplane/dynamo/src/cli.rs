@@ -34,6 +34,24 @@ pub enum Command {
     Sidecar(SidecarArgs),
     /// Load-test any OpenAI endpoint with a trace or a synthetic workload.
     Bench(dynamo_bench::BenchArgs),
+    /// Measure any OpenAI endpoint's TTFT vs prompt length and ITL vs concurrency and context,
+    /// into a profile JSON the SLA planner interpolates (`spec.planner.profile`).
+    Profile(dynamo_bench::profile::ProfileArgs),
+    /// The ideal fleet for a trace: per planner interval, the fewest replicas the manifest's
+    /// profile says meet `spec.sla` at that interval's actual load, and its GPU-seconds.
+    Ideal(IdealArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct IdealArgs {
+    /// A manifest with `spec.sla` and `spec.planner` (e.g. manifests/planner.yaml).
+    pub manifest: PathBuf,
+    /// The trace (Azure CSV or Mooncake JSONL), in trace time.
+    #[arg(long)]
+    pub trace: PathBuf,
+    /// Window of one decision (default: the manifest's `spec.planner.interval`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub interval: Option<Duration>,
 }
 
 /// Which model to serve: a Hugging Face directory, or the built-in tiny model.
@@ -345,6 +363,13 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// A switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// A DynamoGraphDeployment manifest (the YAML you would `kubectl apply`).
@@ -364,6 +389,11 @@ pub struct ServeArgs {
     /// Override every worker service's replica count.
     #[arg(long)]
     pub workers: Option<u32>,
+    /// The SLA planner: `on` (the default when the manifest has `spec.sla`) sizes the worker
+    /// service to meet the targets, adding and removing workers; `off` runs a fixed fleet of the
+    /// manifest's replicas (or `--workers`). Its interval is divided by the speedup ratio.
+    #[arg(long, value_enum)]
+    pub planner: Option<OnOff>,
     /// Port of the control API on 127.0.0.1 (GET/POST /workers, DELETE /workers/NAME), which adds
     /// and removes workers at run time; 0 picks a free port (printed at start).
     #[arg(long, env = "DYN_SERVE_CONTROL_PORT", default_value_t = 0)]

@@ -60,5 +60,10 @@ fn main() -> anyhow::Result<()> {
             .enable_all()
             .build()?
             .block_on(dynamo_bench::main(args)),
+        Command::Profile(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(dynamo_bench::profile::main(args)),
+        Command::Ideal(args) => serve::planner::ideal(&args),
     }
 }

@@ -45,6 +45,7 @@ use crate::{
 };
 
 pub mod engine;
+pub mod planner;
 
 use engine::{EngineProc, LocalEngine, LocalPaths};
 
@@ -248,6 +249,33 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Err(e);
     }
 
+    let speedup = args.speedup_ratio.unwrap_or_else(|| {
+        graph
+            .workers
+            .first()
+            .map_or(1.0, |w| planner::worker_speedup(&w.args))
+    });
+    let planner_on = match args.planner {
+        Some(crate::cli::OnOff::On) => true,
+        Some(crate::cli::OnOff::Off) => false,
+        None => manifest.spec.sla.is_some(),
+    };
+    let local_planner = if planner_on {
+        let dir = args
+            .manifest
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .to_owned();
+        match planner::setup(&manifest.spec, &dir, &graph.workers, speedup) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                sup.stop_all(&mut rx).await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let fe = &graph.frontend;
     let mut extra = vec![
         "--listen".to_string(),
@@ -257,6 +285,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     ];
     if let Some(mode) = args.router_mode {
         extra.extend(["--router-mode".into(), mode.as_str().into()]);
+    }
+    if let Some(sla) = &manifest.spec.sla
+        && let (Some(t), Some(i)) = (sla.ttft_ms, sla.itl_ms)
+    {
+        // The frontend judges wall-clock latencies: the targets at the engines' speed.
+        extra.extend([
+            "--sla-ttft-ms".into(),
+            (t / speedup).to_string(),
+            "--sla-itl-ms".into(),
+            (i / speedup).to_string(),
+        ]);
     }
     extra.extend(args.model.to_args());
     let mut frontend = match spawn(
@@ -288,7 +327,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         eprintln!("dynamo serve: {e:#}");
     }
 
-    let control = bind_control(args.control_port, tx.clone(), &tasks).await?;
+    let planner_status = local_planner.as_ref().map(|p| p.status.clone());
+    let control = bind_control(args.control_port, tx.clone(), planner_status, &tasks).await?;
+    let planner_stop = CancellationToken::new();
+    if let Some(lp) = local_planner {
+        tasks.spawn(planner::run(
+            lp,
+            frontend_addr,
+            tx.clone(),
+            planner_stop.clone(),
+        ));
+    }
 
     let name = &model.card().name;
     let port = args.port;
@@ -305,7 +354,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             eprintln!("  worker {n} on grpc://{}", p.addr);
         }
     }
-    eprintln!("  control API on http://{control} (GET/POST /workers, DELETE /workers/NAME)");
+    eprintln!(
+        "  control API on http://{control} (GET/POST /workers, DELETE /workers/NAME, GET /planner)"
+    );
     eprintln!("Try it:");
     eprintln!(
         "  curl -s http://localhost:{port}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"{name}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello!\"}}],\"max_tokens\":32}}'"
@@ -332,6 +383,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
         sup.handle(cmd).await;
     };
+    planner_stop.cancel();
     // The frontend's stdin is the supervisor's (it sends worker sets on it): closing it is what
     // asks the frontend to drain.
     frontend.stdin = sup.frontend_stdin.take();
@@ -920,12 +972,31 @@ struct AddQuery {
 async fn bind_control(
     port: u16,
     tx: mpsc::UnboundedSender<Msg>,
+    planner: Option<Arc<std::sync::Mutex<serde_json::Value>>>,
     tasks: &TaskTracker,
 ) -> anyhow::Result<SocketAddr> {
     let app = Router::new()
         .route("/workers", get(list_workers).post(add_worker))
         .route("/workers/{name}", delete(remove_worker))
-        .with_state(tx);
+        .with_state(tx)
+        .route(
+            "/planner",
+            get(move || {
+                let status = planner
+                    .as_ref()
+                    .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone());
+                async move {
+                    match status {
+                        Some(s) => Json(s).into_response(),
+                        None => (
+                            StatusCode::NOT_FOUND,
+                            Json(serde_json::json!({"error": "the planner is off (no spec.sla, or --planner off)"})),
+                        )
+                            .into_response(),
+                    }
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, port))
         .await
         .with_context(|| format!("could not bind the control API on 127.0.0.1:{port}"))?;

@@ -494,7 +494,7 @@ impl TokenRun {
                 }
                 _ => true,
             };
-            m.count_sla(ok && ttft_ok && itl_ok);
+            m.count_sla(ok && ttft_ok, ok && itl_ok);
         }
     }
 

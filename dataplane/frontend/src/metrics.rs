@@ -92,6 +92,12 @@ pub struct FrontendMetrics {
     fleet_inflight: Family<RoleLabel, Gauge>,
     fleet_pending_prefill: Family<RoleLabel, Gauge>,
     sla: Family<MetLabel, Counter>,
+    sla_misses: Family<TargetLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TargetLabel {
+    pub target: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -226,8 +232,15 @@ impl FrontendMetrics {
             "Finished requests by whether they met both SLA targets (--sla-ttft-ms, --sla-itl-ms; mean ITL)",
             sla.clone(),
         );
+        let sla_misses = Family::<TargetLabel, Counter>::default();
+        registry.register(
+            "sla_misses",
+            "Finished requests that missed a target, by target (ttft, itl)",
+            sla_misses.clone(),
+        );
         FrontendMetrics {
             sla,
+            sla_misses,
             registry: root,
             requests,
             migrations,
@@ -253,12 +266,20 @@ impl FrontendMetrics {
         }
     }
 
-    pub fn count_sla(&self, met: bool) {
+    /// Counts one finished request against the SLA: whether it met both targets, and which it
+    /// missed (a failed request misses both).
+    pub fn count_sla(&self, ttft_ok: bool, itl_ok: bool) {
+        let met = ttft_ok && itl_ok;
         self.sla
             .get_or_create(&MetLabel {
                 met: if met { "true" } else { "false" },
             })
             .inc();
+        for (ok, target) in [(ttft_ok, "ttft"), (itl_ok, "itl")] {
+            if !ok {
+                self.sla_misses.get_or_create(&TargetLabel { target }).inc();
+            }
+        }
     }
 
     /// Sets the fleet gauges: one entry per role the graph has had (a role with no live worker

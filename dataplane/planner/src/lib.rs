@@ -7,8 +7,10 @@
 //!
 //! - [`Algorithm::Sla`] (ours): a Holt forecast of the next interval's load, sized with the
 //!   engine model of [`model`] (an aggregated engine's prefill and decode share its time), the
-//!   model's mean latencies held to a fraction of the targets (room for the tail) and corrected by
-//!   observed/predicted latency, a boost while requests miss the SLA, a fast reactive path that
+//!   model's mean latencies corrected by observed/predicted latency and held to a fraction of
+//!   each target (room for the tail), that fraction tuned per target from the share of requests
+//!   that met it (shrunk after an interval that missed, grown slowly while it holds), a fast
+//!   reactive path that
 //!   scales up within seconds when the short-term rate outgrows the fleet, and scale-down only to
 //!   a fleet the model says still meets the targets at both the forecast and the observed load,
 //!   at most a quarter of the fleet at a time and never right after an interval that missed.
@@ -73,9 +75,11 @@ pub struct Config {
     pub max_replicas: u32,
     /// Most GPUs for the planned workers together.
     pub gpu_budget: Option<u32>,
-    /// [`Algorithm::Sla`]: the model's mean latencies are held to this fraction of the targets,
-    /// leaving the rest for the tail (long prompts, bursts).
-    pub headroom: f64,
+    /// [`Algorithm::Sla`]: the model's mean TTFT is held to this fraction of the target at
+    /// first, leaving the rest for the tail (long prompts, queues behind them); tuned online.
+    pub headroom_ttft: f64,
+    /// The same for the mean ITL (its tail is shorter: prefills that interrupt decoding).
+    pub headroom_itl: f64,
     /// Share of requests that should meet both targets.
     pub attainment_goal: f64,
 }
@@ -89,7 +93,8 @@ impl Default for Config {
             min_replicas: 1,
             max_replicas: 8,
             gpu_budget: None,
-            headroom: 0.5,
+            headroom_ttft: 0.45,
+            headroom_itl: 0.67,
             attainment_goal: 0.99,
         }
     }
@@ -108,6 +113,9 @@ pub struct Observation {
     pub itl_ms: Option<f64>,
     /// Share of the window's finished requests that met both targets.
     pub attainment: Option<f64>,
+    /// Shares that met each target.
+    pub ttft_attainment: Option<f64>,
+    pub itl_attainment: Option<f64>,
     /// Workers live during the window.
     pub workers: u32,
 }
@@ -169,9 +177,13 @@ pub struct Planner {
     osl: Predictor,
     /// Observed over predicted mean TTFT and ITL (smoothed).
     correction: (f64, f64),
-    /// Load multiplier while requests miss the SLA.
-    boost: f64,
+    /// Fractions of the TTFT and ITL targets the corrected mean latencies are held to.
+    headroom: (f64, f64),
 }
+
+/// Bounds of the tuned headroom.
+const HEADROOM_MIN: f64 = 0.2;
+const HEADROOM_MAX: f64 = 0.95;
 
 impl Planner {
     pub fn new(config: Config, profile: Profile) -> Planner {
@@ -186,7 +198,7 @@ impl Planner {
             isl: Predictor::new(kind),
             osl: Predictor::new(kind),
             correction: (1.0, 1.0),
-            boost: 1.0,
+            headroom: (config.headroom_ttft, config.headroom_itl),
         }
     }
 
@@ -214,21 +226,23 @@ impl Planner {
         n.clamp(lo, hi)
     }
 
-    fn targets(&self) -> Targets {
+    fn targets(&self, headroom: (f64, f64)) -> Targets {
         Targets {
-            ttft_ms: self.config.ttft_ms * self.config.headroom,
-            itl_ms: self.config.itl_ms * self.config.headroom,
+            ttft_ms: self.config.ttft_ms * headroom.0,
+            itl_ms: self.config.itl_ms * headroom.1,
         }
     }
 
     /// The fewest replicas the profile says meet the targets at `load` (what an ideal fleet runs
-    /// in an interval with that load), within the bounds.
+    /// in an interval with that load: the configured headroom, no online correction), within the
+    /// bounds.
     pub fn ideal(&self, load: &Load) -> u32 {
         let (_, hi) = self.bounds();
+        let headroom = (self.config.headroom_ttft, self.config.headroom_itl);
         self.clamp(model::aggregated_replicas(
             &self.profile,
             load,
-            self.targets(),
+            self.targets(headroom),
             (1.0, 1.0),
             hi,
         ))
@@ -236,11 +250,13 @@ impl Planner {
 
     fn sized(&self, load: &Load) -> u32 {
         let (_, hi) = self.bounds();
-        let boosted = Load {
-            rate: load.rate * self.boost,
-            ..*load
-        };
-        model::aggregated_replicas(&self.profile, &boosted, self.targets(), self.correction, hi)
+        model::aggregated_replicas(
+            &self.profile,
+            load,
+            self.targets(self.headroom),
+            self.correction,
+            hi,
+        )
     }
 
     /// The decision at the end of an interval; `None` when the interval brought no metrics.
@@ -299,14 +315,20 @@ impl Planner {
                 smooth(self.correction.1, obs.itl_ms, model.itl_ms),
             );
         }
-        let missed = obs
-            .attainment
-            .is_some_and(|a| a < self.config.attainment_goal);
-        if missed {
-            self.boost = (self.boost * 1.15).min(2.5);
-        } else if obs.attainment.is_some() {
-            self.boost = (self.boost * 0.95).max(1.0);
-        }
+        let goal = self.config.attainment_goal;
+        let missed = obs.attainment.is_some_and(|a| a < goal);
+        // Tune each target's headroom: tighter after a miss the fleet could have prevented (it
+        // was below its ceiling), looser while the target holds.
+        let (_, hi) = self.bounds();
+        let tune = |h: f64, seen: Option<f64>| match seen {
+            Some(a) if a < goal && current < hi => (h * 0.9).max(HEADROOM_MIN),
+            Some(a) if a >= goal => (h * 1.03).min(HEADROOM_MAX),
+            _ => h,
+        };
+        self.headroom = (
+            tune(self.headroom.0, obs.ttft_attainment),
+            tune(self.headroom.1, obs.itl_attainment),
+        );
         let want_forecast = self.sized(&predicted);
         let want_observed = self.sized(&observed);
         let mut replicas = self.clamp(want_forecast.max(if want_forecast < current {
@@ -316,7 +338,7 @@ impl Planner {
         }));
         let _ = write!(
             why,
-            "load {:.2} req/s (forecast {:.2}), ISL {:.0}, OSL {:.0}, hit {:.0}%; TTFT {} ITL {} (x{:.2}/x{:.2} of model); attainment {}; boost x{:.2}: ",
+            "load {:.2} req/s (forecast {:.2}), ISL {:.0}, OSL {:.0}, hit {:.0}%; TTFT {} ITL {} (x{:.2}/x{:.2} of model); attainment {}; headroom {:.2}/{:.2}: ",
             observed.rate,
             predicted.rate,
             observed.isl,
@@ -328,7 +350,8 @@ impl Planner {
             self.correction.1,
             obs.attainment
                 .map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
-            self.boost,
+            self.headroom.0,
+            self.headroom.1,
         );
         if replicas < current {
             if missed {
@@ -465,7 +488,8 @@ mod tests {
             min_replicas: 1,
             max_replicas: 16,
             gpu_budget: None,
-            headroom: 0.5,
+            headroom_ttft: 0.5,
+            headroom_itl: 0.5,
             attainment_goal: 0.99,
         }
     }
@@ -480,6 +504,8 @@ mod tests {
             ttft_ms: None,
             itl_ms: None,
             attainment: Some(attainment),
+            ttft_attainment: Some(attainment),
+            itl_attainment: Some(1.0),
             workers,
         }
     }
@@ -499,14 +525,21 @@ mod tests {
     #[test]
     fn the_fleet_follows_the_load_up_and_down() {
         let mut p = Planner::new(config(Algorithm::Sla), engine());
+        // Without SLA counts the headroom stays put, so the fleet settles on the ideal.
+        let unjudged = |rate, n| Observation {
+            attainment: None,
+            ttft_attainment: None,
+            itl_attainment: None,
+            ..window(rate, n, 1.0)
+        };
         let mut n = 1;
         for _ in 0..4 {
-            n = p.on_interval(Some(&window(40.0, n, 1.0)), n).replicas;
+            n = p.on_interval(Some(&unjudged(40.0, n)), n).replicas;
         }
         let busy = n;
         assert_eq!(busy, p.ideal(&window(40.0, 1, 1.0).load()));
         for _ in 0..12 {
-            n = p.on_interval(Some(&window(4.0, n, 1.0)), n).replicas;
+            n = p.on_interval(Some(&unjudged(4.0, n)), n).replicas;
         }
         assert!(n < busy && n == p.ideal(&window(4.0, 1, 1.0).load()), "{n} vs {busy}");
     }
@@ -558,6 +591,26 @@ mod tests {
         assert_eq!(d.replicas, 2, "{}", d.reason);
         assert!(d.reason.starts_with("dynamo:"));
         assert_eq!(p.on_tick(Some(&window(400.0, 2, 0.0)), 2), None, "no reactive path");
+    }
+
+    #[test]
+    fn a_missed_target_tightens_its_headroom_and_adds_replicas() {
+        let mut p = Planner::new(config(Algorithm::Sla), engine());
+        let steady = p.on_interval(Some(&window(20.0, 4, 1.0)), 4).replicas;
+        let mut missed = window(20.0, steady, 0.9);
+        missed.itl_attainment = Some(0.9);
+        let mut more = steady;
+        for _ in 0..3 {
+            missed.workers = more;
+            more = p.on_interval(Some(&missed), more).replicas;
+        }
+        assert!(more > steady, "{more} vs {steady}");
+        assert!(p.headroom.0 < 0.5 && p.headroom.1 < 0.5);
+        // The ideal ignores what the planner learned.
+        assert_eq!(p.ideal(&window(20.0, 1, 1.0).load()), {
+            let fresh = Planner::new(config(Algorithm::Sla), engine());
+            fresh.ideal(&window(20.0, 1, 1.0).load())
+        });
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! engine at a request rate, and the fewest engines that keep both within targets.
 //!
 //! An aggregated engine interleaves prefill with decode (chunked prefill): each prompt costs
-//! about its idle TTFT of engine time, so at `rate` requests per second the engine spends the
-//! fraction `rho = rate x TTFT_idle(new tokens)` prefilling. Decode steps run in the remaining
+//! about its idle TTFT of engine time less the one decode pass that emits its first token, so at
+//! `rate` requests per second the engine spends the fraction `rho = rate x prefill(new tokens)`
+//! prefilling. Decode steps run in the remaining
 //! time, so the ITL is the profile's ITL at the engine's decode concurrency stretched by
 //! `1 / (1 - rho)`; the concurrency follows from Little's law (`rate x OSL x ITL`). A prompt waits
 //! for the prompts ahead of it (an M/D/1 queue: `rho / (2 (1 - rho))` prefills on average) and
@@ -53,7 +54,7 @@ const SATURATED: f64 = 0.95;
 
 /// Mean TTFT and ITL of one aggregated engine serving `load`; `None` when it cannot keep up.
 pub fn aggregated(profile: &Profile, load: &Load) -> Option<Latency> {
-    let prefill_ms = profile.ttft_ms(load.new_tokens());
+    let prefill_ms = prefill_work_ms(profile, load);
     let rho = load.rate * prefill_ms / 1000.0;
     if !(0.0..SATURATED).contains(&rho) {
         return None;
@@ -62,11 +63,19 @@ pub fn aggregated(profile: &Profile, load: &Load) -> Option<Latency> {
     let (itl_ms, concurrency) = decode_fixed_point(profile, load, stretch)?;
     let wait = prefill_ms * rho / (2.0 * (1.0 - rho));
     Some(Latency {
-        ttft_ms: prefill_ms + wait + itl_ms / 2.0,
+        // Queue, own prefill, the pass that emits the first token, and half a step in progress.
+        ttft_ms: prefill_ms + wait + itl_ms * 1.5,
         itl_ms,
         prefill_busy: rho,
         concurrency,
     })
+}
+
+/// Engine time one prompt's prefill takes: its idle TTFT less the decode pass in it.
+fn prefill_work_ms(profile: &Profile, load: &Load) -> f64 {
+    let tokens = load.new_tokens();
+    let ttft = profile.ttft_ms(tokens);
+    (ttft - profile.itl_ms(1.0, tokens)).max(ttft * 0.5)
 }
 
 /// Mean TTFT of one prefill-only engine serving `load` (queue plus compute).
@@ -150,7 +159,9 @@ mod tests {
             },
         )
         .expect("keeps up");
-        assert!((l.ttft_ms - (40.48 + l.itl_ms / 2.0)).abs() < 1e-3);
+        // Prefill work is the idle TTFT (40.48 ms) less one decode pass (10.1 ms at 1k context).
+        let work = 40.48 - p.itl_ms(1.0, 1024.0);
+        assert!((l.ttft_ms - (work + 1.5 * l.itl_ms)).abs() < 1e-3);
         assert!((l.itl_ms - p.itl_ms(1.0, 1074.0)).abs() < 1e-6);
     }
 
@@ -170,9 +181,9 @@ mod tests {
         };
         let (a, b) = (at(5.0).expect("ok"), at(15.0).expect("ok"));
         assert!(b.ttft_ms > a.ttft_ms && b.itl_ms > a.itl_ms);
-        assert!((a.prefill_busy - 5.0 * 40.48 / 1000.0).abs() < 1e-9);
-        // 25 req/s x 40.5 ms = 1.01 of the engine's time: saturated.
-        assert_eq!(at(25.0), None);
+        assert!((a.prefill_busy - 5.0 * (40.48 - 10.1) / 1000.0).abs() < 1e-9);
+        // 32 req/s x 30.4 ms = 0.97 of the engine's time: saturated.
+        assert_eq!(at(32.0), None);
     }
 
     #[test]
