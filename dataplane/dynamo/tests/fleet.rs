@@ -23,6 +23,10 @@ impl Serve {
             "{}/../../manifests/agg.yaml",
             std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
         );
+        Serve::start_manifest(manifest, extra)
+    }
+
+    fn start_manifest(manifest: &str, extra: &[&str]) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_dynamo"))
             .args(["serve", manifest, "--port", "0", "--host", "127.0.0.1"])
             .args(extra)
@@ -334,4 +338,114 @@ async fn a_worker_added_at_run_time_gets_requests_within_two_seconds() {
     serve.wait_live(1, Duration::from_secs(5)).await;
     let after: Vec<_> = futures::future::join_all((0..6).map(|i| stream(&serve.api, i, 8))).await;
     assert!(after.iter().all(Result::is_ok), "{after:?}");
+}
+
+/// manifests/planner.yaml made quick: a 10 s planner interval at speedup 10 (1 s of wall time), one
+/// worker to start with, at most 3 GPUs.
+fn quick_planner_manifest(dir: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(format!(
+        "{}/../../manifests/planner.yaml",
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+    ))
+    .expect("manifests/planner.yaml");
+    let text = text
+        .replace("interval: 60s", "interval: 10s")
+        .replace("gpuBudget: 10", "gpuBudget: 3")
+        .replace("replicas: 2", "replicas: 1");
+    assert!(text.contains("gpuBudget: 3") && text.contains("interval: 10s"));
+    let path = dir.join("planner.yaml");
+    std::fs::write(&path, text).expect("write the manifest");
+    path.display().to_string()
+}
+
+/// One streamed completion of `prompt_tokens` token ids: Ok, or why it failed.
+async fn completion(client: &reqwest::Client, api: &str, i: u32, prompt_tokens: u32) -> Result<(), String> {
+    let prompt: Vec<u32> = (0..prompt_tokens).map(|t| 300 + (i * 7919 + t * 31) % 7800).collect();
+    let r = client
+        .post(format!("{api}/v1/completions"))
+        .json(&json!({"model": "tiny", "prompt": prompt, "max_tokens": 40, "ignore_eos": true, "stream": true}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status();
+    let text = r.text().await.map_err(|e| e.to_string())?;
+    if !status.is_success() || text.contains("data: {\"error\"") || !text.contains("[DONE]") {
+        return Err(format!("status {status}: {}", text.chars().take(300).collect::<String>()));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after() {
+    let dir = std::env::temp_dir().join(format!("planner-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let manifest = quick_planner_manifest(&dir);
+    let serve = Serve::start_manifest(&manifest, &["--speedup-ratio", "10"]);
+    serve.wait_live(1, Duration::from_secs(10)).await;
+
+    // 4,000-token prompts at 20 per second of wall time (2 per trace second): about 130% of one
+    // engine's time goes to prefill, so the ITL target needs more engines than the budget allows.
+    let client = reqwest::Client::new();
+    let (api, most) = (serve.api.clone(), std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let load = {
+        let (client, api) = (client.clone(), api.clone());
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            for i in 0..160u32 {
+                let (client, api) = (client.clone(), api.clone());
+                tasks.push(tokio::spawn(async move { completion(&client, &api, i, 4000).await }));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            futures::future::join_all(tasks).await
+        })
+    };
+    let watch = {
+        let most = most.clone();
+        let serve_api = serve.api.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Ok(r) = reqwest::get(format!("{serve_api}/health")).await
+                    && let Ok(v) = r.json::<Value>().await
+                {
+                    most.fetch_max(v["live_workers"].as_u64().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let results = load.await.expect("load task");
+    let failed: Vec<String> = results
+        .into_iter()
+        .filter_map(|r| r.expect("request task").err())
+        .collect();
+    assert!(failed.is_empty(), "{} requests failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    let peak = most.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(peak, 3, "scaled up to the GPU budget (3 workers of 1 GPU), never past it");
+
+    // Without load the fleet goes back to the floor of 1, a quarter (at least one) per interval.
+    serve.wait_live(1, Duration::from_secs(30)).await;
+    watch.abort();
+    let planner: Value = reqwest::get(format!("{}/planner", serve.control))
+        .await
+        .expect("control API")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(planner["algorithm"], "sla");
+    assert_eq!(planner["bounds"], json!({"min": 1, "max": 3}));
+    assert!(planner["decisions"].as_u64().unwrap_or(0) >= 3, "{planner}");
+    assert!(planner["last"]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{planner}");
+    let metrics = reqwest::get(format!("{}/metrics", serve.api))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("dynamo_frontend_worker_gpus{role=\"aggregated\"} 1"),
+        "the frontend counts the live workers' GPUs"
+    );
+    assert!(metrics.contains("dynamo_frontend_sla_requests_total{met="), "the frontend judges requests against spec.sla");
+    drop(serve);
+    let _ = std::fs::remove_dir_all(&dir);
 }
