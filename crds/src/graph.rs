@@ -42,6 +42,12 @@ use serde_json::Value;
         description = "services with all their gangs ready / services"
     ),
     printcolumn(
+        name = "Planner",
+        type_ = "string",
+        json_path = ".status.planner.summary",
+        description = "the SLA planner's last decision"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -405,12 +411,54 @@ pub struct PlannerDecision {
     /// RFC 3339 time of the decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,
+    /// One line for `kubectl get dgd`, e.g. "Worker 2->3 (reactive)".
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub summary: String,
+    /// `sla` or `dynamo`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub algorithm: String,
+    /// `active`, `advisory` (decides without acting) or `stepped-back` (an autoscaler owns the
+    /// service).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mode: String,
+    /// `predictive` (the interval's forecast), `reactive` (a burst between intervals) or `hold`
+    /// (no metrics).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    /// Replicas per service before the decision.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub previous: BTreeMap<String, i32>,
     /// Replicas chosen per service.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub replicas: BTreeMap<String, i32>,
+    /// Load the frontend saw over the window (requests/s, mean ISL and OSL, latencies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed: Option<PlannerLoad>,
+    /// The load forecast for the next interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted: Option<PlannerLoad>,
     /// Observed load and latency that led to it, for people.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+}
+
+/// A load as the planner saw or forecast it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannerLoad {
+    /// Requests per second (in the engines' time: divided by a mocker's speedup ratio).
+    pub requests_per_second: f64,
+    /// Mean prompt tokens.
+    pub isl: f64,
+    /// Mean output tokens.
+    pub osl: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub itl_ms: Option<f64>,
+    /// Share of requests that met both targets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sla_attainment: Option<f64>,
 }
 
 fn preserved_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {

@@ -98,7 +98,9 @@ pub fn timeline(report: &Report, time_scale: f64, window_s: f64) -> (Vec<u8>, pn
         met[w] += usize::from(r.sla_met == Some(true));
     }
     let x = |w: usize| w as f64 * window_s;
-    let load = (0..windows).map(|w| (x(w), count[w] as f64 / window_s)).collect();
+    let load = (0..windows)
+        .map(|w| (x(w), count[w] as f64 / window_s))
+        .collect();
     let mut panels = vec![("load, requests per trace second".to_owned(), None, load)];
     if !report.gpu_samples.is_empty() {
         let gpus = report
@@ -137,8 +139,14 @@ mod tests {
     fn integration_holds_each_count_until_the_next_read() {
         // 2 GPUs from 0 (first read at 500 ms) to 1,000 ms, then 4 until 3,000 ms.
         let s = [(500.0, 2.0), (1000.0, 4.0)];
-        assert_eq!(integrate(&s, 3000.0), Some((2.0 * 1000.0 + 4.0 * 2000.0) / 1000.0));
+        assert_eq!(
+            integrate(&s, 3000.0),
+            Some((2.0 * 1000.0 + 4.0 * 2000.0) / 1000.0)
+        );
         assert_eq!(integrate(&[], 3000.0), None);
-        assert_eq!(changes(&[(0.0, 1.0), (1.0, 1.0), (2.0, 2.0), (3.0, 1.0)]), Some(2));
+        assert_eq!(
+            changes(&[(0.0, 1.0), (1.0, 1.0), (2.0, 2.0), (3.0, 1.0)]),
+            Some(2)
+        );
     }
 }

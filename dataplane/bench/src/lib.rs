@@ -18,8 +18,8 @@
 //! It does not judge the server: it only measures. Server errors are counted, never fatal.
 
 pub mod gpus;
-pub mod profile;
 pub mod png;
+pub mod profile;
 pub mod report;
 pub mod sse;
 pub mod workload;
@@ -259,7 +259,11 @@ pub async fn run(args: &BenchArgs, model: &Model) -> Result<Outcome, BenchError>
     let mut records = records?;
     let oracle = workload::oracle_hit_rate(&lines);
     let mut summary = Summary::new(&records, oracle);
-    let scale = if args.time_scale > 0.0 { args.time_scale } else { 1.0 };
+    let scale = if args.time_scale > 0.0 {
+        args.time_scale
+    } else {
+        1.0
+    };
     if let (Some(ttft), Some(itl)) = (args.sla_ttft_ms, args.sla_itl_ms) {
         let wall = report::WallSla {
             ttft_ms: ttft / scale,

@@ -102,7 +102,8 @@ pub fn timeline(panels: &[(String, Option<f64>, Vec<(f64, f64)>)]) -> (Vec<u8>, 
     let mut legend = Vec::new();
     for (k, (name, fixed, points)) in panels.iter().enumerate() {
         let (colour, cname) = PALETTE[k % PALETTE.len()];
-        let y_max = fixed.unwrap_or_else(|| points.iter().map(|(_, y)| *y).fold(0.0, f64::max) * 1.1);
+        let y_max =
+            fixed.unwrap_or_else(|| points.iter().map(|(_, y)| *y).fold(0.0, f64::max) * 1.1);
         let y_max = if y_max > 0.0 { y_max } else { 1.0 };
         legend.push((name.clone(), y_max, cname));
         let (x0, x1) = (MARGIN, W - MARGIN / 2);
@@ -241,7 +242,11 @@ mod tests {
     fn timeline_has_one_panel_per_series() {
         let (png, legend) = timeline(&[
             ("load".into(), None, vec![(0.0, 1.0), (60.0, 4.0)]),
-            ("attainment".into(), Some(1.0), vec![(0.0, 1.0), (60.0, 0.5)]),
+            (
+                "attainment".into(),
+                Some(1.0),
+                vec![(0.0, 1.0), (60.0, 0.5)],
+            ),
         ]);
         assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
         assert_eq!(legend.panels.len(), 2);

@@ -29,7 +29,11 @@ pub struct ProfileArgs {
     #[arg(long)]
     pub model: Option<String>,
     /// Prompt lengths for TTFT.
-    #[arg(long, value_delimiter = ',', default_value = "128,512,1024,2048,4096,8192")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "128,512,1024,2048,4096,8192"
+    )]
     pub isl: Vec<u32>,
     /// Concurrencies for ITL.
     #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]

@@ -260,9 +260,17 @@ pub fn table(runs: &[&Report]) -> String {
         ("oracle hit rate", |s| s.oracle_hit_rate, 3),
         ("hit / oracle", |s| s.hit_of_oracle, 3),
         ("schedule lag p99 ms", |s| s.lag_p99_ms, 1),
-        ("SLA attainment", |s| s.sla_attainment.unwrap_or(f64::NAN), 4),
+        (
+            "SLA attainment",
+            |s| s.sla_attainment.unwrap_or(f64::NAN),
+            4,
+        ),
         ("GPU-seconds", |s| s.gpu_seconds.unwrap_or(f64::NAN), 0),
-        ("scaling actions", |s| s.scaling_actions.map_or(f64::NAN, f64::from), 0),
+        (
+            "scaling actions",
+            |s| s.scaling_actions.map_or(f64::NAN, f64::from),
+            0,
+        ),
     ];
     let width = runs
         .iter()
@@ -360,7 +368,13 @@ mod tests {
         let met: Vec<Option<bool>> = records.iter().map(|r| r.sla_met).collect();
         assert_eq!(
             met,
-            [Some(true), Some(false), Some(false), Some(true), Some(false)]
+            [
+                Some(true),
+                Some(false),
+                Some(false),
+                Some(true),
+                Some(false)
+            ]
         );
         assert!((a.both - 0.4).abs() < 1e-12);
         assert!((a.ttft - 0.6).abs() < 1e-12);

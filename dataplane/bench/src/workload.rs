@@ -58,7 +58,10 @@ pub fn read_trace(
     std::io::BufReader::new(std::fs::File::open(path).map_err(io_err)?)
         .read_line(&mut first)
         .map_err(io_err)?;
-    if first.trim_start_matches('\u{feff}').starts_with(AZURE_HEADER) {
+    if first
+        .trim_start_matches('\u{feff}')
+        .starts_with(AZURE_HEADER)
+    {
         read_azure(path, limit, block_tokens)
     } else {
         read_mooncake(path, limit, block_tokens)
@@ -98,7 +101,8 @@ pub fn read_azure(
         if ms < t0 {
             return Err(BenchError::InvalidTraceLine {
                 line,
-                reason: "timestamp earlier than the first row's (rows must be in time order)".into(),
+                reason: "timestamp earlier than the first row's (rows must be in time order)"
+                    .into(),
             });
         }
         let blocks = input_length.div_ceil(block_tokens.max(1)).max(1);
@@ -117,7 +121,8 @@ pub fn read_azure(
 /// `(milliseconds since 1970, context tokens, generated tokens)` of one Azure row.
 fn parse_azure_row(text: &str) -> Result<(i64, u32, u32), String> {
     let mut cols = text.trim().split(',');
-    let (Some(ts), Some(ctx), Some(gen_), None) = (cols.next(), cols.next(), cols.next(), cols.next())
+    let (Some(ts), Some(ctx), Some(gen_), None) =
+        (cols.next(), cols.next(), cols.next(), cols.next())
     else {
         return Err(format!(
             "expected 3 columns ({AZURE_HEADER}), found {:?}",
@@ -406,7 +411,10 @@ mod tests {
         )
         .expect("write");
         let e = read_trace(&path, None, 512).expect_err("two columns");
-        assert!(e.to_string().contains("line 2") && e.to_string().contains("3 columns"), "{e}");
+        assert!(
+            e.to_string().contains("line 2") && e.to_string().contains("3 columns"),
+            "{e}"
+        );
         std::fs::write(
             &path,
             "TIMESTAMP,ContextTokens,GeneratedTokens\n16/11/2023 18:15,374,4\n",
@@ -419,7 +427,8 @@ mod tests {
 
     #[test]
     fn the_shared_azure_trace_is_read_whole() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/traces/azure_conv_2023.csv");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/traces/azure_conv_2023.csv");
         if !path.exists() {
             return;
         }

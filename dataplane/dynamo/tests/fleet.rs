@@ -359,8 +359,15 @@ fn quick_planner_manifest(dir: &std::path::Path) -> String {
 }
 
 /// One streamed completion of `prompt_tokens` token ids: Ok, or why it failed.
-async fn completion(client: &reqwest::Client, api: &str, i: u32, prompt_tokens: u32) -> Result<(), String> {
-    let prompt: Vec<u32> = (0..prompt_tokens).map(|t| 300 + (i * 7919 + t * 31) % 7800).collect();
+async fn completion(
+    client: &reqwest::Client,
+    api: &str,
+    i: u32,
+    prompt_tokens: u32,
+) -> Result<(), String> {
+    let prompt: Vec<u32> = (0..prompt_tokens)
+        .map(|t| 300 + (i * 7919 + t * 31) % 7800)
+        .collect();
     let r = client
         .post(format!("{api}/v1/completions"))
         .json(&json!({"model": "tiny", "prompt": prompt, "max_tokens": 40, "ignore_eos": true, "stream": true}))
@@ -370,7 +377,10 @@ async fn completion(client: &reqwest::Client, api: &str, i: u32, prompt_tokens: 
     let status = r.status();
     let text = r.text().await.map_err(|e| e.to_string())?;
     if !status.is_success() || text.contains("data: {\"error\"") || !text.contains("[DONE]") {
-        return Err(format!("status {status}: {}", text.chars().take(300).collect::<String>()));
+        return Err(format!(
+            "status {status}: {}",
+            text.chars().take(300).collect::<String>()
+        ));
     }
     Ok(())
 }
@@ -386,14 +396,19 @@ async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after(
     // 4,000-token prompts at 20 per second of wall time (2 per trace second): about 130% of one
     // engine's time goes to prefill, so the ITL target needs more engines than the budget allows.
     let client = reqwest::Client::new();
-    let (api, most) = (serve.api.clone(), std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    let (api, most) = (
+        serve.api.clone(),
+        std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+    );
     let load = {
         let (client, api) = (client.clone(), api.clone());
         tokio::spawn(async move {
             let mut tasks = Vec::new();
             for i in 0..160u32 {
                 let (client, api) = (client.clone(), api.clone());
-                tasks.push(tokio::spawn(async move { completion(&client, &api, i, 4000).await }));
+                tasks.push(tokio::spawn(async move {
+                    completion(&client, &api, i, 4000).await
+                }));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             futures::future::join_all(tasks).await
@@ -407,7 +422,10 @@ async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after(
                 if let Ok(r) = reqwest::get(format!("{serve_api}/health")).await
                     && let Ok(v) = r.json::<Value>().await
                 {
-                    most.fetch_max(v["live_workers"].as_u64().unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+                    most.fetch_max(
+                        v["live_workers"].as_u64().unwrap_or(0),
+                        std::sync::atomic::Ordering::Relaxed,
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -418,9 +436,17 @@ async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after(
         .into_iter()
         .filter_map(|r| r.expect("request task").err())
         .collect();
-    assert!(failed.is_empty(), "{} requests failed: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
     let peak = most.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(peak, 3, "scaled up to the GPU budget (3 workers of 1 GPU), never past it");
+    assert_eq!(
+        peak, 3,
+        "scaled up to the GPU budget (3 workers of 1 GPU), never past it"
+    );
 
     // Without load the fleet goes back to the floor of 1, a quarter (at least one) per interval.
     serve.wait_live(1, Duration::from_secs(30)).await;
@@ -434,7 +460,12 @@ async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after(
     assert_eq!(planner["algorithm"], "sla");
     assert_eq!(planner["bounds"], json!({"min": 1, "max": 3}));
     assert!(planner["decisions"].as_u64().unwrap_or(0) >= 3, "{planner}");
-    assert!(planner["last"]["reason"].as_str().is_some_and(|r| !r.is_empty()), "{planner}");
+    assert!(
+        planner["last"]["reason"]
+            .as_str()
+            .is_some_and(|r| !r.is_empty()),
+        "{planner}"
+    );
     let metrics = reqwest::get(format!("{}/metrics", serve.api))
         .await
         .expect("metrics")
@@ -445,7 +476,10 @@ async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after(
         metrics.contains("dynamo_frontend_worker_gpus{role=\"aggregated\"} 1"),
         "the frontend counts the live workers' GPUs"
     );
-    assert!(metrics.contains("dynamo_frontend_sla_requests_total{met="), "the frontend judges requests against spec.sla");
+    assert!(
+        metrics.contains("dynamo_frontend_sla_requests_total{met="),
+        "the frontend judges requests against spec.sla"
+    );
     drop(serve);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -24,6 +24,8 @@
 //! Both keep every decision within `[min_replicas, max_replicas]` and the GPU budget, and hold the
 //! fleet (never below the floor) when an interval brought no metrics.
 
+pub mod builtin;
+pub mod frontend;
 pub mod model;
 pub mod predict;
 pub mod profile;
@@ -216,7 +218,9 @@ impl Planner {
         let ceiling = self
             .config
             .gpu_budget
-            .map_or(self.config.max_replicas, |b| self.config.max_replicas.min(b / per));
+            .map_or(self.config.max_replicas, |b| {
+                self.config.max_replicas.min(b / per)
+            });
         let floor = self.config.min_replicas.min(ceiling);
         (floor, ceiling.max(floor))
     }
@@ -541,7 +545,10 @@ mod tests {
         for _ in 0..12 {
             n = p.on_interval(Some(&unjudged(4.0, n)), n).replicas;
         }
-        assert!(n < busy && n == p.ideal(&window(4.0, 1, 1.0).load()), "{n} vs {busy}");
+        assert!(
+            n < busy && n == p.ideal(&window(4.0, 1, 1.0).load()),
+            "{n} vs {busy}"
+        );
     }
 
     #[test]
@@ -590,7 +597,11 @@ mod tests {
         // = 1.03 -> 2.
         assert_eq!(d.replicas, 2, "{}", d.reason);
         assert!(d.reason.starts_with("dynamo:"));
-        assert_eq!(p.on_tick(Some(&window(400.0, 2, 0.0)), 2), None, "no reactive path");
+        assert_eq!(
+            p.on_tick(Some(&window(400.0, 2, 0.0)), 2),
+            None,
+            "no reactive path"
+        );
     }
 
     #[test]
@@ -617,6 +628,11 @@ mod tests {
     fn algorithm_names_parse_with_a_hint() {
         assert_eq!("dynamo".parse::<Algorithm>(), Ok(Algorithm::Dynamo));
         assert_eq!("sla".parse::<Algorithm>(), Ok(Algorithm::Sla));
-        assert!("arima".parse::<Algorithm>().unwrap_err().contains("\"sla\""));
+        assert!(
+            "arima"
+                .parse::<Algorithm>()
+                .unwrap_err()
+                .contains("\"sla\"")
+        );
     }
 }

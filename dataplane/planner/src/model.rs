@@ -135,7 +135,8 @@ pub fn aggregated_replicas(
     (1..=max.max(1))
         .find(|&n| {
             aggregated(profile, &load.per(n)).is_some_and(|l| {
-                l.ttft_ms * correction.0 <= targets.ttft_ms && l.itl_ms * correction.1 <= targets.itl_ms
+                l.ttft_ms * correction.0 <= targets.ttft_ms
+                    && l.itl_ms * correction.1 <= targets.itl_ms
             })
         })
         .unwrap_or(max.max(1))
@@ -217,7 +218,14 @@ mod tests {
         assert!(meets(n) && !meets(n - 1), "{n}");
         // A correction of 2 on TTFT asks for more.
         assert!(aggregated_replicas(&p, &load, t, (2.0, 1.0), 32) > n);
-        assert_eq!(aggregated_replicas(&p, &Load::default(), t, (1.0, 1.0), 32), 0);
-        assert_eq!(aggregated_replicas(&p, &load, t, (1.0, 1.0), 2), 2, "capped");
+        assert_eq!(
+            aggregated_replicas(&p, &Load::default(), t, (1.0, 1.0), 32),
+            0
+        );
+        assert_eq!(
+            aggregated_replicas(&p, &load, t, (1.0, 1.0), 2),
+            2,
+            "capped"
+        );
     }
 }

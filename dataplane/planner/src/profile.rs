@@ -45,7 +45,9 @@ fn one() -> u32 {
 pub enum ProfileError {
     #[error("the profile has no prefill points (TTFT vs ISL); run `dynamo profile` again")]
     NoPrefill,
-    #[error("the profile has no decode points (ITL vs concurrency and context); run `dynamo profile` again")]
+    #[error(
+        "the profile has no decode points (ITL vs concurrency and context); run `dynamo profile` again"
+    )]
     NoDecode,
     #[error("profile point {0} is not a positive finite number")]
     Invalid(String),
@@ -215,9 +217,18 @@ pub(crate) mod tests {
     fn ttft_interpolates_and_extends_past_the_last_point() {
         let p = engine();
         assert!(close(p.ttft_ms(2048.0), 20.0 + 0.02 * 2048.0));
-        assert!(close(p.ttft_ms(8192.0), 20.0 + 0.02 * 8192.0), "linear past the end");
-        assert!(close(p.ttft_ms(10.0), p.ttft_ms(128.0)), "flat below the first");
-        assert!(close(p.prefill_tokens_per_s(1024.0), 1024.0 / 40.48 * 1000.0));
+        assert!(
+            close(p.ttft_ms(8192.0), 20.0 + 0.02 * 8192.0),
+            "linear past the end"
+        );
+        assert!(
+            close(p.ttft_ms(10.0), p.ttft_ms(128.0)),
+            "flat below the first"
+        );
+        assert!(close(
+            p.prefill_tokens_per_s(1024.0),
+            1024.0 / 40.48 * 1000.0
+        ));
     }
 
     #[test]
@@ -227,16 +238,25 @@ pub(crate) mod tests {
         assert!(close(p.itl_ms(36.0, 1024.0), 13.6));
         // Halfway between the contexts: the mean of the two rows.
         assert!(close(p.itl_ms(8.0, 2560.0), (10.8 + 11.6) / 2.0));
-        assert!(close(p.itl_ms(8.0, 100_000.0), 11.6), "clamped to the largest context");
+        assert!(
+            close(p.itl_ms(8.0, 100_000.0), 11.6),
+            "clamped to the largest context"
+        );
     }
 
     #[test]
     fn decode_throughput_is_the_best_concurrency_under_the_target() {
         let p = engine();
         // ITL 12 ms at 1k context: concurrency 20 (10 + 0.1 x 20), 20 / 12 ms.
-        assert!(close(p.decode_tokens_per_s(12.0, 1024.0), 20.0 / 12.0 * 1000.0));
+        assert!(close(
+            p.decode_tokens_per_s(12.0, 1024.0),
+            20.0 / 12.0 * 1000.0
+        ));
         // Every concurrency meets a loose target: the profile's maximum.
-        assert!(close(p.decode_tokens_per_s(100.0, 1024.0), 64.0 / 16.4 * 1000.0));
+        assert!(close(
+            p.decode_tokens_per_s(100.0, 1024.0),
+            64.0 / 16.4 * 1000.0
+        ));
         assert_eq!(p.decode_tokens_per_s(5.0, 1024.0), 0.0, "even one misses");
     }
 

@@ -1,0 +1,198 @@
+//! The frontend's counters as the planner reads them: its `/metrics` text parsed into cumulative
+//! sums, and two readings turned into an [`Observation`] of the window between them.
+
+use std::time::Duration;
+
+use crate::Observation;
+
+/// Cumulative frontend counters at one moment (summed over the frontends of a graph).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Counters {
+    requests: f64,
+    isl_sum: f64,
+    isl_count: f64,
+    osl_sum: f64,
+    cached_sum: f64,
+    ttft_sum: f64,
+    ttft_count: f64,
+    itl_sum: f64,
+    itl_count: f64,
+    met: f64,
+    missed: f64,
+    ttft_missed: f64,
+    itl_missed: f64,
+    inflight: f64,
+    live: f64,
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        let value = rest
+            .rsplit_once('}')
+            .map_or(rest, |(_, v)| v)
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(v) = value {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+fn labelled(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| {
+            l.rsplit_once('}')?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .sum()
+}
+
+impl Counters {
+    /// Reads a frontend's `/metrics` text; `None` when it is not a dynamo-rs frontend's.
+    pub fn parse(text: &str) -> Option<Counters> {
+        let f = "dynamo_frontend_";
+        let m = |n: &str| metric(text, &format!("{f}{n}"));
+        Some(Counters {
+            requests: m("requests_total").unwrap_or(0.0),
+            isl_sum: m("input_sequence_tokens_sum")?,
+            isl_count: m("input_sequence_tokens_count")?,
+            osl_sum: m("output_sequence_tokens_sum")?,
+            cached_sum: m("cached_tokens_sum")?,
+            ttft_sum: m("time_to_first_token_seconds_sum")?,
+            ttft_count: m("time_to_first_token_seconds_count")?,
+            itl_sum: m("inter_token_latency_seconds_sum")?,
+            itl_count: m("inter_token_latency_seconds_count")?,
+            met: labelled(text, &format!("{f}sla_requests_total"), "met=\"true\""),
+            missed: labelled(text, &format!("{f}sla_requests_total"), "met=\"false\""),
+            ttft_missed: labelled(text, &format!("{f}sla_misses_total"), "target=\"ttft\""),
+            itl_missed: labelled(text, &format!("{f}sla_misses_total"), "target=\"itl\""),
+            inflight: m("inflight_requests").unwrap_or(0.0),
+            live: m("live_workers").unwrap_or(0.0),
+        })
+    }
+
+    /// What happened between `self` and the later `b`, `wall` apart, in the engines' time
+    /// (durations and latencies times `speedup`).
+    pub fn observe(&self, b: &Counters, wall: Duration, speedup: f64) -> Observation {
+        let a = self;
+        let d = |x: f64, y: f64| (y - x).max(0.0);
+        let n = d(a.isl_count, b.isl_count);
+        let per = |sum: f64| if n > 0.0 { sum / n } else { 0.0 };
+        let isl = per(d(a.isl_sum, b.isl_sum));
+        let mean_ms = |s: f64, c: f64| (c > 0.0).then(|| s / c * 1000.0 * speedup);
+        let judged = d(a.met, b.met) + d(a.missed, b.missed);
+        let share = |missed: f64| (judged > 0.0).then(|| 1.0 - (missed / judged).min(1.0));
+        // Arrivals: requests that finished plus the change in those in flight.
+        let arrived = (b.requests - a.requests + b.inflight - a.inflight).max(0.0);
+        Observation {
+            duration_s: wall.as_secs_f64() * speedup,
+            requests: arrived,
+            isl,
+            osl: per(d(a.osl_sum, b.osl_sum)),
+            hit_rate: if isl > 0.0 {
+                per(d(a.cached_sum, b.cached_sum)) / isl
+            } else {
+                0.0
+            },
+            ttft_ms: mean_ms(d(a.ttft_sum, b.ttft_sum), d(a.ttft_count, b.ttft_count)),
+            itl_ms: mean_ms(d(a.itl_sum, b.itl_sum), d(a.itl_count, b.itl_count)),
+            attainment: (judged > 0.0).then(|| d(a.met, b.met) / judged),
+            ttft_attainment: share(d(a.ttft_missed, b.ttft_missed)),
+            itl_attainment: share(d(a.itl_missed, b.itl_missed)),
+            workers: b.live as u32,
+        }
+    }
+
+    /// The sum of two frontends' counters.
+    pub fn add(&self, o: &Counters) -> Counters {
+        Counters {
+            requests: self.requests + o.requests,
+            isl_sum: self.isl_sum + o.isl_sum,
+            isl_count: self.isl_count + o.isl_count,
+            osl_sum: self.osl_sum + o.osl_sum,
+            cached_sum: self.cached_sum + o.cached_sum,
+            ttft_sum: self.ttft_sum + o.ttft_sum,
+            ttft_count: self.ttft_count + o.ttft_count,
+            itl_sum: self.itl_sum + o.itl_sum,
+            itl_count: self.itl_count + o.itl_count,
+            met: self.met + o.met,
+            missed: self.missed + o.missed,
+            ttft_missed: self.ttft_missed + o.ttft_missed,
+            itl_missed: self.itl_missed + o.itl_missed,
+            inflight: self.inflight + o.inflight,
+            // Every frontend sees the same workers.
+            live: self.live.max(o.live),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frontend_counters_become_a_trace_time_observation() {
+        let text = |n: f64, met: f64| {
+            format!(
+                "dynamo_frontend_requests_total{{model=\"m\",endpoint=\"completions\",request_type=\"stream\",status=\"success\"}} {n}\n\
+                 dynamo_frontend_input_sequence_tokens_sum{{model=\"m\"}} {}\n\
+                 dynamo_frontend_input_sequence_tokens_count{{model=\"m\"}} {n}\n\
+                 dynamo_frontend_output_sequence_tokens_sum{{model=\"m\"}} {}\n\
+                 dynamo_frontend_cached_tokens_sum{{model=\"m\"}} {}\n\
+                 dynamo_frontend_time_to_first_token_seconds_sum{{model=\"m\"}} {}\n\
+                 dynamo_frontend_time_to_first_token_seconds_count{{model=\"m\"}} {n}\n\
+                 dynamo_frontend_inter_token_latency_seconds_sum{{model=\"m\"}} {}\n\
+                 dynamo_frontend_inter_token_latency_seconds_count{{model=\"m\"}} {}\n\
+                 dynamo_frontend_sla_requests_total{{met=\"true\"}} {met}\n\
+                 dynamo_frontend_sla_requests_total{{met=\"false\"}} {}\n\
+                 dynamo_frontend_sla_misses_total{{target=\"itl\"}} {}\n\
+                 dynamo_frontend_inflight_requests{{model=\"m\"}} {}\n\
+                 dynamo_frontend_live_workers{{role=\"aggregated\"}} 3\n",
+                n * 1000.0,
+                n * 100.0,
+                n * 250.0,
+                n * 0.01,
+                n * 99.0 * 0.002,
+                n * 99.0,
+                n - met,
+                n - met,
+                n / 10.0,
+            )
+        };
+        let a = Counters::parse(&text(10.0, 10.0)).expect("parses");
+        let b = Counters::parse(&text(110.0, 100.0)).expect("parses");
+        // 100 requests over 2 s of wall time at speedup 5: 10 trace seconds.
+        let o = a.observe(&b, Duration::from_secs(2), 5.0);
+        assert_eq!(o.duration_s, 10.0);
+        // 100 finished, and 10 more in flight than before.
+        assert_eq!(o.requests, 110.0);
+        assert_eq!((o.isl, o.osl, o.hit_rate), (1000.0, 100.0, 0.25));
+        assert!(
+            (o.ttft_ms.expect("ttft") - 50.0).abs() < 1e-9,
+            "10 ms wall x 5"
+        );
+        assert!((o.itl_ms.expect("itl") - 10.0).abs() < 1e-9);
+        assert!((o.attainment.expect("judged") - 0.9).abs() < 1e-12);
+        assert_eq!(o.ttft_attainment, Some(1.0));
+        assert!((o.itl_attainment.expect("judged") - 0.9).abs() < 1e-12);
+        assert_eq!(o.workers, 3);
+        assert!(
+            Counters::parse("vllm:requests 1\n").is_none(),
+            "not our frontend"
+        );
+    }
+}
