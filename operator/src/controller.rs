@@ -1166,7 +1166,9 @@ fn graph_status(g: &Graph<'_>, p: &plan::Plan, unplaced: &[String]) -> DynamoGra
         observed_generation: dgd.metadata.generation,
         conditions: vec![ready_cond, placed],
         services,
-        planner: dgd.status.as_ref().and_then(|s| s.planner.clone()),
+        // The planner writes its own field (its own field manager): leaving it out here keeps
+        // the controller's apply from overwriting a newer decision with a cached one.
+        planner: None,
     }
 }
 

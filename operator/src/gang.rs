@@ -246,6 +246,34 @@ pub fn build_pod(ctx: &PodContext<'_>) -> Result<Pod, String> {
             value_from: None,
         });
     }
+    if role == "frontend"
+        && let Some(sla) = &spec.sla
+        && let (Some(ttft), Some(itl)) = (sla.ttft_ms, sla.itl_ms)
+    {
+        // The frontend counts requests that meet spec.sla (the planner reads the counts). It
+        // judges wall-clock latencies, so targets are divided by the workers' mocker speedup.
+        let speedup = spec
+            .services
+            .values()
+            .find(|s| s.component_type.is_worker())
+            .map_or(1.0, |w| {
+                let args = w
+                    .extra_pod_spec
+                    .as_ref()
+                    .and_then(|e| e.main_container.as_ref())
+                    .map(|c| c.args.clone())
+                    .unwrap_or_default();
+                dynamo_planner::builtin::EngineShape::from_flags(&args, &[])
+                    .map_or(1.0, |s| s.speedup)
+            });
+        for (k, v) in [("DYN_SLA_TTFT_MS", ttft), ("DYN_SLA_ITL_MS", itl)] {
+            put(EnvVar {
+                name: k.into(),
+                value: Some((v / speedup).to_string()),
+                value_from: None,
+            });
+        }
+    }
     if matches!(role, "prefill" | "decode") {
         // Disaggregation: the sidecar's role (its own --role wins), the graph's KV transfer
         // secret, the address peers pull blocks from, and a fixed transfer port.
@@ -624,6 +652,26 @@ spec:
         assert_eq!(env(&fe, "DYN_ROLE"), None);
         assert_eq!(env(&fe, "DYN_GPUS"), None);
         assert_eq!(env(&fe, "DYN_KV_TRANSFER_SECRET"), None);
+    }
+
+    #[test]
+    fn a_graph_with_an_sla_has_its_frontend_judge_requests_in_the_engines_time() {
+        let path = format!(
+            "{}/../manifests/planner.yaml",
+            std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+        );
+        let text = std::fs::read_to_string(path).expect("manifest");
+        let mut g: DynamoGraphDeployment = serde_saphyr::from_str(&text).expect("parses");
+        g.metadata.namespace = Some("team".into());
+        let fe = pod(&g, "Frontend", 0, 0);
+        assert_eq!(env(&fe, "DYN_SLA_TTFT_MS").as_deref(), Some("1000"));
+        assert_eq!(env(&fe, "DYN_SLA_ITL_MS").as_deref(), Some("100"));
+        assert_eq!(env(&pod(&g, "Worker", 0, 0), "DYN_SLA_TTFT_MS"), None);
+        // A mocker 10x faster than real time: the frontend's wall-clock targets are 10x tighter.
+        let fast = text.replace("\"--speedup-ratio\", \"1\"", "\"--speedup-ratio\", \"10\"");
+        let mut g: DynamoGraphDeployment = serde_saphyr::from_str(&fast).expect("parses");
+        g.metadata.namespace = Some("team".into());
+        assert_eq!(env(&pod(&g, "Frontend", 0, 0), "DYN_SLA_TTFT_MS").as_deref(), Some("100"));
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! drifted), [`plan`] (desired against observed: create, place, un-gate, delete, roll). Talking
 //! to the API server: [`controller`] (the kube-runtime controller), [`leader`] (Lease-based leader
 //! election). Process plumbing: [`config`], [`telemetry`] (`/metrics`, `/healthz`).
-//! The SLA planner is not here yet.
+//! [`planner`] runs the SLA planner, one loop per graph with `spec.sla`.
 
 pub mod children;
 pub mod config;
@@ -19,4 +19,5 @@ pub mod leader;
 pub mod lifecycle;
 pub mod placement;
 pub mod plan;
+pub mod planner;
 pub mod telemetry;

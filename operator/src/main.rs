@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::Parser;
-use dynamo_operator::{config::Args, controller, leader::LeaderElector, telemetry};
+use dynamo_operator::{config::Args, controller, leader::LeaderElector, planner, telemetry};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 #[tokio::main]
@@ -74,7 +74,16 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     metrics.leader.set(1);
+    let planners = tokio::spawn(planner::run(
+        client.clone(),
+        config.watch_namespace.clone(),
+        metrics.clone(),
+        config.identity.clone(),
+        cancel.child_token(),
+    ));
     controller::run(client, config, metrics.clone(), cancel.child_token()).await;
+    cancel.cancel();
+    let _ = planners.await;
 
     healthy.store(false, Ordering::Relaxed);
     cancel.cancel();

@@ -3,7 +3,9 @@
 //! Metrics: `dynamo_operator_reconciles_total`, `dynamo_operator_reconcile_failures_total{error}`
 //! (labels from [`crate::controller::Error::metric_label`]), `dynamo_operator_reconcile_duration_seconds`,
 //! `dynamo_operator_gangs_placed_total`, `dynamo_operator_gangs_unplaceable` (gangs waiting for room
-//! right now), `dynamo_operator_leader` (1 while this process leads).
+//! right now), `dynamo_operator_leader` (1 while this process leads), and the SLA planner's
+//! `dynamo_operator_planner_decisions_total{graph,path,acted}`, `..._planner_replicas{graph,service}`,
+//! `..._planner_observed_requests_per_second` and `..._planner_predicted_requests_per_second`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +24,19 @@ pub struct ErrorLabels {
     pub error: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PlannerLabels {
+    pub graph: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabels {
+    pub graph: String,
+    pub path: &'static str,
+    pub acted: &'static str,
+}
+
 /// The operator's metrics; cheap to clone (shared handles).
 #[derive(Clone)]
 pub struct Metrics {
@@ -31,6 +46,10 @@ pub struct Metrics {
     pub gangs_placed: Counter,
     pub gangs_unplaceable: Gauge<i64, AtomicI64>,
     pub leader: Gauge<i64, AtomicI64>,
+    planner_decisions: Family<DecisionLabels, Counter>,
+    planner_replicas: Family<PlannerLabels, Gauge<i64, AtomicI64>>,
+    planner_observed_rate: Family<PlannerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    planner_predicted_rate: Family<PlannerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     registry: Arc<Registry>,
 }
 
@@ -74,7 +93,38 @@ impl Default for Metrics {
             gangs_unplaceable.clone(),
         );
         registry.register("leader", "1 while this process leads", leader.clone());
+        let planner = registry.sub_registry_with_prefix("planner");
+        let planner_decisions = Family::<DecisionLabels, Counter>::default();
+        planner.register(
+            "decisions",
+            "SLA planner decisions, by graph, path (predictive, reactive, hold) and whether they were carried out",
+            planner_decisions.clone(),
+        );
+        let planner_replicas = Family::<PlannerLabels, Gauge<i64, AtomicI64>>::default();
+        planner.register(
+            "replicas",
+            "Replicas the SLA planner last chose, by graph and service",
+            planner_replicas.clone(),
+        );
+        let planner_observed_rate =
+            Family::<PlannerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        planner.register(
+            "observed_requests_per_second",
+            "Request rate the planner last observed (engine time)",
+            planner_observed_rate.clone(),
+        );
+        let planner_predicted_rate =
+            Family::<PlannerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        planner.register(
+            "predicted_requests_per_second",
+            "Request rate the planner forecast for its next interval (engine time)",
+            planner_predicted_rate.clone(),
+        );
         Metrics {
+            planner_decisions,
+            planner_replicas,
+            planner_observed_rate,
+            planner_predicted_rate,
             reconciles,
             failures,
             duration,
@@ -87,6 +137,44 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records one planner decision (`dynamo_operator_planner_*`).
+    pub fn planner_decision(
+        &self,
+        graph: &str,
+        service: &str,
+        d: &dynamo_planner::Decision,
+        acted: bool,
+    ) {
+        let labels = PlannerLabels {
+            graph: graph.to_owned(),
+            service: service.to_owned(),
+        };
+        self.planner_decisions
+            .get_or_create(&DecisionLabels {
+                graph: graph.to_owned(),
+                path: match d.path {
+                    dynamo_planner::Path::Predictive => "predictive",
+                    dynamo_planner::Path::Reactive => "reactive",
+                    dynamo_planner::Path::Hold => "hold",
+                },
+                acted: if acted { "true" } else { "false" },
+            })
+            .inc();
+        self.planner_replicas
+            .get_or_create(&labels)
+            .set(i64::from(d.replicas));
+        if let Some(o) = &d.observed {
+            self.planner_observed_rate
+                .get_or_create(&labels)
+                .set(o.rate);
+        }
+        if let Some(p) = &d.predicted {
+            self.planner_predicted_rate
+                .get_or_create(&labels)
+                .set(p.rate);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

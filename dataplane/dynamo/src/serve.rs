@@ -249,12 +249,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         return Err(e);
     }
 
-    let speedup = args.speedup_ratio.unwrap_or_else(|| {
-        graph
-            .workers
-            .first()
-            .map_or(1.0, |w| planner::worker_speedup(&w.args))
-    });
+    let speedup = args
+        .speedup_ratio
+        .unwrap_or_else(|| graph.workers.first().map_or(1.0, planner::worker_speedup));
     let planner_on = match args.planner {
         Some(crate::cli::OnOff::On) => true,
         Some(crate::cli::OnOff::Off) => false,

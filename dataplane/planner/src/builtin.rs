@@ -14,6 +14,9 @@ pub struct EngineShape {
     pub max_num_seqs: f64,
     pub max_num_batched_tokens: f64,
     pub gpus: u32,
+    /// How much faster than real time the engine runs (`--speedup-ratio`): the planner divides
+    /// its interval and the observed latencies by it, so it thinks in the engine's own time.
+    pub speedup: f64,
 }
 
 impl Default for EngineShape {
@@ -25,6 +28,7 @@ impl Default for EngineShape {
             max_num_seqs: 256.0,
             max_num_batched_tokens: 8192.0,
             gpus: 1,
+            speedup: 1.0,
         }
     }
 }
@@ -34,7 +38,8 @@ impl EngineShape {
     /// `DYN_*` environment; arguments win, as they do for the sidecar itself.
     pub fn from_flags(args: &[String], env: &[(String, String)]) -> Result<EngineShape, String> {
         let mut shape = EngineShape::default();
-        let fields: [(&str, &str, &mut f64); 5] = [
+        let fields: [(&str, &str, &mut f64); 6] = [
+            ("--speedup-ratio", "DYN_SPEEDUP_RATIO", &mut shape.speedup),
             (
                 "--timing-scale",
                 "DYN_TIMING_SCALE",
@@ -58,7 +63,11 @@ impl EngineShape {
             ),
         ];
         for (flag, var, slot) in fields {
-            if let Some(v) = flag_value(args, flag).or_else(|| env_value(env, var)) {
+            let alias = (flag == "--speedup-ratio").then(|| flag_value(args, "--speedup"));
+            if let Some(v) = flag_value(args, flag)
+                .or(alias.flatten())
+                .or_else(|| env_value(env, var))
+            {
                 *slot = parse_positive(flag, &v)?;
             }
         }
@@ -154,9 +163,16 @@ mod tests {
 
     #[test]
     fn the_shape_comes_from_flags_then_env_then_defaults() {
-        let args: Vec<String> = ["sidecar", "--timing-scale", "8", "--block-size=32"]
-            .map(String::from)
-            .to_vec();
+        let args: Vec<String> = [
+            "sidecar",
+            "--timing-scale",
+            "8",
+            "--block-size=32",
+            "--speedup",
+            "6",
+        ]
+        .map(String::from)
+        .to_vec();
         let env = vec![
             ("DYN_TIMING_SCALE".to_owned(), "2".to_owned()),
             ("DYN_MAX_NUM_SEQS".to_owned(), "64".to_owned()),
@@ -171,6 +187,7 @@ mod tests {
             ),
             (8.0, 32.0, 64.0, 16384.0)
         );
+        assert_eq!(s.speedup, 6.0);
         let bad = EngineShape::from_flags(&["--max-num-seqs".into(), "x".into()], &[]);
         assert!(bad.expect_err("invalid").contains("--max-num-seqs"));
     }

@@ -182,20 +182,9 @@ pub fn mocker_profile(args: &[String], env: &[(String, String)]) -> anyhow::Resu
         .map_err(|e| anyhow::anyhow!("could not describe the worker's engine: {e}"))
 }
 
-/// The speedup ratio a worker service's own flags give its engine (1 when they give none).
-pub fn worker_speedup(args: &[String]) -> f64 {
-    args.iter()
-        .position(|a| a == "--speedup-ratio" || a == "--speedup")
-        .and_then(|i| args.get(i + 1)?.parse().ok())
-        .or_else(|| {
-            args.iter().find_map(|a| {
-                a.strip_prefix("--speedup-ratio=")
-                    .or_else(|| a.strip_prefix("--speedup="))?
-                    .parse()
-                    .ok()
-            })
-        })
-        .unwrap_or(1.0)
+/// The speedup ratio a worker service's own flags and environment give its engine.
+pub fn worker_speedup(svc: &LocalService) -> f64 {
+    dynamo_planner::builtin::EngineShape::from_flags(&svc.args, &svc.env).map_or(1.0, |s| s.speedup)
 }
 
 /// Runs the planner until `stop`: reads the frontend every tick, decides, and adds or removes
@@ -407,9 +396,4 @@ async fn scale(
         }
         let _ = rx.await;
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 }
