@@ -121,9 +121,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# manifests/agg.yaml, each service pinned to the real node (nodeSelector + toleration).
+# manifests/agg.yaml (or $1), each service pinned to the real node (nodeSelector + toleration).
 pinned_graph() {
-  kubectl create --dry-run=client -o json -f manifests/agg.yaml | "$PYTHON" -c '
+  kubectl create --dry-run=client -o json -f "${1:-manifests/agg.yaml}" | "$PYTHON" -c '
 import json, sys
 g = json.load(sys.stdin)
 g["metadata"].pop("namespace", None)
@@ -224,6 +224,69 @@ case_worker_pod_deleted_under_load() {
   expect_no_failures kill "kubectl delete pod of a worker under load"
 }
 
+# manifests/planner.yaml made quick: a 10 s interval with the mocker 10x faster than real time (so
+# 1 s of wall time), starting from one worker, within 3 GPUs.
+planner_graph() {
+  pinned_graph manifests/planner.yaml | "$PYTHON" -c '
+import json, sys
+g = json.load(sys.stdin)
+g["spec"]["planner"].update({"interval": "10s", "gpuBudget": 3, "minReplicas": 1, "maxReplicas": 4})
+w = g["spec"]["services"]["Worker"]
+w["replicas"] = 1
+args = w["extraPodSpec"]["mainContainer"]["args"]
+args[args.index("--speedup-ratio") + 1] = "10"
+json.dump(g, sys.stdout)'
+}
+PWORKERS="nvidia.com/dynamo-graph=planner,nvidia.com/dynamo-service=Worker"
+adapter_replicas() { k get dgdsa planner-worker -o 'jsonpath={.spec.replicas}'; }
+
+case_planner_scales_a_graph_with_an_sla_up_under_load_and_back_down() {
+  local url most=0 n ok failed t0 up
+  planner_graph | k apply -f - >/dev/null
+  wait_for "planner graph: 1 worker and its frontend Ready" 120 ready_count_is "$PWORKERS" 1
+  pfrontend_url() {
+    echo "http://$(k get svc planner-frontend -o 'jsonpath={.spec.clusterIP}'):$(k get svc planner-frontend -o 'jsonpath={.spec.ports[0].port}')"
+  }
+  url="$(pfrontend_url)"
+  wait_for "planner graph serves" 120 "$PYTHON" "$CLIENT" first-token "$url" --timeout 5
+  rm -f "$WORK/planner.stop"
+  "$PYTHON" "$CLIENT" load "$url" --concurrency 24 --stop-file "$WORK/planner.stop" \
+    --out "$WORK/planner.json" >"$WORK/planner.log" 2>&1 &
+  echo $! >"$WORK/planner.pid"
+  t0=$(now)
+  # Up to the GPU budget (3 workers of 1 GPU), never past it.
+  local deadline=$((SECONDS + 120))
+  while [ $SECONDS -lt $deadline ]; do
+    n="$(adapter_replicas)"
+    [ "$n" -gt "$most" ] && most=$n
+    [ "$n" -le 3 ] || fail "the planner scaled to $n workers, past the budget of 3 GPUs"
+    [ "$(ready_pods "$PWORKERS" | wc -l)" -ge 3 ] && break
+    sleep 0.5
+  done
+  [ "$most" -eq 3 ] || fail "the planner scaled to $most workers under load, expected the budget's 3"
+  up="$(since "$t0")"
+  wait_for "3 planner workers Ready" 60 ready_count_is "$PWORKERS" 3
+  figure "planner: load to 3 Ready workers (the GPU budget) in $up s"
+  k get dgd planner | grep -q "Worker .*->3" || k get dgd planner >&2
+  k get dgd planner -o 'jsonpath={.status.planner.algorithm}' | grep -qx sla || fail "status.planner.algorithm"
+  sleep 5
+  touch "$WORK/planner.stop"
+  read -r ok failed < <(stop_load planner)
+  figure "planner: $failed failed of $((ok + failed)) requests while it scaled 1->3->1"
+  [ "$failed" -eq 0 ] || fail "$failed requests failed while the planner scaled"
+  # Without load, back to the floor (1), never below it.
+  t0=$(now)
+  wait_for "the planner scales back to 1 worker" 120 ready_count_is "$PWORKERS" 1
+  figure "planner: load stopped to 1 Ready worker in $(since "$t0") s"
+  sleep 3
+  [ "$(adapter_replicas)" -eq 1 ] || fail "below or above the floor: $(adapter_replicas)"
+  k get dgd planner >&2
+  k get dgd planner -o 'jsonpath={.status.planner.reason}' | grep -q "replica" || fail "no reason in status.planner"
+  k describe dgd planner | grep -q PlannerScaled || fail "no PlannerScaled event in kubectl describe dgd"
+  k describe dgd planner | grep -A3 "Planner:" >&2 || true
+  k delete dgd planner --wait=false >/dev/null
+}
+
 case_deleting_the_graph_stops_every_container() {
   k get dgd "$GRAPH" >/dev/null || fail "graph $GRAPH is not there to delete"
   k delete dgd "$GRAPH" --wait=true >/dev/null
@@ -287,6 +350,7 @@ run_case logs_and_exec_work
 run_case scaling_workers_up_and_down_under_load
 run_case template_change_rolls_under_load
 run_case worker_pod_deleted_under_load
+run_case planner_scales_a_graph_with_an_sla_up_under_load_and_back_down
 run_case deleting_the_graph_stops_every_container
 
 log "suite time: $((SECONDS - SUITE_START)) s"
