@@ -671,7 +671,10 @@ spec:
         let fast = text.replace("\"--speedup-ratio\", \"1\"", "\"--speedup-ratio\", \"10\"");
         let mut g: DynamoGraphDeployment = serde_saphyr::from_str(&fast).expect("parses");
         g.metadata.namespace = Some("team".into());
-        assert_eq!(env(&pod(&g, "Frontend", 0, 0), "DYN_SLA_TTFT_MS").as_deref(), Some("100"));
+        assert_eq!(
+            env(&pod(&g, "Frontend", 0, 0), "DYN_SLA_TTFT_MS").as_deref(),
+            Some("100")
+        );
     }
 
     #[test]

@@ -394,10 +394,10 @@ async fn graph_loop(
         }
         let decision = to_status(s, &d, mode, reason);
         // Status on every interval decision and on every change; ticks that change nothing stay quiet.
-        if d.path != Path::Reactive || d.changed() {
-            if let Err(e) = write_decision(&graphs, &name, &decision).await {
-                tracing::warn!(graph = %name, error = %e, "planner could not write status");
-            }
+        if (d.path != Path::Reactive || d.changed())
+            && let Err(e) = write_decision(&graphs, &name, &decision).await
+        {
+            tracing::warn!(graph = %name, error = %e, "planner could not write status");
         }
         if d.changed() || (owner.is_some() && stepped_back != mode) {
             stepped_back = mode.to_owned();

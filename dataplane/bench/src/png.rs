@@ -88,9 +88,13 @@ pub struct TimelineLegend {
     pub panels: Vec<(String, f64, &'static str)>,
 }
 
+/// One panel of the timeline: its name, a fixed y maximum (or `None` to fit the data) and its
+/// `(x, y)` points.
+pub type Panel = (String, Option<f64>, Vec<(f64, f64)>);
+
 /// Draws stacked panels sharing the x axis, one step line of `(x, y)` points each. A panel's
 /// y range is `0..y_max` when given, else `0..` 1.1 x its largest value.
-pub fn timeline(panels: &[(String, Option<f64>, Vec<(f64, f64)>)]) -> (Vec<u8>, TimelineLegend) {
+pub fn timeline(panels: &[Panel]) -> (Vec<u8>, TimelineLegend) {
     let x_max = panels
         .iter()
         .flat_map(|(_, _, p)| p.iter().map(|(x, _)| *x))

@@ -631,7 +631,7 @@ mod tests {
         assert!(
             "arima"
                 .parse::<Algorithm>()
-                .unwrap_err()
+                .expect_err("unknown")
                 .contains("\"sla\"")
         );
     }
