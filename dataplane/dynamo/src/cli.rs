@@ -52,6 +52,13 @@ pub struct IdealArgs {
     /// Window of one decision (default: the manifest's `spec.planner.interval`).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub interval: Option<Duration>,
+    /// Fraction of the TTFT target the model's mean TTFT may reach (default: the planner's
+    /// starting headroom).
+    #[arg(long)]
+    pub headroom_ttft: Option<f64>,
+    /// Fraction of the ITL target the model's mean ITL may reach.
+    #[arg(long)]
+    pub headroom_itl: Option<f64>,
 }
 
 /// Which model to serve: a Hugging Face directory, or the built-in tiny model.

@@ -10,10 +10,10 @@
 //!   model's mean latencies corrected by observed/predicted latency and held to a fraction of
 //!   each target (room for the tail), that fraction tuned per target from the share of requests
 //!   that met it (shrunk after an interval that missed, grown slowly while it holds), a fast
-//!   reactive path that
-//!   scales up within seconds when the short-term rate outgrows the fleet, and scale-down only to
-//!   a fleet the model says still meets the targets at both the forecast and the observed load,
-//!   at most a quarter of the fleet at a time and never right after an interval that missed.
+//!   reactive path that scales up within seconds when the short-term rate outgrows the fleet, and
+//!   scale-down only to a fleet the model says still meets the targets at both the forecast and
+//!   the observed load and that no burst of the last interval needed more than, at most a quarter
+//!   of the fleet at a time and never right after an interval that missed.
 //! - [`Algorithm::Dynamo`]: NVIDIA Dynamo's published throughput-based planner: predicted
 //!   prefill tokens/s over one engine's prefill throughput at the forecast ISL (scaled by
 //!   `min(1, observed/expected TTFT)`), predicted output tokens/s over one engine's decode
@@ -181,6 +181,10 @@ pub struct Planner {
     correction: (f64, f64),
     /// Fractions of the TTFT and ITL targets the corrected mean latencies are held to.
     headroom: (f64, f64),
+    /// The most replicas a fast check asked for since the last interval: scale-down goes no
+    /// lower (a stabilisation window, so a fleet does not shrink at the interval only to grow
+    /// again at the next burst).
+    recent_peak: u32,
 }
 
 /// Bounds of the tuned headroom.
@@ -201,6 +205,7 @@ impl Planner {
             osl: Predictor::new(kind),
             correction: (1.0, 1.0),
             headroom: (config.headroom_ttft, config.headroom_itl),
+            recent_peak: 0,
         }
     }
 
@@ -363,10 +368,19 @@ impl Planner {
                 let _ = write!(why, "requests missed the SLA; not scaling down");
             } else {
                 let step = (current / 4).max(1);
-                replicas = self.clamp(replicas.max(current.saturating_sub(step)));
+                let floor = current.saturating_sub(step).max(self.recent_peak);
+                replicas = self.clamp(replicas.max(floor).min(current));
                 let _ = write!(
                     why,
-                    "{replicas} replica(s) meet the targets at the forecast and the observed load"
+                    "{replicas} replica(s) meet the targets at the forecast and the observed load{}",
+                    if self.recent_peak > want_forecast.max(want_observed) {
+                        format!(
+                            " and the last interval's bursts (up to {})",
+                            self.recent_peak
+                        )
+                    } else {
+                        String::new()
+                    }
                 );
             }
         } else {
@@ -375,6 +389,7 @@ impl Planner {
                 "{replicas} replica(s) meet the targets at the forecast load"
             );
         }
+        self.recent_peak = 0;
         Decision {
             replicas,
             previous: current,
@@ -461,6 +476,7 @@ impl Planner {
         let obs = obs.filter(|o| o.requests > 0.0)?;
         let observed = obs.load();
         let want = self.clamp(self.sized(&observed));
+        self.recent_peak = self.recent_peak.max(want);
         (want > current).then(|| Decision {
             replicas: want,
             previous: current,
@@ -558,6 +574,29 @@ mod tests {
         assert_eq!(d.replicas, 9, "a quarter at a time: {}", d.reason);
         let d = p.on_interval(Some(&window(1.0, 9, 0.9)), 9);
         assert_eq!(d.replicas, 9, "{}", d.reason);
+    }
+
+    #[test]
+    fn a_burst_in_the_last_interval_holds_off_scale_down() {
+        let mut p = Planner::new(config(Algorithm::Sla), engine());
+        let calm = window(4.0, 8, 1.0);
+        let mut burst = window(40.0, 8, 1.0);
+        burst.duration_s = 15.0;
+        burst.requests = 600.0;
+        let needed = p.ideal(&burst.load());
+        assert!(needed > 2 && needed < 8, "{needed}");
+        // A burst the fleet of 8 absorbed (nothing to scale up) still counts.
+        assert_eq!(p.on_tick(Some(&burst), 8), None);
+        let d = p.on_interval(Some(&calm), 8);
+        assert!(
+            d.replicas >= needed,
+            "{} < {needed}: {}",
+            d.replicas,
+            d.reason
+        );
+        // The next interval, with no burst, goes on down.
+        let d2 = p.on_interval(Some(&calm), d.replicas);
+        assert!(d2.replicas < d.replicas, "{d2:?}");
     }
 
     #[test]

@@ -131,7 +131,13 @@ pub fn ideal(args: &crate::cli::IdealArgs) -> anyhow::Result<()> {
         .manifest
         .parent()
         .unwrap_or_else(|| std::path::Path::new("."));
-    let lp = setup(&manifest.spec, dir, &graph.workers, 1.0)?;
+    let mut lp = setup(&manifest.spec, dir, &graph.workers, 1.0)?;
+    if args.headroom_ttft.is_some() || args.headroom_itl.is_some() {
+        let mut config = *lp.planner.config();
+        config.headroom_ttft = args.headroom_ttft.unwrap_or(config.headroom_ttft);
+        config.headroom_itl = args.headroom_itl.unwrap_or(config.headroom_itl);
+        lp.planner = Planner::new(config, lp.planner.profile().clone());
+    }
     let interval = args.interval.unwrap_or(lp.interval).as_secs_f64().max(1e-3);
     let lines = dynamo_bench::workload::read_trace(&args.trace, None, 64)?;
     let end = lines.iter().map(|l| l.timestamp).max().unwrap_or(0) as f64 / 1000.0;
