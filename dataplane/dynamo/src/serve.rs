@@ -161,6 +161,11 @@ enum Msg {
     List {
         reply: oneshot::Sender<Vec<WorkerView>>,
     },
+    /// A removed worker is out of the frontend's set: stop it now.
+    StopRemoved {
+        name: String,
+        generation: u64,
+    },
 }
 
 /// A worker as the control API shows it.
@@ -218,6 +223,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|w| args.workers.unwrap_or(w.replicas) as usize)
             .sum(),
         log_dir: std::env::temp_dir().join(format!("dynamo-serve-{}", std::process::id())),
+        frontend_addr: None,
     };
     let initial = async {
         for (s, svc) in graph.workers.iter().enumerate() {
@@ -323,6 +329,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Err(e) = wait_routable(frontend_addr, expected).await {
         eprintln!("dynamo serve: {e:#}");
     }
+    sup.frontend_addr = Some(frontend_addr);
 
     let planner_status = local_planner.as_ref().map(|p| p.status.clone());
     let control = bind_control(args.control_port, tx.clone(), planner_status, &tasks).await?;
@@ -412,6 +419,8 @@ struct Supervisor {
     engine_index: usize,
     engine_count: usize,
     log_dir: PathBuf,
+    /// The frontend, once started: a removed worker is stopped only after it left its set.
+    frontend_addr: Option<SocketAddr>,
 }
 
 impl Supervisor {
@@ -629,11 +638,23 @@ impl Supervisor {
                 };
                 slot.removed = true;
                 let view = self.view(&name, &self.slots[&name]);
-                // Out of the frontend's set first, so it sends nothing new; then drain and exit.
+                // Out of the frontend's set first, so it sends nothing new; once the frontend has
+                // dropped it (at most 2 s), drain and exit.
                 self.publish().await;
                 if let Some(slot) = self.slots.get_mut(&name) {
-                    match &mut slot.proc {
-                        Some(p) => ask_to_stop(p),
+                    match &slot.proc {
+                        Some(p) => {
+                            let url = format!("http://{}", p.addr);
+                            let (tx, generation, frontend) =
+                                (self.tx.clone(), slot.generation, self.frontend_addr);
+                            let name = name.clone();
+                            self.tasks.spawn(async move {
+                                if let Some(fe) = frontend {
+                                    wait_withdrawn(fe, &url).await;
+                                }
+                                let _ = tx.send(Msg::StopRemoved { name, generation });
+                            });
+                        }
                         None => {
                             self.slots.remove(&name);
                         }
@@ -641,6 +662,15 @@ impl Supervisor {
                 }
                 eprintln!("dynamo serve: worker {name} removed; it drains its streams and exits");
                 let _ = reply.send(Ok(view));
+            }
+            Msg::StopRemoved { name, generation } => {
+                if let Some(slot) = self.slots.get_mut(&name)
+                    && slot.removed
+                    && slot.generation == generation
+                    && let Some(p) = &mut slot.proc
+                {
+                    ask_to_stop(p);
+                }
             }
             Msg::List { reply } => {
                 let views = self.slots.iter().map(|(n, s)| self.view(n, s)).collect();
@@ -940,8 +970,35 @@ async fn wait_routable(frontend: SocketAddr, expected: usize) -> anyhow::Result<
     bail!("the frontend routes to {last} of {expected} workers after 10 s; serving anyway")
 }
 
-/// `live_workers` from one `GET /health` (HTTP/1.0, so the body ends with the connection).
+/// Waits (at most 2 s) until the frontend's `/health` no longer lists `url` among its workers.
+async fn wait_withdrawn(frontend: SocketAddr, url: &str) {
+    let addr = SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), frontend.port());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        match health(addr).await {
+            Ok(v)
+                if !v["workers"]
+                    .as_array()
+                    .is_some_and(|ws| ws.iter().any(|w| w["url"] == url)) =>
+            {
+                return;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// `live_workers` from one `GET /health`.
 async fn live_workers(addr: SocketAddr) -> std::io::Result<Option<usize>> {
+    Ok(health(addr)
+        .await?
+        .get("live_workers")
+        .and_then(|v| v.as_u64())
+        .map(|n| n as usize))
+}
+
+/// One `GET /health` (HTTP/1.0, so the body ends with the connection), as JSON.
+async fn health(addr: SocketAddr) -> std::io::Result<serde_json::Value> {
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
         .write_all(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
@@ -952,10 +1009,7 @@ async fn live_workers(addr: SocketAddr) -> std::io::Result<Option<usize>> {
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let text = String::from_utf8_lossy(&body);
     let json = text.split("\r\n\r\n").nth(1).unwrap_or_default();
-    Ok(serde_json::from_str::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| v.get("live_workers")?.as_u64())
-        .map(|n| n as usize))
+    serde_json::from_str(json).map_err(std::io::Error::other)
 }
 
 // === control API ===

@@ -316,6 +316,14 @@ async fn dispatch(
                         "max_tokens",
                     ));
                 }
+                // A worker that refused the request before starting it (draining, or its
+                // connection closing as it leaves) cost it nothing: try another without
+                // counting a move. Each worker is tried once, so this ends.
+                code @ (Code::Unavailable | Code::Cancelled) => {
+                    tracing::debug!(worker = %lease.worker.url, ?code, message = status.message(), "worker refused the request; trying another");
+                    state.pool().leave(lease.worker.id, status.message());
+                    failed.push(lease.worker.id);
+                }
                 _ => {
                     state.pool().leave(lease.worker.id, status.message());
                     failed.push(lease.worker.id);
