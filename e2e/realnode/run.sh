@@ -242,6 +242,7 @@ adapter_replicas() { k get dgdsa planner-worker -o 'jsonpath={.spec.replicas}'; 
 
 case_planner_scales_a_graph_with_an_sla_up_under_load_and_back_down() {
   local url most=0 n ok failed t0 up
+  kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   planner_graph | k apply -f - >/dev/null
   wait_for "planner graph: 1 worker and its frontend Ready" 120 ready_count_is "$PWORKERS" 1
   pfrontend_url() {
