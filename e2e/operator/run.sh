@@ -343,6 +343,46 @@ case_scaling_the_adapter_adds_and_removes_gangs() {
   delete_graph agg
 }
 
+planner_is() { # FIELD VALUE: status.planner.FIELD
+  [ "$(jp dgd planner "{.status.planner.$1}")" = "$2" ]
+}
+adapter_spec_is() { [ "$(jp dgdsa "$1" '{.spec.replicas}')" = "$2" ]; }
+
+# The operator's planner with no frontend to read (kwok pods serve nothing): it holds the fleet,
+# raises it to the floor, scales through the adapter's scale subresource with the chart's RBAC,
+# and steps back while an HPA targets the adapter.
+case_planner_holds_without_metrics_keeps_the_floor_and_steps_back_for_an_hpa() {
+  sed -e 's/interval: 60s/interval: 2s/' manifests/planner.yaml | k apply -f - >/dev/null
+  wait_for "planner graph placed" 60 state_is planner ready
+  wait_for "the planner holds without metrics" 30 planner_is path hold
+  planner_is mode active || fail "planner mode is $(jp dgd planner '{.status.planner.mode}')"
+  adapter_spec_is planner-worker 2 || fail "the planner moved the fleet without data"
+  k get dgd planner | grep -q PLANNER || fail "kubectl get dgd has no PLANNER column"
+  k scale dgdsa planner-worker --replicas 0 >/dev/null
+  wait_for "the planner raises the fleet to its floor of 1" 30 adapter_spec_is planner-worker 1
+  wait_for "1 worker gang" 30 pods_running_eq "nvidia.com/dynamo-graph=planner,nvidia.com/dynamo-service=Worker" 1
+  kubectl apply -n "$NS" -f - >/dev/null <<'YAML'
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: planner-worker}
+spec:
+  scaleTargetRef: {apiVersion: nvidia.com/v1alpha1, kind: DynamoGraphDeploymentScalingAdapter, name: planner-worker}
+  minReplicas: 1
+  maxReplicas: 3
+  metrics: [{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}}]
+YAML
+  wait_for "the planner steps back for the HPA" 30 planner_is mode stepped-back
+  jp dgd planner '{.status.planner.reason}' | grep -q "HorizontalPodAutoscaler planner-worker" ||
+    fail "status.planner.reason does not name the HPA: $(jp dgd planner '{.status.planner.reason}')"
+  k get events --field-selector involvedObject.name=planner -o 'jsonpath={.items[*].reason}' | grep -q PlannerSteppedBack ||
+    fail "no PlannerSteppedBack event"
+  k delete hpa planner-worker >/dev/null
+  wait_for "the planner acts again" 30 planner_is mode active
+  curl -sf "http://127.0.0.1:$METRICS_PORT/metrics" | grep -q '^dynamo_operator_planner_decisions_total{' ||
+    fail "no dynamo_operator_planner_decisions_total"
+  delete_graph planner
+}
+
 ready_gangs_with_hash() {
   k get pods -l nvidia.com/dynamo-service=Worker -o \
     "jsonpath={range .items[*]}{.metadata.labels.nvidia\.com/dynamo-template-hash} {.status.conditions[?(@.type==\"Ready\")].status}{\"\n\"}{end}"
@@ -597,6 +637,7 @@ run_case oversized_gang_waits_then_places_when_a_node_joins
 run_case scaling_the_adapter_adds_and_removes_gangs
 run_case template_change_rolls_without_dropping_below_the_floor
 run_case deleting_the_graph_removes_everything
+run_case planner_holds_without_metrics_keeps_the_floor_and_steps_back_for_an_hpa
 run_case kubernetes_discovery_follows_worker_readiness
 run_case operator_killed_mid_reconcile_converges_without_duplicates
 run_case metrics_and_health_are_served

@@ -79,7 +79,13 @@ pub async fn run(
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = events.next() => continue,
+            item = events.next() => {
+                if item.is_none() {
+                    // The watch ended (it retries with backoff, so only at shutdown): sweep on.
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                continue;
+            }
             _ = sweep.tick() => {}
         }
         let wanted: HashMap<ObjectRef<DynamoGraphDeployment>, String> = store
