@@ -74,5 +74,5 @@ e2e/cluster/smoke.sh
 step "operator e2e (helm install, operator with the chart's ServiceAccount, kwok GPU nodes)"
 e2e/operator/run.sh
 
-step "real-node e2e (images, operator as a pod, agg graph served through its ClusterIP under rollout, scaling and pod kill)"
+step "real-node e2e (images, operator as a pod, agg graph served through its ClusterIP under rollout, scaling and pod kill; the SLA planner scaling a graph under load)"
 PYTHON="$VENV/bin/python" e2e/realnode/run.sh
