@@ -20,7 +20,9 @@ use dynamo_crds::{
     DynamoGraphDeployment, DynamoGraphDeploymentScalingAdapter, PlannerDecision, PlannerLoad,
 };
 use dynamo_planner::{
-    Algorithm, Config, Decision, Path, Planner, Profile, builtin::EngineShape, frontend::Counters,
+    Algorithm, Config, Decision, Path, Planner, Profile,
+    builtin::EngineShape,
+    frontend::{Cadence, Counters, TICK},
 };
 use futures::StreamExt;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
@@ -32,7 +34,6 @@ use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::gang::{self, FRONTEND_PORT, LABEL_COMPONENT, LABEL_GRAPH};
@@ -41,10 +42,6 @@ use crate::telemetry::Metrics;
 /// Field manager of the planner's writes (its own, so the controller's status apply and the
 /// planner's `status.planner` never fight).
 pub const MANAGER: &str = "dynamo-planner";
-/// How often each loop reads the frontends and runs the fast check (engine time).
-const TICK: Duration = Duration::from_secs(5);
-/// The window the fast check looks back over (engine time).
-const SHORT_WINDOW: Duration = Duration::from_secs(15);
 /// Key of a profile in its ConfigMap.
 pub const PROFILE_KEY: &str = "profile.json";
 
@@ -258,14 +255,10 @@ async fn graph_loop(
         .unwrap_or_default();
     let mut setup_state: Option<Setup> = None;
     let mut last_error = String::new();
-    let mut history: std::collections::VecDeque<(Instant, Counters)> = Default::default();
-    let mut last_interval: Option<(Instant, Counters)> = None;
-    let mut interval_start = Instant::now();
+    let mut cadence = Cadence::new(Duration::from_secs(60), 1.0, std::time::Instant::now());
     let mut stepped_back = String::new();
     loop {
-        let tick = setup_state
-            .as_ref()
-            .map_or(TICK, |s| TICK.div_f64(s.speedup.max(1e-9)));
+        let tick = setup_state.as_ref().map_or(TICK, |_| cadence.tick());
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(tick) => {}
@@ -292,10 +285,9 @@ async fn graph_loop(
             };
             match built {
                 Ok(s) => {
+                    cadence.reconfigure(s.interval, s.speedup);
                     setup_state = Some(s);
                     last_error.clear();
-                    last_interval = None;
-                    history.clear();
                 }
                 Err(e) => {
                     if e != last_error {
@@ -318,17 +310,8 @@ async fn graph_loop(
         let Some(s) = setup_state.as_mut() else {
             continue;
         };
-        let speed = s.speedup.max(1e-9);
-        let (interval, short) = (s.interval.div_f64(speed), SHORT_WINDOW.div_f64(speed));
-
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         let snap = scrape(&pods, &http, &name).await;
-        if let Some(snap) = snap {
-            history.push_back((now, snap));
-            while history.len() > 2 && now - history[1].0 >= short {
-                history.pop_front();
-            }
-        }
         let Ok(adapter) = adapters.get(&s.adapter).await else {
             continue;
         };
@@ -349,29 +332,7 @@ async fn graph_loop(
             })
             .map(|h| h.name_any());
 
-        let decision = if now - interval_start >= interval {
-            interval_start = now;
-            let obs = match (last_interval, snap) {
-                (Some((t, a)), Some(b)) => Some(a.observe(&b, now - t, speed)),
-                _ => None,
-            };
-            last_interval = snap.map(|b| (now, b));
-            if obs.is_none() && snap.is_some() {
-                continue;
-            }
-            Some(s.planner.on_interval(obs.as_ref(), current))
-        } else {
-            if last_interval.is_none() {
-                last_interval = snap.map(|b| (now, b));
-            }
-            let obs = match (history.front(), snap) {
-                (Some((t, a)), Some(b)) if now - *t >= TICK.div_f64(speed) => {
-                    Some(a.observe(&b, now - *t, speed))
-                }
-                _ => None,
-            };
-            s.planner.on_tick(obs.as_ref(), current)
-        };
+        let decision = cadence.decide(&mut s.planner, now, snap, current);
         let Some(d) = decision else { continue };
 
         let mode = match (&owner, s.advisory) {

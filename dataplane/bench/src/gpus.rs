@@ -41,26 +41,7 @@ pub async fn sample(
 
 /// The sum of every `dynamo_frontend_worker_gpus` series in a Prometheus/OpenMetrics text body.
 pub fn parse_gpus(text: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(GPU_METRIC) else {
-            continue;
-        };
-        // The metric itself, not one whose name merely starts the same.
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        let value = rest
-            .rsplit_once('}')
-            .map_or(rest, |(_, v)| v)
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok());
-        if let Some(v) = value {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
+    dynamo_planner::frontend::metric(text, GPU_METRIC)
 }
 
 /// GPU x wall seconds from the first sample to `end_ms`, each sample's count held until the next.

@@ -1,9 +1,9 @@
 //! The frontend's counters as the planner reads them: its `/metrics` text parsed into cumulative
 //! sums, and two readings turned into an [`Observation`] of the window between them.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::Observation;
+use crate::{Decision, Observation, Planner};
 
 /// Cumulative frontend counters at one moment (summed over the frontends of a graph).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -25,7 +25,9 @@ pub struct Counters {
     live: f64,
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
+/// The sum of every series of the metric `name` in a Prometheus/OpenMetrics text body; `None`
+/// when it has none.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
     let mut found = None;
     for line in text.lines() {
         let Some(rest) = line.strip_prefix(name) else {
@@ -140,6 +142,90 @@ impl Counters {
     }
 }
 
+/// How often the fast check runs, and how far back it looks, in engine time.
+pub const TICK: Duration = Duration::from_secs(5);
+pub const SHORT_WINDOW: Duration = Duration::from_secs(15);
+
+/// When a planner decides, and on which window of counters: the interval's decision on the
+/// readings one interval apart, the fast check in between on the last [`SHORT_WINDOW`]. Times are
+/// wall clock; the interval and windows are in engine time, divided by the speedup.
+#[derive(Debug, Clone)]
+pub struct Cadence {
+    interval: Duration,
+    speedup: f64,
+    history: std::collections::VecDeque<(Instant, Counters)>,
+    last_interval: Option<(Instant, Counters)>,
+    interval_start: Instant,
+}
+
+impl Cadence {
+    pub fn new(interval: Duration, speedup: f64, now: Instant) -> Cadence {
+        Cadence {
+            interval,
+            speedup: speedup.max(1e-9),
+            history: Default::default(),
+            last_interval: None,
+            interval_start: now,
+        }
+    }
+
+    /// New settings: the readings so far are forgotten; the interval in progress goes on.
+    pub fn reconfigure(&mut self, interval: Duration, speedup: f64) {
+        self.interval = interval;
+        self.speedup = speedup.max(1e-9);
+        self.history.clear();
+        self.last_interval = None;
+    }
+
+    /// Wall time between two fast checks.
+    pub fn tick(&self) -> Duration {
+        TICK.div_f64(self.speedup)
+    }
+
+    /// Takes the reading at `now` (`None`: the frontends did not answer) and returns the
+    /// decision due, if any: `planner.on_interval` once an interval has passed (not on the first
+    /// reading, which only sets the baseline), `planner.on_tick` otherwise.
+    pub fn decide(
+        &mut self,
+        planner: &mut Planner,
+        now: Instant,
+        snap: Option<Counters>,
+        current: u32,
+    ) -> Option<Decision> {
+        let speed = self.speedup;
+        if let Some(snap) = snap {
+            self.history.push_back((now, snap));
+            let short = SHORT_WINDOW.div_f64(speed);
+            while self.history.len() > 2 && now - self.history[1].0 >= short {
+                self.history.pop_front();
+            }
+        }
+        if now - self.interval_start >= self.interval.div_f64(speed) {
+            self.interval_start = now;
+            let obs = match (self.last_interval, snap) {
+                (Some((t, a)), Some(b)) => Some(a.observe(&b, now - t, speed)),
+                _ => None,
+            };
+            self.last_interval = snap.map(|b| (now, b));
+            if obs.is_none() && snap.is_some() {
+                return None;
+            }
+            Some(planner.on_interval(obs.as_ref(), current))
+        } else {
+            if self.last_interval.is_none() {
+                self.last_interval = snap.map(|b| (now, b));
+            }
+            let obs = match (self.history.front(), snap) {
+                (Some((t, a)), Some(b)) if now - *t >= self.tick() => {
+                    Some(a.observe(&b, now - *t, speed))
+                }
+                _ => None,
+            };
+            planner.on_tick(obs.as_ref(), current)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,5 +280,47 @@ mod tests {
             Counters::parse("vllm:requests 1\n").is_none(),
             "not our frontend"
         );
+    }
+
+    #[test]
+    fn the_cadence_decides_per_interval_and_checks_in_between() {
+        let mut planner =
+            crate::Planner::new(crate::Config::default(), crate::profile::tests::engine());
+        let t0 = Instant::now();
+        // A 10 s interval at speedup 10: one decision per second of wall time.
+        let mut c = Cadence::new(Duration::from_secs(10), 10.0, t0);
+        assert_eq!(c.tick(), Duration::from_millis(500));
+        let reading = |n: f64| Counters {
+            requests: n,
+            isl_sum: n * 100.0,
+            isl_count: n,
+            live: 2.0,
+            ..Counters::default()
+        };
+        // The first reading only sets the baseline; no load, nothing to scale up.
+        assert_eq!(c.decide(&mut planner, t0, Some(reading(0.0)), 2), None);
+        let fast = c.decide(
+            &mut planner,
+            t0 + Duration::from_millis(500),
+            Some(reading(1.0)),
+            2,
+        );
+        assert!(fast.is_none(), "{fast:?}");
+        let d = c
+            .decide(
+                &mut planner,
+                t0 + Duration::from_secs(1),
+                Some(reading(2.0)),
+                2,
+            )
+            .expect("an interval passed");
+        assert_eq!(d.path, crate::Path::Predictive);
+        // 2 requests over 10 s of engine time.
+        assert!((d.observed.expect("observed").rate - 0.2).abs() < 1e-9);
+        // No reading at the next interval: hold.
+        let d = c
+            .decide(&mut planner, t0 + Duration::from_secs(2), None, 2)
+            .expect("an interval passed");
+        assert_eq!(d.path, crate::Path::Hold);
     }
 }

@@ -8,24 +8,21 @@
 //! real one.
 
 use std::{
-    collections::VecDeque,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::Context;
 use dynamo_crds::DynamoGraphDeploymentSpec;
-use dynamo_planner::{Algorithm, Config, Decision, Path, Planner, Profile, frontend::Counters};
-use tokio::{sync::oneshot, time::Instant};
+use dynamo_planner::{
+    Algorithm, Config, Decision, Path, Planner, Profile,
+    frontend::{Cadence, Counters},
+};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::{Msg, WorkerView};
 use crate::manifest::LocalService;
-
-/// How often the fast (reactive) check runs, in trace time.
-const TICK: Duration = Duration::from_secs(5);
-/// The window the fast check looks back over, in trace time.
-const SHORT_WINDOW: Duration = Duration::from_secs(15);
 
 /// What the planner of one `serve` run needs.
 pub struct LocalPlanner {
@@ -206,9 +203,8 @@ pub(super) async fn run(
         .build()
         .unwrap_or_default();
     let base = format!("http://127.0.0.1:{}", frontend.port());
-    let s = lp.speedup.max(1e-9);
-    let wall = |d: Duration| d.div_f64(s);
-    let (tick, interval, short) = (wall(TICK), wall(lp.interval), wall(SHORT_WINDOW));
+    let mut cadence = Cadence::new(lp.interval, lp.speedup, std::time::Instant::now());
+    let interval = lp.interval.div_f64(lp.speedup.max(1e-9));
     let (lo, hi) = lp.planner.bounds();
     eprintln!(
         "dynamo serve: planner ({}, {}) sizes {} within {lo}..={hi} replica(s) every {:?} ({:?} wall) against TTFT {} ms and ITL {} ms; profile: {}",
@@ -221,54 +217,25 @@ pub(super) async fn run(
         lp.planner.config().itl_ms,
         lp.planner.profile().source,
     );
-    let mut history: VecDeque<(Instant, Counters)> = VecDeque::new();
-    let mut last_interval: Option<(Instant, Counters)> = None;
-    let mut interval_start = Instant::now();
     let mut decisions = 0u64;
-    let mut timer = tokio::time::interval(tick);
+    let mut timer = tokio::time::interval(cadence.tick());
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = timer.tick() => {}
         }
-        let now = Instant::now();
+        let now = std::time::Instant::now();
         let snap = match client.get(format!("{base}/metrics")).send().await {
             Ok(r) => r.text().await.ok().as_deref().and_then(Counters::parse),
             Err(_) => None,
         };
-        if let Some(snap) = snap {
-            history.push_back((now, snap));
-            while history.len() > 2 && now - history[1].0 >= short {
-                history.pop_front();
-            }
-        }
         let Some(current) = current_replicas(&tx, &lp.service).await else {
             return;
         };
-        let decision = if now - interval_start >= interval {
-            interval_start = now;
-            let obs = match (last_interval, snap) {
-                (Some((t, a)), Some(b)) => Some(a.observe(&b, now - t, s)),
-                _ => None,
-            };
-            last_interval = snap.map(|b| (now, b));
-            if obs.is_none() && snap.is_some() {
-                // The first interval only sets the baseline.
-                continue;
-            }
-            Some(lp.planner.on_interval(obs.as_ref(), current))
-        } else {
-            if last_interval.is_none() {
-                last_interval = snap.map(|b| (now, b));
-            }
-            let obs = match (history.front(), snap) {
-                (Some((t, a)), Some(b)) if now - *t >= tick => Some(a.observe(&b, now - *t, s)),
-                _ => None,
-            };
-            lp.planner.on_tick(obs.as_ref(), current)
+        let Some(d) = cadence.decide(&mut lp.planner, now, snap, current) else {
+            continue;
         };
-        let Some(d) = decision else { continue };
         decisions += 1;
         record(&lp, &d, decisions);
         if d.changed() || d.path == Path::Hold {
