@@ -344,6 +344,30 @@ pub struct PlannerSpec {
     /// by its own timing model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// Bounds of a disaggregated graph's prefill pool (default: minReplicas and maxReplicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefill: Option<PoolBounds>,
+    /// Bounds of a disaggregated graph's decode pool (default: minReplicas and maxReplicas).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<PoolBounds>,
+}
+
+/// Fewest and most replicas of one planned pool.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+        "message": "minReplicas is larger than maxReplicas"
+    }
+]))]
+pub struct PoolBounds {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub min_replicas: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub max_replicas: Option<i32>,
 }
 
 // === status ===
@@ -440,6 +464,30 @@ pub struct PlannerDecision {
     /// Observed load and latency that led to it, for people.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
+    /// What the planner learned (tuned headroom, latency corrections, where prompts are
+    /// prefilled, its last forecast): a restarted operator goes on from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<PlannerLearned>,
+}
+
+/// What the planner learned about a graph, kept across operator restarts.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannerLearned {
+    /// Fractions of the TTFT and ITL targets the model's mean latencies are held to.
+    pub headroom_ttft: f64,
+    pub headroom_itl: f64,
+    /// Observed over modelled mean TTFT and ITL.
+    pub correction_ttft: f64,
+    pub correction_itl: f64,
+    /// Share of requests the prefill pool prefills, and their mean prompt (disaggregated graphs).
+    #[serde(default)]
+    pub remote_share: f64,
+    #[serde(default)]
+    pub remote_isl: f64,
+    /// The last forecast.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<PlannerLoad>,
 }
 
 /// A load as the planner saw or forecast it.

@@ -343,6 +343,39 @@ case_scaling_the_adapter_adds_and_removes_gangs() {
   delete_graph agg
 }
 
+# A disaggregated graph's pools planned apart, each raised to its own floor through its own
+# adapter, and a restarted operator that goes on from what the planner had learned (kept in
+# status.planner.learned) instead of starting over.
+case_planner_plans_prefill_and_decode_apart_and_goes_on_after_a_restart() {
+  local g=disagg-planner
+  sed -e 's/interval: 60s/interval: 2s/' manifests/disagg-planner.yaml | k apply -f - >/dev/null
+  wait_for "$g placed" 60 state_is $g ready
+  wait_for "the planner holds both pools without metrics" 30 \
+    bash -c "[ \"\$(kubectl -n $NS get dgd $g -o jsonpath='{.status.planner.path}')\" = hold ]"
+  [ "$(jp dgd $g '{.status.planner.replicas.Prefill}'),$(jp dgd $g '{.status.planner.replicas.Decode}')" = 1,1 ] ||
+    fail "status.planner.replicas is $(jp dgd $g '{.status.planner.replicas}')"
+  k get dgd $g | grep -q "Prefill 1->1, Decode 1->1 (hold)" || fail "kubectl get dgd: $(k get dgd $g)"
+  k scale dgdsa $g-decode --replicas 0 >/dev/null
+  wait_for "the decode pool raised to its floor of 1" 30 adapter_spec_is $g-decode 1
+  adapter_spec_is $g-prefill 1 || fail "the prefill pool moved: $(jp dgdsa $g-prefill '{.spec.replicas}')"
+  wait_for "1 decode gang" 30 pods_running_eq "nvidia.com/dynamo-graph=$g,nvidia.com/dynamo-service=Decode" 1
+  # What the planner learned, as a predecessor would have left it, then a restart.
+  stop_operator TERM
+  k patch dgd $g --subresource=status --type=merge -p \
+    '{"status":{"planner":{"learned":{"headroomTtft":0.3,"headroomItl":0.5,"correctionTtft":1.5,"correctionItl":1.25,"remoteShare":0.8,"remoteIsl":3000}}}}' >/dev/null
+  local before
+  before="$(jp dgd $g '{.status.planner.time}')"
+  start_operator
+  wait_for "a decision after the restart" 30 \
+    bash -c "[ \"\$(kubectl -n $NS get dgd $g -o jsonpath='{.status.planner.time}')\" != '$before' ]"
+  [ "$(jp dgd $g '{.status.planner.learned.headroomTtft}')" = 0.3 ] &&
+    [ "$(jp dgd $g '{.status.planner.learned.correctionItl}')" = 1.25 ] &&
+    [ "$(jp dgd $g '{.status.planner.learned.remoteShare}')" = 0.8 ] ||
+    fail "the restarted planner started over: $(jp dgd $g '{.status.planner.learned}')"
+  grep -q "planner goes on from its status" "$OP_LOG" || fail "the operator did not say it restored the planner"
+  delete_graph $g
+}
+
 planner_is() { # FIELD VALUE: status.planner.FIELD
   [ "$(jp dgd planner "{.status.planner.$1}")" = "$2" ]
 }
@@ -638,6 +671,7 @@ run_case scaling_the_adapter_adds_and_removes_gangs
 run_case template_change_rolls_without_dropping_below_the_floor
 run_case deleting_the_graph_removes_everything
 run_case planner_holds_without_metrics_keeps_the_floor_and_steps_back_for_an_hpa
+run_case planner_plans_prefill_and_decode_apart_and_goes_on_after_a_restart
 run_case kubernetes_discovery_follows_worker_readiness
 run_case operator_killed_mid_reconcile_converges_without_duplicates
 run_case metrics_and_health_are_served

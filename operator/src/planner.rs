@@ -17,10 +17,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use dynamo_crds::{
-    DynamoGraphDeployment, DynamoGraphDeploymentScalingAdapter, PlannerDecision, PlannerLoad,
+    DynamoGraphDeployment, DynamoGraphDeploymentScalingAdapter, PlannerDecision, PlannerLearned,
+    PlannerLoad,
 };
 use dynamo_planner::{
-    Algorithm, Config, Decision, Path, Planner, Profile,
+    Algorithm, Bounds, Config, Decision, Learned, Path, Planner, Pool, Profile, Replicas,
     builtin::EngineShape,
     frontend::{Cadence, Counters, TICK},
 };
@@ -126,13 +127,36 @@ pub async fn run(
 /// What one loop plans with, rebuilt when the graph's planner settings change.
 struct Setup {
     planner: Planner,
-    service: String,
-    adapter: String,
+    /// The service of each planned pool, and its scaling adapter.
+    services: BTreeMap<Pool, String>,
+    adapters: BTreeMap<Pool, String>,
     interval: Duration,
     speedup: f64,
     advisory: bool,
     /// The spec it was built from.
     from: serde_json::Value,
+}
+
+/// The pool a worker service serves, from its role.
+fn pool_of(svc: &dynamo_crds::ServiceSpec) -> Option<Pool> {
+    match svc.role() {
+        "worker" => Some(Pool::Aggregated),
+        "prefill" => Some(Pool::Prefill),
+        "decode" => Some(Pool::Decode),
+        _ => None,
+    }
+}
+
+/// What a change to requires a new planner: the SLA, the planner settings and the planned
+/// services' specs.
+fn planned_spec(dgd: &DynamoGraphDeployment) -> serde_json::Value {
+    let services: BTreeMap<&String, &dynamo_crds::ServiceSpec> = dgd
+        .spec
+        .services
+        .iter()
+        .filter(|(_, s)| pool_of(s).is_some())
+        .collect();
+    json!({"sla": dgd.spec.sla, "planner": dgd.spec.planner, "services": services})
 }
 
 /// Why a graph's planner cannot run (said in its status).
@@ -141,44 +165,55 @@ fn setup(dgd: &DynamoGraphDeployment, profile: Option<Profile>) -> Result<Setup,
     let (Some(ttft_ms), Some(itl_ms)) = (sla.ttft_ms, sla.itl_ms) else {
         return Err("spec.sla needs both ttftMs and itlMs".into());
     };
-    let workers: Vec<(&String, &dynamo_crds::ServiceSpec)> = dgd
-        .spec
-        .services
-        .iter()
-        .filter(|(_, s)| matches!(s.role(), "worker" | "prefill" | "decode"))
-        .collect();
-    let [(name, svc)] = workers.as_slice() else {
+    let mut pools: BTreeMap<Pool, (&String, &dynamo_crds::ServiceSpec)> = BTreeMap::new();
+    for (name, svc) in &dgd.spec.services {
+        let Some(pool) = pool_of(svc) else { continue };
+        if let Some((other, _)) = pools.insert(pool, (name, svc)) {
+            return Err(format!(
+                "the planner sizes one service per pool; {other} and {name} are both {} services",
+                pool.as_str()
+            ));
+        }
+    }
+    let shape: Vec<Pool> = pools.keys().copied().collect();
+    if !matches!(
+        shape.as_slice(),
+        [Pool::Aggregated] | [Pool::Prefill, Pool::Decode]
+    ) {
         return Err(format!(
-            "the planner sizes one aggregated worker service; this graph has {} worker services (prefill and decode pools are not planned yet)",
-            workers.len()
+            "the planner sizes one aggregated worker service, or one prefill and one decode service; this graph has {}",
+            pools
+                .iter()
+                .map(|(p, (n, _))| format!("{n} ({})", p.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
-    };
-    if svc.role() != "worker" {
-        return Err("the planner does not size prefill and decode pools yet".into());
     }
-    let args = svc
-        .extra_pod_spec
-        .as_ref()
-        .and_then(|e| e.main_container.as_ref())
-        .map(|c| c.args.clone())
-        .unwrap_or_default();
-    let env: Vec<(String, String)> = dgd
-        .spec
-        .envs
-        .iter()
-        .chain(&svc.envs)
-        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
-        .collect();
-    let shape = EngineShape::from_flags(&args, &env)?;
-    let mut profile = match profile {
-        Some(p) => p,
-        None => shape.profile(),
+    let described = |svc: &dynamo_crds::ServiceSpec| -> Result<(Profile, f64), String> {
+        let args = svc
+            .extra_pod_spec
+            .as_ref()
+            .and_then(|e| e.main_container.as_ref())
+            .map(|c| c.args.clone())
+            .unwrap_or_default();
+        let env: Vec<(String, String)> = dgd
+            .spec
+            .envs
+            .iter()
+            .chain(&svc.envs)
+            .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+            .collect();
+        let shape = EngineShape::from_flags(&args, &env)?;
+        let mut profile = profile.clone().unwrap_or_else(|| shape.profile());
+        let gpus = svc.gpus_per_pod() * u32::try_from(svc.node_count()).unwrap_or(1);
+        if gpus > 0 {
+            profile.gpus = gpus;
+        }
+        Ok((
+            profile.validated().map_err(|e| e.to_string())?,
+            shape.speedup,
+        ))
     };
-    let gpus = svc.gpus_per_pod() * u32::try_from(svc.node_count()).unwrap_or(1);
-    if gpus > 0 {
-        profile.gpus = gpus;
-    }
-    let profile = profile.validated().map_err(|e| e.to_string())?;
     let p = dgd.spec.planner.clone().unwrap_or_default();
     let interval = match &p.interval {
         Some(s) => {
@@ -188,26 +223,58 @@ fn setup(dgd: &DynamoGraphDeployment, profile: Option<Profile>) -> Result<Setup,
     };
     let algorithm: Algorithm = p.algorithm.as_deref().unwrap_or("sla").parse()?;
     let to_u32 = |v: Option<i32>, d: u32| v.map_or(d, |v| v.max(0) as u32);
+    let most = pools
+        .values()
+        .map(|(_, s)| u32::try_from(s.replicas()).unwrap_or(1))
+        .max()
+        .unwrap_or(1)
+        .max(1)
+        * 4;
+    let (min_replicas, max_replicas) = (to_u32(p.min_replicas, 1), to_u32(p.max_replicas, most));
+    let bounds = |b: &Option<dynamo_crds::PoolBounds>| {
+        b.as_ref().map(|b| Bounds {
+            min: to_u32(b.min_replicas, min_replicas),
+            max: to_u32(b.max_replicas, max_replicas),
+        })
+    };
     let config = Config {
         algorithm,
         ttft_ms,
         itl_ms,
-        min_replicas: to_u32(p.min_replicas, 1),
-        max_replicas: to_u32(
-            p.max_replicas,
-            u32::try_from(svc.replicas()).unwrap_or(1).max(1) * 4,
-        ),
+        min_replicas,
+        max_replicas,
+        prefill: bounds(&p.prefill),
+        decode: bounds(&p.decode),
         gpu_budget: p.gpu_budget.map(|b| b.max(0) as u32),
         ..Config::default()
     };
+    let (planner, speedup) = match (
+        pools.get(&Pool::Aggregated),
+        pools.get(&Pool::Prefill),
+        pools.get(&Pool::Decode),
+    ) {
+        (Some((_, svc)), _, _) => {
+            let (profile, speedup) = described(svc)?;
+            (Planner::new(config, profile), speedup)
+        }
+        (None, Some((_, pf)), Some((_, dc))) => {
+            let (prefill, _) = described(pf)?;
+            let (decode, speedup) = described(dc)?;
+            (Planner::disaggregated(config, prefill, decode), speedup)
+        }
+        _ => return Err("no worker service to plan".into()),
+    };
     Ok(Setup {
-        planner: Planner::new(config, profile),
-        service: (*name).clone(),
-        adapter: gang::service_name(&dgd.name_any(), name),
+        planner,
+        services: pools.iter().map(|(p, (n, _))| (*p, (*n).clone())).collect(),
+        adapters: pools
+            .iter()
+            .map(|(p, (n, _))| (*p, gang::service_name(&dgd.name_any(), n)))
+            .collect(),
         interval,
-        speedup: shape.speedup,
+        speedup,
         advisory: p.mode.as_deref() == Some("advisory"),
-        from: json!({"sla": dgd.spec.sla, "planner": dgd.spec.planner, "service": svc}),
+        from: planned_spec(dgd),
     })
 }
 
@@ -257,6 +324,7 @@ async fn graph_loop(
     let mut last_error = String::new();
     let mut cadence = Cadence::new(Duration::from_secs(60), 1.0, std::time::Instant::now());
     let mut stepped_back = String::new();
+    let mut first_setup = true;
     loop {
         let tick = setup_state.as_ref().map_or(TICK, |_| cadence.tick());
         tokio::select! {
@@ -266,26 +334,28 @@ async fn graph_loop(
         let Ok(dgd) = graphs.get(&name).await else {
             continue;
         };
-        let spec_now = dgd
-            .spec
-            .services
-            .values()
-            .filter(|s| s.role() == "worker")
-            .map(|s| json!(s))
-            .collect::<Vec<_>>();
-        let rebuild = setup_state.as_ref().is_none_or(|s| {
-            s.from["sla"] != json!(dgd.spec.sla)
-                || s.from["planner"] != json!(dgd.spec.planner)
-                || spec_now.first() != Some(&s.from["service"])
-        });
+        let rebuild = setup_state
+            .as_ref()
+            .is_none_or(|s| s.from != planned_spec(&dgd));
         if rebuild {
             let built = match read_profile(&client, &ns, &dgd).await {
                 Ok(profile) => setup(&dgd, profile),
                 Err(e) => Err(e),
             };
             match built {
-                Ok(s) => {
+                Ok(mut s) => {
                     cadence.reconfigure(s.interval, s.speedup);
+                    // A restarted operator (or a new leader) goes on from what its predecessor
+                    // learned about this graph, kept in the status.
+                    if first_setup
+                        && let Some(prev) = dgd.status.as_ref().and_then(|st| st.planner.as_ref())
+                        && prev.algorithm == s.planner.config().algorithm.as_str()
+                        && let Some(l) = &prev.learned
+                    {
+                        s.planner.restore(&from_status(l));
+                        tracing::info!(graph = %name, headroom_ttft = l.headroom_ttft, headroom_itl = l.headroom_itl, "planner goes on from its status");
+                    }
+                    first_setup = false;
                     setup_state = Some(s);
                     last_error.clear();
                 }
@@ -312,27 +382,28 @@ async fn graph_loop(
         };
         let now = std::time::Instant::now();
         let snap = scrape(&pods, &http, &name).await;
-        let Ok(adapter) = adapters.get(&s.adapter).await else {
+        let mut current = Replicas::default();
+        for (pool, adapter) in &s.adapters {
+            match adapters.get(adapter).await {
+                Ok(a) => current.set(*pool, a.spec.replicas.max(0) as u32),
+                Err(_) => break,
+            }
+        }
+        if current.iter().count() != s.adapters.len() {
             continue;
-        };
-        let current = adapter.spec.replicas.max(0) as u32;
+        }
 
-        // An autoscaler that targets the same adapter owns it: step back and say so.
-        let owner = hpas
-            .list(&ListParams::default())
-            .await
-            .ok()
-            .and_then(|l| {
-                l.items.into_iter().find(|h| {
-                    h.spec.as_ref().is_some_and(|sp| {
-                        sp.scale_target_ref.kind == "DynamoGraphDeploymentScalingAdapter"
-                            && sp.scale_target_ref.name == s.adapter
-                    })
-                })
+        // An autoscaler that targets one of the adapters owns it: step back and say so.
+        let owner = hpas.list(&ListParams::default()).await.ok().and_then(|l| {
+            l.items.into_iter().find_map(|h| {
+                let target = &h.spec.as_ref()?.scale_target_ref;
+                (target.kind == "DynamoGraphDeploymentScalingAdapter"
+                    && s.adapters.values().any(|a| *a == target.name))
+                .then(|| (h.name_any(), target.name.clone()))
             })
-            .map(|h| h.name_any());
+        });
 
-        let decision = cadence.decide(&mut s.planner, now, snap, current);
+        let decision = cadence.decide(&mut s.planner, now, snap, &current);
         let Some(d) = decision else { continue };
 
         let mode = match (&owner, s.advisory) {
@@ -341,22 +412,15 @@ async fn graph_loop(
             (None, false) => "active",
         };
         let act = mode == "active" && d.changed();
-        if act {
-            let patch = Patch::Merge(json!({"spec": {"replicas": d.replicas}}));
-            if let Err(e) = adapters
-                .patch_scale(&s.adapter, &PatchParams::default(), &patch)
-                .await
-            {
-                tracing::warn!(graph = %name, adapter = %s.adapter, error = %e, "planner could not scale");
-                continue;
-            }
+        if act && let Err(e) = carry_out(s, &d, &current, &adapters, &pods, &name).await {
+            tracing::warn!(graph = %name, error = %e, "planner could not scale");
+            continue;
         }
-        metrics.planner_decision(&name, &s.service, &d, act);
+        metrics.planner_decision(&name, &s.services, &d, act);
         let mut reason = d.reason.clone();
-        if let Some(h) = &owner {
+        if let Some((h, adapter)) = &owner {
             reason = format!(
-                "HorizontalPodAutoscaler {h} scales {}; the planner steps back and only reports: {reason}",
-                s.adapter
+                "HorizontalPodAutoscaler {h} scales {adapter}; the planner steps back and only reports: {reason}"
             );
         }
         let decision = to_status(s, &d, mode, reason);
@@ -388,7 +452,7 @@ async fn graph_loop(
                 tracing::debug!(graph = %name, error = %e, "planner event not recorded");
             }
         }
-        tracing::info!(graph = %name, service = %s.service, previous = d.previous, replicas = d.replicas, mode, path = ?d.path, reason = %d.reason, "planner decision");
+        tracing::info!(graph = %name, previous = %d.previous, replicas = %d.replicas, mode, path = ?d.path, reason = %d.reason, "planner decision");
     }
 }
 
@@ -403,18 +467,24 @@ fn to_status(s: &Setup, d: &Decision, mode: &str, reason: String) -> PlannerDeci
         osl: l.osl,
         ..PlannerLoad::default()
     };
-    let path = match d.path {
-        Path::Predictive => "predictive",
-        Path::Reactive => "reactive",
-        Path::Hold => "hold",
+    let per_service = |r: &Replicas| -> BTreeMap<String, i32> {
+        s.services
+            .iter()
+            .map(|(p, name)| (name.clone(), r.get(*p) as i32))
+            .collect()
     };
+    let change: Vec<String> = s
+        .services
+        .iter()
+        .map(|(p, name)| format!("{name} {}->{}", d.previous.get(*p), d.replicas.get(*p)))
+        .collect();
+    let learned = s.planner.learned();
     PlannerDecision {
         time: Some(Timestamp::now().to_string()),
         summary: format!(
-            "{} {}->{} ({path}{})",
-            s.service,
-            d.previous,
-            d.replicas,
+            "{} ({}{})",
+            change.join(", "),
+            d.path.as_str(),
             if mode == "active" {
                 String::new()
             } else {
@@ -423,13 +493,116 @@ fn to_status(s: &Setup, d: &Decision, mode: &str, reason: String) -> PlannerDeci
         ),
         algorithm: s.planner.config().algorithm.as_str().into(),
         mode: mode.into(),
-        path: path.into(),
-        previous: BTreeMap::from([(s.service.clone(), d.previous as i32)]),
-        replicas: BTreeMap::from([(s.service.clone(), d.replicas as i32)]),
+        path: d.path.as_str().into(),
+        previous: per_service(&d.previous),
+        replicas: per_service(&d.replicas),
         observed: d.observed.as_ref().map(load),
         predicted: d.predicted.as_ref().map(load),
         reason,
+        learned: Some(PlannerLearned {
+            headroom_ttft: learned.headroom_ttft,
+            headroom_itl: learned.headroom_itl,
+            correction_ttft: learned.correction_ttft,
+            correction_itl: learned.correction_itl,
+            remote_share: learned.remote_share,
+            remote_isl: learned.remote_isl,
+            forecast: learned.forecast.as_ref().map(load),
+        }),
     }
+}
+
+/// What a status records back into the planner.
+fn from_status(l: &PlannerLearned) -> Learned {
+    Learned {
+        headroom_ttft: l.headroom_ttft,
+        headroom_itl: l.headroom_itl,
+        correction_ttft: l.correction_ttft,
+        correction_itl: l.correction_itl,
+        remote_share: l.remote_share,
+        remote_isl: l.remote_isl,
+        forecast: l.forecast.as_ref().map(|f| dynamo_planner::Load {
+            rate: f.requests_per_second,
+            isl: f.isl,
+            osl: f.osl,
+            hit_rate: 0.0,
+        }),
+    }
+}
+
+/// Writes a decision's replicas to the adapters: shrinking pools first, then growing ones, each
+/// only into the room the GPU budget leaves beside the graph's planned pods that still exist
+/// (terminating ones included), so a rebalance never runs more GPUs than the budget. What does
+/// not fit yet is added by a later check, once the pods leaving are gone.
+async fn carry_out(
+    s: &Setup,
+    d: &Decision,
+    current: &Replicas,
+    adapters: &Api<DynamoGraphDeploymentScalingAdapter>,
+    pods: &Api<Pod>,
+    graph: &str,
+) -> Result<(), kube::Error> {
+    let scale = |adapter: &str, n: u32| {
+        let patch = Patch::Merge(json!({"spec": {"replicas": n}}));
+        let adapter = adapter.to_owned();
+        async move {
+            adapters
+                .patch_scale(&adapter, &PatchParams::default(), &patch)
+                .await
+                .map(|_| ())
+        }
+    };
+    for (pool, adapter) in &s.adapters {
+        if d.replicas.get(*pool) < current.get(*pool) {
+            scale(adapter, d.replicas.get(*pool)).await?;
+        }
+    }
+    // Replicas each pool is being taken to so far.
+    let mut target: BTreeMap<Pool, u32> = s
+        .adapters
+        .keys()
+        .map(|p| (*p, current.get(*p).min(d.replicas.get(*p))))
+        .collect();
+    for (pool, adapter) in &s.adapters {
+        let (have, want) = (current.get(*pool), d.replicas.get(*pool));
+        if want <= have {
+            continue;
+        }
+        let mut n = want;
+        if let Some(budget) = s.planner.config().gpu_budget {
+            // Gangs that still exist per pool (a shrinking pool's leave when their pods are gone).
+            let selector = format!("{LABEL_GRAPH}={graph}");
+            let existing = pods.list(&ListParams::default().labels(&selector)).await?;
+            let mut gangs: BTreeMap<Pool, std::collections::BTreeSet<String>> = BTreeMap::new();
+            for p in &existing.items {
+                let labels = p.labels();
+                let service = labels.get(gang::LABEL_SERVICE);
+                if let Some((pl, _)) = s.services.iter().find(|(_, n)| Some(*n) == service) {
+                    let g = labels
+                        .get(gang::LABEL_GANG)
+                        .cloned()
+                        .unwrap_or_else(|| p.name_any());
+                    gangs.entry(*pl).or_default().insert(g);
+                }
+            }
+            let used: u32 = target
+                .iter()
+                .map(|(pl, t)| {
+                    let alive = gangs.get(pl).map_or(0, |g| g.len() as u32);
+                    alive.max(*t) * s.planner.profile(*pl).gpus.max(1)
+                })
+                .sum();
+            let per = s.planner.profile(*pool).gpus.max(1);
+            n = want.min(have + budget.saturating_sub(used) / per);
+            if n < want {
+                tracing::info!(graph, adapter = %adapter, want, now = n, budget, "planner grows the pool into the budget's room; the rest once pods leaving are gone");
+            }
+        }
+        if n > have {
+            scale(adapter, n).await?;
+            target.insert(*pool, n);
+        }
+    }
+    Ok(())
 }
 
 async fn write_decision(
@@ -495,27 +668,45 @@ mod tests {
         );
         let g = graph(&std::fs::read_to_string(path).expect("manifest"));
         let s = setup(&g, None).expect("sets up");
-        assert_eq!(s.service, "Worker");
-        assert_eq!(s.adapter, "planner-worker");
+        assert_eq!(s.services[&Pool::Aggregated], "Worker");
+        assert_eq!(s.adapters[&Pool::Aggregated], "planner-worker");
         assert_eq!(s.interval, Duration::from_secs(60));
-        assert!(s.planner.profile().source.contains("timing scale 8"));
-        let (lo, hi) = s.planner.bounds();
+        assert!(
+            s.planner
+                .profile(Pool::Aggregated)
+                .source
+                .contains("timing scale 8")
+        );
+        let (lo, hi) = s.planner.bounds(Pool::Aggregated);
         assert_eq!((lo, hi), (1, 8));
         assert!(!s.advisory);
     }
 
     #[test]
-    fn disaggregated_graphs_are_refused_with_a_reason() {
+    fn a_disaggregated_graph_plans_its_prefill_and_decode_pools_within_their_bounds() {
         let path = format!(
-            "{}/../manifests/disagg.yaml",
+            "{}/../manifests/disagg-planner.yaml",
             std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
         );
-        let mut g = graph(&std::fs::read_to_string(path).expect("manifest"));
-        g.spec.sla = Some(dynamo_crds::Sla {
-            ttft_ms: Some(500.0),
-            itl_ms: Some(50.0),
-        });
-        let e = setup(&g, None).err().expect("refused");
-        assert!(e.contains("prefill and decode"), "{e}");
+        let g = graph(&std::fs::read_to_string(path).expect("manifest"));
+        let s = setup(&g, None).expect("sets up");
+        assert_eq!(
+            s.adapters.iter().collect::<Vec<_>>(),
+            [
+                (&Pool::Prefill, &"disagg-planner-prefill".to_owned()),
+                (&Pool::Decode, &"disagg-planner-decode".to_owned())
+            ]
+        );
+        let bounds = (
+            s.planner.bounds(Pool::Prefill),
+            s.planner.bounds(Pool::Decode),
+        );
+        assert_eq!(bounds, ((1, 4), (1, 4)));
+        // Two services of one pool cannot be planned apart.
+        let mut two = g.clone();
+        let decode = two.spec.services["Decode"].clone();
+        two.spec.services.insert("Decode2".into(), decode);
+        let e = setup(&two, None).err().expect("refused");
+        assert!(e.contains("Decode and Decode2"), "{e}");
     }
 }

@@ -137,41 +137,40 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records one planner decision (`dynamo_operator_planner_*`).
+    /// Records one planner decision (`dynamo_operator_planner_*`): `services` names the
+    /// service of each planned pool.
     pub fn planner_decision(
         &self,
         graph: &str,
-        service: &str,
+        services: &std::collections::BTreeMap<dynamo_planner::Pool, String>,
         d: &dynamo_planner::Decision,
         acted: bool,
     ) {
-        let labels = PlannerLabels {
-            graph: graph.to_owned(),
-            service: service.to_owned(),
-        };
         self.planner_decisions
             .get_or_create(&DecisionLabels {
                 graph: graph.to_owned(),
-                path: match d.path {
-                    dynamo_planner::Path::Predictive => "predictive",
-                    dynamo_planner::Path::Reactive => "reactive",
-                    dynamo_planner::Path::Hold => "hold",
-                },
+                path: d.path.as_str(),
                 acted: if acted { "true" } else { "false" },
             })
             .inc();
-        self.planner_replicas
-            .get_or_create(&labels)
-            .set(i64::from(d.replicas));
-        if let Some(o) = &d.observed {
-            self.planner_observed_rate
+        for (pool, service) in services {
+            let labels = PlannerLabels {
+                graph: graph.to_owned(),
+                service: service.clone(),
+            };
+            self.planner_replicas
                 .get_or_create(&labels)
-                .set(o.rate);
-        }
-        if let Some(p) = &d.predicted {
-            self.planner_predicted_rate
-                .get_or_create(&labels)
-                .set(p.rate);
+                .set(i64::from(d.replicas.get(*pool)));
+            if let Some(o) = &d.observed {
+                self.planner_observed_rate
+                    .get_or_create(&labels)
+                    .set(o.rate);
+            }
+            if let Some(p) = &d.predicted {
+                self.planner_predicted_rate
+                    .get_or_create(&labels)
+                    .set(p.rate);
+            }
         }
     }
 

@@ -458,7 +458,8 @@ async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after(
         .await
         .expect("json");
     assert_eq!(planner["algorithm"], "sla");
-    assert_eq!(planner["bounds"], json!({"min": 1, "max": 3}));
+    assert_eq!(planner["bounds"], json!({"Worker": {"min": 1, "max": 3}}));
+    assert_eq!(planner["last"]["replicas"], json!({"aggregated": 1}));
     assert!(planner["decisions"].as_u64().unwrap_or(0) >= 3, "{planner}");
     assert!(
         planner["last"]["reason"]
@@ -479,6 +480,128 @@ async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after(
     assert!(
         metrics.contains("dynamo_frontend_sla_requests_total{met="),
         "the frontend judges requests against spec.sla"
+    );
+    drop(serve);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The live workers of each role, as the frontend reports them.
+async fn live_by_role(api: &str) -> (u64, u64) {
+    let Ok(r) = reqwest::get(format!("{api}/metrics")).await else {
+        return (0, 0);
+    };
+    let text = r.text().await.unwrap_or_default();
+    let of = |role: &str| {
+        let key = format!("dynamo_frontend_live_workers{{role=\"{role}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key)?.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    (of("prefill"), of("decode"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_planner_sizes_prefill_and_decode_pools_apart_within_one_budget() {
+    let dir = std::env::temp_dir().join(format!("disagg-planner-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    // manifests/disagg-planner.yaml made quick: a 10 s interval at speedup 10, a budget of 4 GPUs,
+    // and small KV blocks (the test is about sizing, not about moving bytes).
+    let text = std::fs::read_to_string(format!(
+        "{}/../../manifests/disagg-planner.yaml",
+        std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+    ))
+    .expect("manifests/disagg-planner.yaml")
+    .replace("interval: 60s", "interval: 10s")
+    .replace("gpuBudget: 6", "gpuBudget: 4")
+    .replace("\"llama-1b\"", "\"tiny\"");
+    assert!(text.contains("gpuBudget: 4") && text.contains("\"tiny\""));
+    let manifest = dir.join("disagg-planner.yaml");
+    std::fs::write(&manifest, text).expect("write the manifest");
+    let serve = Serve::start_manifest(&manifest.display().to_string(), &["--speedup-ratio", "10"]);
+    serve.wait_live(2, Duration::from_secs(10)).await;
+
+    // 4,000-token prompts (all prefilled by the prefill pool under isl_bounding) at 40 per
+    // second of wall time: more prefill than one prefill engine keeps up with at the TTFT target.
+    let client = reqwest::Client::new();
+    let peak = std::sync::Arc::new(std::sync::Mutex::new((0u64, 0u64, 0u64)));
+    let watch = {
+        let (peak, api) = (peak.clone(), serve.api.clone());
+        tokio::spawn(async move {
+            loop {
+                let (p, d) = live_by_role(&api).await;
+                {
+                    let mut m = peak.lock().expect("lock");
+                    *m = (m.0.max(p), m.1.max(d), m.2.max(p + d));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let mut tasks = Vec::new();
+    for i in 0..320u32 {
+        let (client, api) = (client.clone(), serve.api.clone());
+        tasks.push(tokio::spawn(async move {
+            completion(&client, &api, i, 4000).await
+        }));
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let failed: Vec<String> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .filter_map(|r| r.expect("request task").err())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} requests failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let (prefill_peak, _, total_peak) = *peak.lock().expect("lock");
+    assert!(prefill_peak >= 2, "the prefill pool grew: {prefill_peak}");
+    assert!(
+        total_peak <= 4,
+        "never past the budget of 4 GPUs: {total_peak}"
+    );
+
+    // Without load both pools go back to their floors of 1.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while live_by_role(&serve.api).await != (1, 1) {
+        assert!(Instant::now() < deadline, "pools never went back to 1 + 1");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    watch.abort();
+    let planner: Value = reqwest::get(format!("{}/planner", serve.control))
+        .await
+        .expect("control API")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(
+        planner["services"],
+        json!({"prefill": "Prefill", "decode": "Decode"})
+    );
+    assert_eq!(
+        planner["bounds"],
+        json!({"Prefill": {"min": 1, "max": 3}, "Decode": {"min": 1, "max": 3}})
+    );
+    assert_eq!(
+        planner["last"]["replicas"],
+        json!({"prefill": 1, "decode": 1}),
+        "{planner}"
+    );
+    assert!(
+        planner["learned"]["remoteShare"].as_f64().unwrap_or(0.0) > 0.5,
+        "{planner}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", serve.api))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("dynamo_frontend_disagg_prompt_tokens_total{decision=\"remote\"}"),
+        "the frontend counts the prompt tokens it sends to the prefill pool"
     );
     drop(serve);
     let _ = std::fs::remove_dir_all(&dir);

@@ -136,7 +136,7 @@ impl AppState {
             prefill_total,
         };
         let decision = decide(&self.disagg, &situation);
-        self.metrics.count_disagg(decision);
+        self.metrics.count_disagg(decision, situation.prompt_tokens);
         let Decision::Remote(_) = decision else {
             return None;
         };

@@ -32,6 +32,11 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DecisionLabel {
+    pub decision: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DecisionLabels {
     pub decision: &'static str,
     pub reason: &'static str,
@@ -79,6 +84,7 @@ pub struct FrontendMetrics {
     pub tokenize: Histogram,
     /// Disaggregation: where prompts were prefilled and why; prefills that fell back to local.
     disagg: Family<DecisionLabels, Counter>,
+    disagg_tokens: Family<DecisionLabel, Counter>,
     prefill_fallbacks: Family<ReasonLabel, Counter>,
     /// What decode workers pulled (`dynamo_kv_transfer_*{transport}`).
     transfer_bytes: Family<TransportLabel, Counter>,
@@ -144,6 +150,12 @@ impl FrontendMetrics {
             "disagg_decisions",
             "Where prompts were prefilled (remote: the prefill pool; local: the decode worker), by the policy's reason",
             disagg.clone(),
+        );
+        let disagg_tokens = Family::<DecisionLabel, Counter>::default();
+        registry.register(
+            "disagg_prompt_tokens",
+            "Prompt tokens of the requests counted in disagg_decisions, by where they were prefilled (the planner sizes the prefill pool from them)",
+            disagg_tokens.clone(),
         );
         let prefill_fallbacks = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -254,6 +266,7 @@ impl FrontendMetrics {
             cached,
             tokenize,
             disagg,
+            disagg_tokens,
             prefill_fallbacks,
             transfer_bytes,
             transfer_blocks,
@@ -296,7 +309,7 @@ impl FrontendMetrics {
         }
     }
 
-    pub fn count_disagg(&self, decision: crate::disagg::Decision) {
+    pub fn count_disagg(&self, decision: crate::disagg::Decision, prompt_tokens: u64) {
         let (decision, reason) = match decision {
             crate::disagg::Decision::Remote(r) => ("remote", r),
             crate::disagg::Decision::Local(r) => ("local", r),
@@ -304,6 +317,9 @@ impl FrontendMetrics {
         self.disagg
             .get_or_create(&DecisionLabels { decision, reason })
             .inc();
+        self.disagg_tokens
+            .get_or_create(&DecisionLabel { decision })
+            .inc_by(prompt_tokens);
     }
 
     pub fn count_prefill_fallback(&self, reason: &'static str) {

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::{Decision, Observation, Planner};
+use crate::{Decision, Observation, Planner, Replicas};
 
 /// Cumulative frontend counters at one moment (summed over the frontends of a graph).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -23,6 +23,9 @@ pub struct Counters {
     itl_missed: f64,
     inflight: f64,
     live: f64,
+    live_prefill: f64,
+    remote: f64,
+    remote_tokens: f64,
 }
 
 /// The sum of every series of the metric `name` in a Prometheus/OpenMetrics text body; `None`
@@ -84,6 +87,17 @@ impl Counters {
             itl_missed: labelled(text, &format!("{f}sla_misses_total"), "target=\"itl\""),
             inflight: m("inflight_requests").unwrap_or(0.0),
             live: m("live_workers").unwrap_or(0.0),
+            live_prefill: labelled(text, &format!("{f}live_workers"), "role=\"prefill\""),
+            remote: labelled(
+                text,
+                &format!("{f}disagg_decisions_total"),
+                "decision=\"remote\"",
+            ),
+            remote_tokens: labelled(
+                text,
+                &format!("{f}disagg_prompt_tokens_total"),
+                "decision=\"remote\"",
+            ),
         })
     }
 
@@ -116,6 +130,16 @@ impl Counters {
             ttft_attainment: share(d(a.ttft_missed, b.ttft_missed)),
             itl_attainment: share(d(a.itl_missed, b.itl_missed)),
             workers: b.live as u32,
+            prefill_workers: b.live_prefill as u32,
+            remote_requests: d(a.remote, b.remote),
+            remote_isl: {
+                let r = d(a.remote, b.remote);
+                if r > 0.0 {
+                    d(a.remote_tokens, b.remote_tokens) / r
+                } else {
+                    0.0
+                }
+            },
         }
     }
 
@@ -138,6 +162,9 @@ impl Counters {
             inflight: self.inflight + o.inflight,
             // Every frontend sees the same workers.
             live: self.live.max(o.live),
+            live_prefill: self.live_prefill.max(o.live_prefill),
+            remote: self.remote + o.remote,
+            remote_tokens: self.remote_tokens + o.remote_tokens,
         }
     }
 }
@@ -190,7 +217,7 @@ impl Cadence {
         planner: &mut Planner,
         now: Instant,
         snap: Option<Counters>,
-        current: u32,
+        current: &Replicas,
     ) -> Option<Decision> {
         let speed = self.speedup;
         if let Some(snap) = snap {
@@ -247,7 +274,11 @@ mod tests {
                  dynamo_frontend_sla_requests_total{{met=\"false\"}} {}\n\
                  dynamo_frontend_sla_misses_total{{target=\"itl\"}} {}\n\
                  dynamo_frontend_inflight_requests{{model=\"m\"}} {}\n\
-                 dynamo_frontend_live_workers{{role=\"aggregated\"}} 3\n",
+                 dynamo_frontend_live_workers{{role=\"prefill\"}} 1\n\
+                 dynamo_frontend_live_workers{{role=\"decode\"}} 2\n\
+                 dynamo_frontend_disagg_decisions_total{{decision=\"remote\",reason=\"isl\"}} {}\n\
+                 dynamo_frontend_disagg_decisions_total{{decision=\"local\",reason=\"isl\"}} {}\n\
+                 dynamo_frontend_disagg_prompt_tokens_total{{decision=\"remote\"}} {}\n",
                 n * 1000.0,
                 n * 100.0,
                 n * 250.0,
@@ -257,6 +288,9 @@ mod tests {
                 n - met,
                 n - met,
                 n / 10.0,
+                n / 2.0,
+                n / 2.0,
+                n / 2.0 * 1500.0,
             )
         };
         let a = Counters::parse(&text(10.0, 10.0)).expect("parses");
@@ -275,7 +309,9 @@ mod tests {
         assert!((o.attainment.expect("judged") - 0.9).abs() < 1e-12);
         assert_eq!(o.ttft_attainment, Some(1.0));
         assert!((o.itl_attainment.expect("judged") - 0.9).abs() < 1e-12);
-        assert_eq!(o.workers, 3);
+        assert_eq!((o.workers, o.prefill_workers), (3, 1));
+        // Half the requests went to the prefill pool, with prompts of 1,500 tokens.
+        assert_eq!((o.remote_requests, o.remote_isl), (50.0, 1500.0));
         assert!(
             Counters::parse("vllm:requests 1\n").is_none(),
             "not our frontend"
@@ -289,6 +325,7 @@ mod tests {
         let t0 = Instant::now();
         // A 10 s interval at speedup 10: one decision per second of wall time.
         let mut c = Cadence::new(Duration::from_secs(10), 10.0, t0);
+        let two = Replicas::of(crate::Pool::Aggregated, 2);
         assert_eq!(c.tick(), Duration::from_millis(500));
         let reading = |n: f64| Counters {
             requests: n,
@@ -298,12 +335,12 @@ mod tests {
             ..Counters::default()
         };
         // The first reading only sets the baseline; no load, nothing to scale up.
-        assert_eq!(c.decide(&mut planner, t0, Some(reading(0.0)), 2), None);
+        assert_eq!(c.decide(&mut planner, t0, Some(reading(0.0)), &two), None);
         let fast = c.decide(
             &mut planner,
             t0 + Duration::from_millis(500),
             Some(reading(1.0)),
-            2,
+            &two,
         );
         assert!(fast.is_none(), "{fast:?}");
         let d = c
@@ -311,7 +348,7 @@ mod tests {
                 &mut planner,
                 t0 + Duration::from_secs(1),
                 Some(reading(2.0)),
-                2,
+                &two,
             )
             .expect("an interval passed");
         assert_eq!(d.path, crate::Path::Predictive);
@@ -319,7 +356,7 @@ mod tests {
         assert!((d.observed.expect("observed").rate - 0.2).abs() < 1e-9);
         // No reading at the next interval: hold.
         let d = c
-            .decide(&mut planner, t0 + Duration::from_secs(2), None, 2)
+            .decide(&mut planner, t0 + Duration::from_secs(2), None, &two)
             .expect("an interval passed");
         assert_eq!(d.path, crate::Path::Hold);
     }

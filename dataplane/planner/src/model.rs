@@ -54,13 +54,20 @@ const SATURATED: f64 = 0.95;
 
 /// Mean TTFT and ITL of one aggregated engine serving `load`; `None` when it cannot keep up.
 pub fn aggregated(profile: &Profile, load: &Load) -> Option<Latency> {
-    let prefill_ms = prefill_work_ms(profile, load);
-    let rho = load.rate * prefill_ms / 1000.0;
+    engine(profile, load, load)
+}
+
+/// Mean latencies of one engine that decodes `decode` and prefills `prefill` of those requests
+/// itself (a decode worker of a disaggregated graph prefills the prompts the policy keeps local;
+/// an aggregated engine prefills them all). The TTFT is that of the prompts it prefills.
+pub fn engine(profile: &Profile, decode: &Load, prefill: &Load) -> Option<Latency> {
+    let prefill_ms = prefill_work_ms(profile, prefill);
+    let rho = prefill.rate * prefill_ms / 1000.0;
     if !(0.0..SATURATED).contains(&rho) {
         return None;
     }
     let stretch = 1.0 / (1.0 - rho);
-    let (itl_ms, concurrency) = decode_fixed_point(profile, load, stretch)?;
+    let (itl_ms, concurrency) = decode_fixed_point(profile, decode, stretch)?;
     let wait = prefill_ms * rho / (2.0 * (1.0 - rho));
     Some(Latency {
         // Queue, own prefill, the pass that emits the first token, and half a step in progress.
@@ -140,6 +147,125 @@ pub fn aggregated_replicas(
             })
         })
         .unwrap_or(max.max(1))
+}
+
+/// A load split by where its prompts are prefilled (a disaggregated graph's frontend sends some
+/// to the prefill pool and lets the decode worker prefill the rest).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Demand {
+    /// Every request (each is decoded by the decode pool, or by an aggregated engine).
+    pub all: Load,
+    /// The requests the prefill pool prefills.
+    pub remote: Load,
+    /// The requests their decode worker prefills.
+    pub local: Load,
+}
+
+impl Demand {
+    /// Every prompt prefilled where it is decoded (an aggregated graph).
+    pub fn aggregated(all: Load) -> Demand {
+        Demand {
+            all,
+            remote: Load { rate: 0.0, ..all },
+            local: all,
+        }
+    }
+
+    /// `all` with the share `remote_share` of its requests, of mean prompt `remote_isl`,
+    /// prefilled by the prefill pool.
+    pub fn split(all: Load, remote_share: f64, remote_isl: f64) -> Demand {
+        let s = remote_share.clamp(0.0, 1.0);
+        let remote_isl = if s > 0.0 { remote_isl.max(1.0) } else { 0.0 };
+        let local_isl = if s < 1.0 {
+            ((all.isl - s * remote_isl) / (1.0 - s)).max(1.0)
+        } else {
+            all.isl
+        };
+        Demand {
+            all,
+            remote: Load {
+                rate: all.rate * s,
+                isl: remote_isl,
+                ..all
+            },
+            local: Load {
+                rate: all.rate * (1.0 - s),
+                isl: local_isl,
+                ..all
+            },
+        }
+    }
+
+    /// Share of requests the prefill pool prefills.
+    pub fn remote_share(&self) -> f64 {
+        if self.all.rate > 0.0 {
+            (self.remote.rate / self.all.rate).clamp(0.0, 1.0)
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Mean latencies of a disaggregated fleet of `prefill` prefill engines and `decode` decode
+/// engines: the TTFT over all requests (a remote prompt waits for a prefill engine, then for one
+/// decode pass that emits its first token; the KV transfer is left to the correction), and the
+/// decode engines' ITL. `None` when a pool cannot keep up.
+pub fn disaggregated(
+    profiles: (&Profile, &Profile),
+    demand: &Demand,
+    prefill: u32,
+    decode: u32,
+) -> Option<Latency> {
+    let d = engine(
+        profiles.1,
+        &demand.all.per(decode),
+        &demand.local.per(decode),
+    )?;
+    let share = demand.remote_share();
+    let ttft_ms = if share > 0.0 {
+        if prefill == 0 {
+            return None;
+        }
+        let remote = prefill_only(profiles.0, &demand.remote.per(prefill))? + 1.5 * d.itl_ms;
+        share * remote + (1.0 - share) * d.ttft_ms
+    } else {
+        d.ttft_ms
+    };
+    Some(Latency { ttft_ms, ..d })
+}
+
+/// The fewest (prefill, decode) engines, up to `max` each, that keep the corrected mean latencies
+/// within `targets`: the decode pool sized first on the ITL (and on the TTFT of the prompts it
+/// prefills itself), then the prefill pool on the TTFT of the rest. A pool that no count
+/// satisfies gets its maximum; a pool with nothing to do gets 0.
+pub fn disaggregated_replicas(
+    profiles: (&Profile, &Profile),
+    demand: &Demand,
+    targets: Targets,
+    correction: (f64, f64),
+    max: (u32, u32),
+) -> (u32, u32) {
+    if demand.all.rate <= 0.0 {
+        return (0, 0);
+    }
+    let decode = (1..=max.1.max(1))
+        .find(|&n| {
+            engine(profiles.1, &demand.all.per(n), &demand.local.per(n)).is_some_and(|l| {
+                l.itl_ms * correction.1 <= targets.itl_ms
+                    && (demand.local.rate <= 0.0 || l.ttft_ms * correction.0 <= targets.ttft_ms)
+            })
+        })
+        .unwrap_or(max.1.max(1));
+    if demand.remote.rate <= 0.0 {
+        return (0, decode);
+    }
+    let prefill = (1..=max.0.max(1))
+        .find(|&n| {
+            disaggregated(profiles, demand, n, decode)
+                .is_some_and(|l| l.ttft_ms * correction.0 <= targets.ttft_ms)
+        })
+        .unwrap_or(max.0.max(1));
+    (prefill, decode)
 }
 
 #[cfg(test)]
@@ -227,5 +353,56 @@ mod tests {
             2,
             "capped"
         );
+    }
+
+    #[test]
+    fn a_disaggregated_fleet_sizes_prefill_on_ttft_and_decode_on_itl() {
+        let p = engine();
+        let all = Load {
+            rate: 20.0,
+            isl: 3000.0,
+            osl: 100.0,
+            hit_rate: 0.0,
+        };
+        let t = Targets {
+            ttft_ms: 300.0,
+            itl_ms: 20.0,
+        };
+        let demand = Demand::split(all, 1.0, 3000.0);
+        let (np, nd) = disaggregated_replicas((&p, &p), &demand, t, (1.0, 1.0), (32, 32));
+        let meets = |np, nd| {
+            disaggregated((&p, &p), &demand, np, nd)
+                .is_some_and(|l| l.ttft_ms <= t.ttft_ms && l.itl_ms <= t.itl_ms)
+        };
+        assert!(meets(np, nd), "{np} {nd}");
+        assert!(!meets(np - 1, nd), "prefill is the fewest: {np}");
+        // Decode engines that never prefill need fewer than aggregated ones for the same ITL.
+        let agg = aggregated_replicas(&p, &all, t, (1.0, 1.0), 64);
+        assert!(nd < agg, "{nd} vs {agg}");
+        // More prompt tokens: more prefill engines, the same decode pool.
+        let longer = Demand::split(Load { isl: 6000.0, ..all }, 1.0, 6000.0);
+        let (np2, nd2) = disaggregated_replicas((&p, &p), &longer, t, (1.0, 1.0), (32, 32));
+        assert!(np2 > np && nd2 >= nd, "{np2} {nd2}");
+        // Nothing sent to the prefill pool: it needs no engine, and decode prefills it all.
+        let local = Demand::split(all, 0.0, 0.0);
+        let (np3, nd3) = disaggregated_replicas((&p, &p), &local, t, (1.0, 1.0), (32, 32));
+        assert_eq!(np3, 0);
+        assert_eq!(nd3, agg);
+    }
+
+    #[test]
+    fn a_split_keeps_the_mean_prompt() {
+        let all = Load {
+            rate: 10.0,
+            isl: 1000.0,
+            osl: 50.0,
+            hit_rate: 0.0,
+        };
+        let d = Demand::split(all, 0.25, 3000.0);
+        assert_eq!(d.remote.rate, 2.5);
+        // 0.25 x 3000 + 0.75 x local = 1000.
+        assert!((d.local.isl - 1000.0 / 3.0).abs() < 1e-9);
+        assert_eq!(d.remote_share(), 0.25);
+        assert_eq!(Demand::aggregated(all).local, all);
     }
 }

@@ -8,6 +8,7 @@
 //! real one.
 
 use std::{
+    collections::BTreeMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -15,7 +16,7 @@ use std::{
 use anyhow::Context;
 use dynamo_crds::DynamoGraphDeploymentSpec;
 use dynamo_planner::{
-    Algorithm, Config, Decision, Path, Planner, Profile,
+    Algorithm, Bounds, Config, Decision, Demand, Path, Planner, Pool, Profile, Replicas,
     frontend::{Cadence, Counters},
 };
 use tokio::sync::oneshot;
@@ -27,15 +28,30 @@ use crate::manifest::LocalService;
 /// What the planner of one `serve` run needs.
 pub struct LocalPlanner {
     pub planner: Planner,
-    pub service: String,
+    /// The service of each planned pool.
+    pub services: BTreeMap<Pool, String>,
     pub interval: Duration,
     pub speedup: f64,
     pub advisory: bool,
     pub status: Arc<Mutex<serde_json::Value>>,
 }
 
+/// The pool a worker service serves: the last `--role` in its arguments.
+pub fn pool_of(svc: &LocalService) -> Pool {
+    let role = svc
+        .args
+        .iter()
+        .rposition(|a| a == "--role")
+        .and_then(|i| svc.args.get(i + 1));
+    match role.map(String::as_str) {
+        Some("prefill") => Pool::Prefill,
+        Some("decode") => Pool::Decode,
+        _ => Pool::Aggregated,
+    }
+}
+
 /// Builds the planner for `spec`, or says why it cannot run. `workers` are the graph's worker
-/// services; the planner sizes the one aggregated worker service.
+/// services: one aggregated service, or one prefill and one decode service.
 pub fn setup(
     spec: &DynamoGraphDeploymentSpec,
     manifest_dir: &std::path::Path,
@@ -48,22 +64,29 @@ pub fn setup(
     let (Some(ttft_ms), Some(itl_ms)) = (sla.ttft_ms, sla.itl_ms) else {
         anyhow::bail!("spec.sla needs both ttftMs and itlMs for the planner");
     };
-    let planned: Vec<&LocalService> = workers.iter().collect();
-    let [svc] = planned.as_slice() else {
+    let mut services: BTreeMap<Pool, &LocalService> = BTreeMap::new();
+    for svc in workers {
+        if let Some(other) = services.insert(pool_of(svc), svc) {
+            anyhow::bail!(
+                "the planner sizes one service per pool; {} and {} are both {} workers: run the graph with --planner off",
+                other.name,
+                svc.name,
+                pool_of(svc).as_str()
+            );
+        }
+    }
+    let pools: Vec<Pool> = services.keys().copied().collect();
+    if !matches!(
+        pools.as_slice(),
+        [Pool::Aggregated] | [Pool::Prefill, Pool::Decode]
+    ) {
         anyhow::bail!(
-            "the local planner sizes one aggregated worker service; this graph has {} ({}); run it with --planner off",
-            planned.len(),
-            planned
-                .iter()
-                .map(|s| s.name.as_str())
+            "the planner sizes one aggregated worker service, or one prefill and one decode service; this graph has {}: run it with --planner off",
+            services
+                .values()
+                .map(|s| format!("{} ({})", s.name, pool_of(s).as_str()))
                 .collect::<Vec<_>>()
                 .join(", ")
-        );
-    };
-    if svc.args.iter().any(|a| a == "--role") {
-        anyhow::bail!(
-            "the local planner does not size prefill and decode pools yet; run {} with --planner off",
-            svc.name
         );
     }
     let p = spec.planner.clone().unwrap_or_default();
@@ -85,31 +108,67 @@ pub fn setup(
             "spec.planner.mode is {other:?}; use \"active\" (scale) or \"advisory\" (decide and report only)"
         ),
     };
-    let profile = match &p.profile {
-        Some(path) => {
-            let path = manifest_dir.join(path);
-            let text = std::fs::read_to_string(&path).with_context(|| {
-                format!("could not read the planner profile {}", path.display())
-            })?;
-            serde_json::from_str::<Profile>(&text)
-                .with_context(|| format!("{} is not a `dynamo profile` file", path.display()))?
-        }
-        None => mocker_profile(&svc.args, &svc.env)?,
-    }
-    .validated()?;
+    let file_profile =
+        match &p.profile {
+            Some(path) => {
+                let path = manifest_dir.join(path);
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!("could not read the planner profile {}", path.display())
+                })?;
+                Some(serde_json::from_str::<Profile>(&text).with_context(|| {
+                    format!("{} is not a `dynamo profile` file", path.display())
+                })?)
+            }
+            None => None,
+        };
+    let profile = |svc: &LocalService| -> anyhow::Result<Profile> {
+        let p = match &file_profile {
+            Some(p) => p.clone(),
+            None => mocker_profile(&svc.args, &svc.env)?,
+        };
+        Ok(p.validated()?)
+    };
     let to_u32 = |v: Option<i32>, default: u32| v.map_or(default, |v| v.max(0) as u32);
+    let most = services
+        .values()
+        .map(|s| s.replicas)
+        .max()
+        .unwrap_or(1)
+        .max(1)
+        * 4;
+    let (min_replicas, max_replicas) = (to_u32(p.min_replicas, 1), to_u32(p.max_replicas, most));
+    let bounds = |b: &Option<dynamo_crds::PoolBounds>| {
+        b.as_ref().map(|b| Bounds {
+            min: to_u32(b.min_replicas, min_replicas),
+            max: to_u32(b.max_replicas, max_replicas),
+        })
+    };
     let config = Config {
         algorithm,
         ttft_ms,
         itl_ms,
-        min_replicas: to_u32(p.min_replicas, 1),
-        max_replicas: to_u32(p.max_replicas, svc.replicas.max(1) * 4),
+        min_replicas,
+        max_replicas,
+        prefill: bounds(&p.prefill),
+        decode: bounds(&p.decode),
         gpu_budget: p.gpu_budget.map(|b| b.max(0) as u32),
         ..Config::default()
     };
+    let planner = match (
+        services.get(&Pool::Aggregated),
+        services.get(&Pool::Prefill),
+        services.get(&Pool::Decode),
+    ) {
+        (Some(svc), _, _) => Planner::new(config, profile(svc)?),
+        (None, Some(pf), Some(dc)) => Planner::disaggregated(config, profile(pf)?, profile(dc)?),
+        _ => unreachable!("checked above"),
+    };
     Ok(LocalPlanner {
-        planner: Planner::new(config, profile),
-        service: svc.name.clone(),
+        planner,
+        services: services
+            .into_iter()
+            .map(|(p, s)| (p, s.name.clone()))
+            .collect(),
         interval,
         speedup,
         advisory,
@@ -133,7 +192,7 @@ pub fn ideal(args: &crate::cli::IdealArgs) -> anyhow::Result<()> {
         let mut config = *lp.planner.config();
         config.headroom_ttft = args.headroom_ttft.unwrap_or(config.headroom_ttft);
         config.headroom_itl = args.headroom_itl.unwrap_or(config.headroom_itl);
-        lp.planner = Planner::new(config, lp.planner.profile().clone());
+        lp.planner = lp.planner.reconfigured(config);
     }
     let interval = args.interval.unwrap_or(lp.interval).as_secs_f64().max(1e-3);
     let lines = dynamo_bench::workload::read_trace(&args.trace, None, 64)?;
@@ -146,8 +205,11 @@ pub fn ideal(args: &crate::cli::IdealArgs) -> anyhow::Result<()> {
         sums[w].1 += f64::from(l.input_length);
         sums[w].2 += f64::from(l.output_length);
     }
-    let gpus = f64::from(lp.planner.profile().gpus);
-    let (_, ceiling) = lp.planner.bounds();
+    let ceiling: Replicas = lp
+        .planner
+        .pools()
+        .map(|p| (p, lp.planner.bounds(p).1))
+        .collect();
     println!("# window_start_s req_per_s isl osl ideal_replicas");
     let (mut total, mut peak) = (0.0, 0);
     for (w, (n, isl, osl)) in sums.iter().enumerate() {
@@ -157,11 +219,18 @@ pub fn ideal(args: &crate::cli::IdealArgs) -> anyhow::Result<()> {
             osl: if *n > 0.0 { osl / n } else { 0.0 },
             hit_rate: 0.0,
         };
-        let r = lp.planner.ideal(&load);
-        peak = peak.max(r);
+        // A disaggregated graph's ideal: every prompt prefilled by the prefill pool.
+        let demand = if lp.planner.pools().any(|p| p == Pool::Aggregated) {
+            Demand::aggregated(load)
+        } else {
+            Demand::split(load, 1.0, load.isl)
+        };
+        let r = lp.planner.ideal(&demand);
+        let gpus = lp.planner.gpus(&r);
+        peak = peak.max(gpus);
         // The last window lasts only until the trace ends.
         let span = (end - w as f64 * interval).clamp(0.0, interval);
-        total += f64::from(r) * gpus * span;
+        total += f64::from(gpus) * span;
         println!(
             "{:.0} {:.3} {:.0} {:.0} {r}",
             w as f64 * interval,
@@ -170,9 +239,9 @@ pub fn ideal(args: &crate::cli::IdealArgs) -> anyhow::Result<()> {
             load.osl
         );
     }
-    let fixed = f64::from(ceiling) * gpus * end;
+    let fixed = f64::from(lp.planner.gpus(&ceiling)) * end;
     println!("ideal_gpu_seconds {total:.0}");
-    println!("ideal_peak_replicas {peak}");
+    println!("ideal_peak_gpus {peak}");
     println!("fixed_at_max_gpu_seconds {fixed:.0}");
     println!("ideal_over_fixed_at_max {:.3}", total / fixed.max(1e-9));
     Ok(())
@@ -191,7 +260,7 @@ pub fn worker_speedup(svc: &LocalService) -> f64 {
 }
 
 /// Runs the planner until `stop`: reads the frontend every tick, decides, and adds or removes
-/// workers of its service through the supervisor.
+/// workers of its services through the supervisor.
 pub(super) async fn run(
     mut lp: LocalPlanner,
     frontend: std::net::SocketAddr,
@@ -205,17 +274,24 @@ pub(super) async fn run(
     let base = format!("http://127.0.0.1:{}", frontend.port());
     let mut cadence = Cadence::new(lp.interval, lp.speedup, std::time::Instant::now());
     let interval = lp.interval.div_f64(lp.speedup.max(1e-9));
-    let (lo, hi) = lp.planner.bounds();
+    let sizes: Vec<String> = lp
+        .services
+        .iter()
+        .map(|(pool, svc)| {
+            let (lo, hi) = lp.planner.bounds(*pool);
+            format!("{svc} within {lo}..={hi}")
+        })
+        .collect();
     eprintln!(
-        "dynamo serve: planner ({}, {}) sizes {} within {lo}..={hi} replica(s) every {:?} ({:?} wall) against TTFT {} ms and ITL {} ms; profile: {}",
+        "dynamo serve: planner ({}, {}) sizes {} replica(s) every {:?} ({:?} wall) against TTFT {} ms and ITL {} ms; profile: {}",
         lp.planner.config().algorithm.as_str(),
         if lp.advisory { "advisory" } else { "active" },
-        lp.service,
+        sizes.join(", "),
         lp.interval,
         interval,
         lp.planner.config().ttft_ms,
         lp.planner.config().itl_ms,
-        lp.planner.profile().source,
+        lp.planner.profile(Pool::Decode).source,
     );
     let mut decisions = 0u64;
     let mut timer = tokio::time::interval(cadence.tick());
@@ -230,20 +306,20 @@ pub(super) async fn run(
             Ok(r) => r.text().await.ok().as_deref().and_then(Counters::parse),
             Err(_) => None,
         };
-        let Some(current) = current_replicas(&tx, &lp.service).await else {
+        let Some(views) = list(&tx).await else {
             return;
         };
-        let Some(d) = cadence.decide(&mut lp.planner, now, snap, current) else {
+        let current = replicas(&lp, &views, |v| v.state != "removing");
+        let Some(d) = cadence.decide(&mut lp.planner, now, snap, &current) else {
             continue;
         };
         decisions += 1;
         record(&lp, &d, decisions);
         if d.changed() || d.path == Path::Hold {
             eprintln!(
-                "dynamo serve: planner: {} -> {} replica(s) of {} ({}{}): {}",
+                "dynamo serve: planner: {} -> {} replica(s) ({}{}): {}",
                 d.previous,
                 d.replicas,
-                lp.service,
                 match d.path {
                     Path::Predictive => "interval",
                     Path::Reactive => "reactive",
@@ -257,22 +333,79 @@ pub(super) async fn run(
                 d.reason
             );
         }
-        if !lp.advisory && d.changed() {
-            scale(&tx, &client, &base, &lp.service, current, d.replicas).await;
+        if lp.advisory || !d.changed() {
+            continue;
+        }
+        // Shrinking pools first, so a rebalance never runs more GPUs than the budget: a pool
+        // grows only into the room that workers still draining leave.
+        for (pool, service) in &lp.services {
+            let (have, want) = (current.get(*pool), d.replicas.get(*pool));
+            if want < have {
+                remove(&tx, &client, &base, service, have - want).await;
+            }
+        }
+        for (pool, service) in &lp.services {
+            let (have, want) = (current.get(*pool), d.replicas.get(*pool));
+            if want <= have {
+                continue;
+            }
+            let mut add = want - have;
+            if let Some(budget) = lp.planner.config().gpu_budget {
+                let Some(views) = list(&tx).await else { return };
+                let running = lp.planner.gpus(&replicas(&lp, &views, |_| true));
+                let per = lp.planner.profile(*pool).gpus.max(1);
+                add = add.min(budget.saturating_sub(running) / per);
+                if add < want - have {
+                    eprintln!(
+                        "dynamo serve: planner: {service} grows by {add} of {} now; the rest once the workers leaving have stopped (GPU budget {budget})",
+                        want - have
+                    );
+                }
+            }
+            if !spawn(&tx, service, add).await {
+                return;
+            }
         }
     }
 }
 
+/// Workers per planned pool among `views` that pass `keep`.
+fn replicas(
+    lp: &LocalPlanner,
+    views: &[WorkerView],
+    keep: impl Fn(&WorkerView) -> bool,
+) -> Replicas {
+    lp.services
+        .iter()
+        .map(|(pool, service)| {
+            let n = views
+                .iter()
+                .filter(|v| &v.service == service && keep(v))
+                .count() as u32;
+            (*pool, n)
+        })
+        .collect()
+}
+
 fn record(lp: &LocalPlanner, d: &Decision, decisions: u64) {
     let mut status = lp.status.lock().unwrap_or_else(|p| p.into_inner());
-    let (lo, hi) = lp.planner.bounds();
+    let bounds: serde_json::Map<String, serde_json::Value> = lp
+        .services
+        .iter()
+        .map(|(pool, service)| {
+            let (lo, hi) = lp.planner.bounds(*pool);
+            (service.clone(), serde_json::json!({"min": lo, "max": hi}))
+        })
+        .collect();
     *status = serde_json::json!({
-        "service": lp.service,
+        "services": lp.services,
         "algorithm": lp.planner.config().algorithm.as_str(),
         "mode": if lp.advisory { "advisory" } else { "active" },
         "sla": {"ttftMs": lp.planner.config().ttft_ms, "itlMs": lp.planner.config().itl_ms},
-        "bounds": {"min": lo, "max": hi},
+        "bounds": bounds,
+        "gpuBudget": lp.planner.config().gpu_budget,
         "decisions": decisions,
+        "learned": lp.planner.learned(),
         "last": d,
     });
 }
@@ -283,48 +416,35 @@ async fn list(tx: &tokio::sync::mpsc::UnboundedSender<Msg>) -> Option<Vec<Worker
     rx.await.ok()
 }
 
-/// Workers of `service` that are running or restarting (not those being removed).
-async fn current_replicas(
-    tx: &tokio::sync::mpsc::UnboundedSender<Msg>,
-    service: &str,
-) -> Option<u32> {
-    let views = list(tx).await?;
-    Some(
-        views
-            .iter()
-            .filter(|v| v.service == service && v.state != "removing")
-            .count() as u32,
-    )
+/// Adds `n` workers of `service`; false when serve is shutting down.
+async fn spawn(tx: &tokio::sync::mpsc::UnboundedSender<Msg>, service: &str, n: u32) -> bool {
+    for _ in 0..n {
+        let (reply, rx) = oneshot::channel();
+        if tx
+            .send(Msg::Add {
+                service: Some(service.to_owned()),
+                reply,
+            })
+            .is_err()
+        {
+            return false;
+        }
+        if let Ok(Err(e)) = rx.await {
+            eprintln!("dynamo serve: planner could not add a worker: {e}");
+            return true;
+        }
+    }
+    true
 }
 
-/// Adds workers, or removes those with the fewest requests in flight (they drain first).
-async fn scale(
+/// Removes the `n` workers of `service` with the fewest requests in flight (they drain first).
+async fn remove(
     tx: &tokio::sync::mpsc::UnboundedSender<Msg>,
     client: &reqwest::Client,
     base: &str,
     service: &str,
-    current: u32,
-    want: u32,
+    n: u32,
 ) {
-    if want > current {
-        for _ in current..want {
-            let (reply, rx) = oneshot::channel();
-            if tx
-                .send(Msg::Add {
-                    service: Some(service.to_owned()),
-                    reply,
-                })
-                .is_err()
-            {
-                return;
-            }
-            if let Ok(Err(e)) = rx.await {
-                eprintln!("dynamo serve: planner could not add a worker: {e}");
-                return;
-            }
-        }
-        return;
-    }
     let Some(views) = list(tx).await else { return };
     let inflight: std::collections::HashMap<String, u64> = async {
         let health: serde_json::Value = client
@@ -356,7 +476,7 @@ async fn scale(
             .copied()
             .unwrap_or(0)
     });
-    for v in running.into_iter().take((current - want) as usize) {
+    for v in running.into_iter().take(n as usize) {
         let (reply, rx) = oneshot::channel();
         if tx
             .send(Msg::Remove {
