@@ -133,6 +133,9 @@ struct Setup {
     interval: Duration,
     speedup: f64,
     advisory: bool,
+    /// No profile named: the workers' own descriptions (`Info.profile`, through a frontend's
+    /// `/profiles`) replace the ones derived from their flags once they answer.
+    ask_workers: bool,
     /// The spec it was built from.
     from: serde_json::Value,
 }
@@ -274,6 +277,7 @@ fn setup(dgd: &DynamoGraphDeployment, profile: Option<Profile>) -> Result<Setup,
         interval,
         speedup,
         advisory: p.mode.as_deref() == Some("advisory"),
+        ask_workers: profile.is_none(),
         from: planned_spec(dgd),
     })
 }
@@ -380,6 +384,17 @@ async fn graph_loop(
         let Some(s) = setup_state.as_mut() else {
             continue;
         };
+        if s.ask_workers
+            && let Some(described) = frontend_get(&pods, &http, &name, "profiles").await
+        {
+            for pool in s.planner.adopt_described(&described) {
+                tracing::info!(graph = %name, service = %s.services[&pool], profile = %s.planner.profile(pool).source, "planner sizes the pool with the profile its workers describe");
+            }
+            s.ask_workers = s
+                .planner
+                .pools()
+                .any(|p| described.get(p.as_str()).is_none());
+        }
         let now = std::time::Instant::now();
         let snap = scrape(&pods, &http, &name).await;
         let mut current = Replicas::default();
@@ -625,22 +640,44 @@ async fn write_decision(
         .map(|_| ())
 }
 
+/// The base URLs of the graph's running frontend pods.
+async fn frontends(pods: &Api<Pod>, graph: &str) -> Vec<String> {
+    let selector = format!("{LABEL_GRAPH}={graph},{LABEL_COMPONENT}=frontend");
+    let Ok(list) = pods.list(&ListParams::default().labels(&selector)).await else {
+        return Vec::new();
+    };
+    list.items
+        .into_iter()
+        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        .filter_map(|p| {
+            let ip = p.status?.pod_ip?;
+            Some(format!("http://{ip}:{FRONTEND_PORT}"))
+        })
+        .collect()
+}
+
+/// `GET /PATH` of the first of the graph's frontends that answers with JSON.
+async fn frontend_get(
+    pods: &Api<Pod>,
+    http: &reqwest::Client,
+    graph: &str,
+    path: &str,
+) -> Option<serde_json::Value> {
+    for base in frontends(pods, graph).await {
+        if let Ok(r) = http.get(format!("{base}/{path}")).send().await
+            && let Ok(v) = r.json().await
+        {
+            return Some(v);
+        }
+    }
+    None
+}
+
 /// The summed counters of the graph's running frontend pods; `None` when none answered.
 async fn scrape(pods: &Api<Pod>, http: &reqwest::Client, graph: &str) -> Option<Counters> {
-    let selector = format!("{LABEL_GRAPH}={graph},{LABEL_COMPONENT}=frontend");
-    let list = pods
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .ok()?;
     let mut total: Option<Counters> = None;
-    for p in list.items {
-        let Some(ip) = p.status.as_ref().and_then(|s| s.pod_ip.clone()) else {
-            continue;
-        };
-        if p.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running") {
-            continue;
-        }
-        let url = format!("http://{ip}:{FRONTEND_PORT}/metrics");
+    for base in frontends(pods, graph).await {
+        let url = format!("{base}/metrics");
         let Ok(r) = http.get(&url).send().await else {
             continue;
         };

@@ -460,6 +460,24 @@ async fn the_planner_scales_up_under_load_within_its_budget_and_back_down_after(
     assert_eq!(planner["algorithm"], "sla");
     assert_eq!(planner["bounds"], json!({"Worker": {"min": 1, "max": 3}}));
     assert_eq!(planner["last"]["replicas"], json!({"aggregated": 1}));
+    assert!(
+        planner["profiles"]["Worker"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("described by the built-in engine")),
+        "{planner}"
+    );
+    let described: Value = reqwest::get(format!("{}/profiles", serve.api))
+        .await
+        .expect("profiles")
+        .json()
+        .await
+        .expect("json");
+    assert!(
+        described["aggregated"]["decode"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty()),
+        "the frontend serves the workers' profiles: {described}"
+    );
     assert!(planner["decisions"].as_u64().unwrap_or(0) >= 3, "{planner}");
     assert!(
         planner["last"]["reason"]

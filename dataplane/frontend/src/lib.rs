@@ -202,6 +202,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/profiles", get(profiles))
         .route("/live", get(|| async { "ok" }))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -375,6 +376,12 @@ async fn health(State(s): State<Arc<AppState>>) -> Response {
         })),
     )
         .into_response()
+}
+
+/// The engine profiles the live workers describe themselves with, by role (what the SLA planner
+/// sizes pools with when the graph names no profile of its own).
+async fn profiles(State(s): State<Arc<AppState>>) -> Response {
+    axum::Json(s.pool.profiles()).into_response()
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {

@@ -260,6 +260,35 @@ impl WorkerPool {
         out
     }
 
+    /// The engine profile each role's live workers describe themselves with (`Info.profile`;
+    /// the one most of them report), by role name; roles whose workers say nothing are left out.
+    pub fn profiles(&self) -> serde_json::Map<String, serde_json::Value> {
+        use proto::WorkerRole as R;
+        let mut seen: std::collections::BTreeMap<
+            &'static str,
+            std::collections::BTreeMap<String, usize>,
+        > = Default::default();
+        let members = self.members();
+        for m in members.iter().filter(|m| !m.info.profile.is_empty()) {
+            let role = match m.role {
+                R::Prefill => "prefill",
+                R::Decode => "decode",
+                _ => "aggregated",
+            };
+            *seen
+                .entry(role)
+                .or_default()
+                .entry(m.info.profile.clone())
+                .or_default() += 1;
+        }
+        seen.into_iter()
+            .filter_map(|(role, counts)| {
+                let (text, _) = counts.into_iter().max_by_key(|(_, n)| *n)?;
+                Some((role.to_owned(), serde_json::from_str(&text).ok()?))
+            })
+            .collect()
+    }
+
     /// Every candidate with its status, sorted by URL.
     pub fn candidates(&self) -> Vec<CandidateView> {
         let members = self.members();

@@ -1,7 +1,7 @@
 //! The built-in engine (the mocker) describes itself: its profile follows from its timing model
 //! and the cache its flags give it, so a graph on it needs no profiling run.
 
-use dynamo_mocker::TimingModel;
+use dynamo_mocker::{MockerConfig, TimingModel};
 
 use crate::profile::{DecodePoint, PrefillPoint, Profile};
 
@@ -81,52 +81,81 @@ impl EngineShape {
     /// `max_num_batched_tokens`, plus the pass that emits the first token), and ITL per
     /// concurrency and context from the KV fill they make.
     pub fn profile(&self) -> Profile {
-        let timing = TimingModel::default().scaled(self.timing_scale);
-        let (chunk, blocks, bs) = (
-            self.max_num_batched_tokens.max(1.0),
-            self.num_gpu_blocks.max(1.0),
-            self.block_size.max(1.0),
-        );
-        let prefill = (6..=14)
-            .map(|k| {
-                let isl = f64::from(1u32 << k);
-                let (mut left, mut ms) = (isl, 0.0);
-                while left > 0.0 {
-                    let c = left.min(chunk);
-                    ms += timing.prefill_ms(c as usize);
-                    left -= c;
-                }
-                PrefillPoint {
-                    isl,
-                    ttft_ms: ms + timing.decode_ms((isl / bs).ceil() / blocks),
-                }
-            })
-            .collect();
-        let mut decode = Vec::new();
-        for context in [256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0] {
-            for concurrency in [1.0, 8.0, 32.0, 64.0, 128.0, 256.0, 512.0] {
-                if concurrency <= self.max_num_seqs.max(1.0) {
-                    decode.push(DecodePoint {
-                        concurrency,
-                        context,
-                        itl_ms: timing.decode_ms(concurrency * (context / bs).ceil() / blocks),
-                    });
-                }
-            }
-        }
-        Profile {
-            source: format!(
+        describe(
+            &TimingModel::default().scaled(self.timing_scale),
+            self,
+            format!(
                 "built-in engine timing model (timing scale {}, {} blocks of {} tokens, chunk {})",
                 self.timing_scale,
                 self.num_gpu_blocks,
                 self.block_size,
                 self.max_num_batched_tokens
             ),
-            gpus: self.gpus.max(1),
-            max_concurrency: Some(self.max_num_seqs.max(1.0)),
-            prefill,
-            decode,
+        )
+    }
+}
+
+/// What a running built-in engine says of itself (its `Info`): the profile of its own timing
+/// model and cache, which its flags alone may not tell (`--kv-memory` sets the block count).
+pub fn self_described(config: &MockerConfig, gpus: u32) -> Profile {
+    let shape = EngineShape {
+        timing_scale: 1.0,
+        num_gpu_blocks: config.num_gpu_blocks as f64,
+        block_size: config.block_size as f64,
+        max_num_seqs: config.max_num_seqs as f64,
+        max_num_batched_tokens: config.max_num_batched_tokens as f64,
+        gpus,
+        speedup: config.speedup,
+    };
+    describe(
+        &config.timing,
+        &shape,
+        format!(
+            "described by the built-in engine ({} blocks of {} tokens, chunk {})",
+            config.num_gpu_blocks, config.block_size, config.max_num_batched_tokens
+        ),
+    )
+}
+
+fn describe(timing: &TimingModel, shape: &EngineShape, source: String) -> Profile {
+    let (chunk, blocks, bs) = (
+        shape.max_num_batched_tokens.max(1.0),
+        shape.num_gpu_blocks.max(1.0),
+        shape.block_size.max(1.0),
+    );
+    let prefill = (6..=14)
+        .map(|k| {
+            let isl = f64::from(1u32 << k);
+            let (mut left, mut ms) = (isl, 0.0);
+            while left > 0.0 {
+                let c = left.min(chunk);
+                ms += timing.prefill_ms(c as usize);
+                left -= c;
+            }
+            PrefillPoint {
+                isl,
+                ttft_ms: ms + timing.decode_ms((isl / bs).ceil() / blocks),
+            }
+        })
+        .collect();
+    let mut decode = Vec::new();
+    for context in [256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0] {
+        for concurrency in [1.0, 8.0, 32.0, 64.0, 128.0, 256.0, 512.0] {
+            if concurrency <= shape.max_num_seqs.max(1.0) {
+                decode.push(DecodePoint {
+                    concurrency,
+                    context,
+                    itl_ms: timing.decode_ms(concurrency * (context / bs).ceil() / blocks),
+                });
+            }
         }
+    }
+    Profile {
+        source,
+        gpus: shape.gpus.max(1),
+        max_concurrency: Some(shape.max_num_seqs.max(1.0)),
+        prefill,
+        decode,
     }
 }
 
@@ -207,5 +236,31 @@ mod tests {
         let two = 2.0 * t.prefill_ms(8192) + t.decode_ms(256.0 / 16384.0);
         assert!((p.ttft_ms(16384.0) - two).abs() < 1e-9);
         assert_eq!(p.max_concurrency, Some(256.0));
+    }
+
+    #[test]
+    fn a_running_engine_describes_itself_as_its_flags_would_and_knows_its_cache() {
+        let config = MockerConfig {
+            timing: TimingModel::default().scaled(2.0),
+            ..MockerConfig::default()
+        };
+        let flags = EngineShape {
+            timing_scale: 2.0,
+            ..EngineShape::default()
+        };
+        let (own, from_flags) = (self_described(&config, 1), flags.profile());
+        assert_eq!(own.prefill, from_flags.prefill);
+        assert_eq!(own.decode, from_flags.decode);
+        // A cache of 256 blocks (what --kv-memory gives it) fills 64x faster than the default's.
+        let small = self_described(
+            &MockerConfig {
+                num_gpu_blocks: 256,
+                ..config
+            },
+            2,
+        );
+        assert!(small.itl_ms(32.0, 2048.0) > own.itl_ms(32.0, 2048.0));
+        assert_eq!(small.gpus, 2);
+        assert!(small.source.contains("256 blocks"), "{}", small.source);
     }
 }

@@ -367,6 +367,38 @@ impl Planner {
         Planner::with_pools(config, self.profiles.clone())
     }
 
+    /// Sizes `pool` with `profile` from now on (what was learned stays); false when this
+    /// planner has no such pool or already uses that profile.
+    pub fn set_profile(&mut self, pool: Pool, profile: Profile) -> bool {
+        match self.profiles.get_mut(&pool) {
+            Some(p) if *p != profile => {
+                *p = profile;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Replaces the profiles with those the workers describe themselves with (`/profiles` of a
+    /// frontend: a JSON object of profiles by role name), for the pools it covers; returns the
+    /// pools that changed.
+    pub fn adopt_described(&mut self, described: &serde_json::Value) -> Vec<Pool> {
+        let mut changed = Vec::new();
+        for pool in self.pools().collect::<Vec<_>>() {
+            let Some(p) = described
+                .get(pool.as_str())
+                .and_then(|v| serde_json::from_value::<Profile>(v.clone()).ok())
+                .and_then(|p| p.validated().ok())
+            else {
+                continue;
+            };
+            if self.set_profile(pool, p) {
+                changed.push(pool);
+            }
+        }
+        changed
+    }
+
     /// The pools this planner sizes.
     pub fn pools(&self) -> impl Iterator<Item = Pool> + '_ {
         self.profiles.keys().copied()
@@ -1322,6 +1354,23 @@ mod tests {
             d.reason
         );
         assert!(d.replicas.get(Pool::Decode) >= 1);
+    }
+
+    #[test]
+    fn profiles_the_workers_describe_replace_the_assumed_ones() {
+        let mut p = disagg(config(Algorithm::Sla));
+        let mut own = engine();
+        own.source = "described by the engine".into();
+        own.max_concurrency = Some(8.0);
+        let described = serde_json::json!({
+            "decode": own,
+            "aggregated": engine(),
+            "prefill": {"not": "a profile"},
+        });
+        assert_eq!(p.adopt_described(&described), [Pool::Decode]);
+        assert_eq!(p.profile(Pool::Decode).source, "described by the engine");
+        assert_ne!(p.profile(Pool::Prefill).source, "described by the engine");
+        assert!(p.adopt_described(&described).is_empty(), "nothing new");
     }
 
     #[test]

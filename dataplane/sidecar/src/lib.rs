@@ -166,6 +166,13 @@ impl Sidecar {
             role: config.role,
             kv: kv_store.clone(),
             gpus: config.gpus,
+            profile: match config.engine {
+                EngineKind::Mocker => serde_json::to_string(
+                    &dynamo_planner::builtin::self_described(&mocker, config.gpus.max(1)),
+                )
+                .unwrap_or_default(),
+                EngineKind::Vllm => String::new(),
+            },
         };
         let metrics = Arc::new(WorkerMetrics::new(
             &config.worker_id,
@@ -243,6 +250,8 @@ struct WorkerService {
     role: Role,
     kv: Option<Arc<KvStore>>,
     gpus: u32,
+    /// The engine's profile as JSON, when it knows it (`Info.profile`).
+    profile: String,
 }
 
 fn submit_status(error: SubmitError) -> Status {
@@ -348,6 +357,7 @@ impl proto::worker_server::Worker for WorkerService {
             instance_id: self.events.instance(),
             role: self.role.to_proto() as i32,
             gpus: self.gpus,
+            profile: self.profile.clone(),
         }))
     }
 

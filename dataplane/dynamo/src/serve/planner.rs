@@ -33,6 +33,9 @@ pub struct LocalPlanner {
     pub interval: Duration,
     pub speedup: f64,
     pub advisory: bool,
+    /// The manifest names no profile: the workers' own descriptions (`Info.profile`, through
+    /// the frontend's `/profiles`) replace the ones derived from their flags once they answer.
+    pub ask_workers: bool,
     pub status: Arc<Mutex<serde_json::Value>>,
 }
 
@@ -172,6 +175,7 @@ pub fn setup(
         interval,
         speedup,
         advisory,
+        ask_workers: file_profile.is_none(),
         status: Arc::new(Mutex::new(serde_json::json!({"decisions": 0}))),
     })
 }
@@ -302,6 +306,22 @@ pub(super) async fn run(
             _ = timer.tick() => {}
         }
         let now = std::time::Instant::now();
+        if lp.ask_workers
+            && let Ok(r) = client.get(format!("{base}/profiles")).send().await
+            && let Ok(described) = r.json::<serde_json::Value>().await
+        {
+            for pool in lp.planner.adopt_described(&described) {
+                eprintln!(
+                    "dynamo serve: planner sizes {} with the profile its workers describe: {}",
+                    lp.services[&pool],
+                    lp.planner.profile(pool).source
+                );
+            }
+            lp.ask_workers = lp
+                .planner
+                .pools()
+                .any(|p| described.get(p.as_str()).is_none());
+        }
         let snap = match client.get(format!("{base}/metrics")).send().await {
             Ok(r) => r.text().await.ok().as_deref().and_then(Counters::parse),
             Err(_) => None,
@@ -406,6 +426,7 @@ fn record(lp: &LocalPlanner, d: &Decision, decisions: u64) {
         "gpuBudget": lp.planner.config().gpu_budget,
         "decisions": decisions,
         "learned": lp.planner.learned(),
+        "profiles": lp.services.iter().map(|(p, svc)| (svc.clone(), lp.planner.profile(*p).source.clone())).collect::<BTreeMap<_, _>>(),
         "last": d,
     });
 }
