@@ -97,7 +97,7 @@ async def check(url):
     return 0
 
 
-async def load(url, concurrency, stop_file, out, max_tokens):
+async def load(url, concurrency, stop_file, out, max_tokens, words=120):
     c = client(url)
     ok = failed = 0
     errors = []
@@ -108,7 +108,7 @@ async def load(url, concurrency, stop_file, out, max_tokens):
         i = w
         while not os.path.exists(stop_file):
             try:
-                await stream_once(c, prompt(i), max_tokens)
+                await stream_once(c, prompt(i, words), max_tokens)
                 ok += 1
             except Exception as e:  # noqa: BLE001 - every failure is counted and reported
                 failed += 1
@@ -138,12 +138,13 @@ def main():
     p.add_argument("--stop-file", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--words", type=int, default=120, help="prompt length in words (about 2.5 tokens each)")
     a = ap.parse_args()
     if a.cmd == "first-token":
         return asyncio.run(first_token(a.url, a.timeout))
     if a.cmd == "check":
         return asyncio.run(check(a.url))
-    return asyncio.run(load(a.url, a.concurrency, a.stop_file, a.out, a.max_tokens))
+    return asyncio.run(load(a.url, a.concurrency, a.stop_file, a.out, a.max_tokens, a.words))
 
 
 if __name__ == "__main__":

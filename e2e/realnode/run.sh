@@ -288,6 +288,70 @@ case_planner_scales_a_graph_with_an_sla_up_under_load_and_back_down() {
   k delete dgd planner --wait=false >/dev/null
 }
 
+# manifests/disagg-planner.yaml made quick: a 10 s interval at speedup 10, within 4 GPUs, small KV
+# blocks (moved between pods over TCP: pods share no IPC namespace).
+disagg_planner_graph() {
+  pinned_graph manifests/disagg-planner.yaml | "$PYTHON" -c '
+import json, sys
+g = json.load(sys.stdin)
+g["spec"]["planner"].update({"interval": "10s", "gpuBudget": 4})
+for name in ("Prefill", "Decode"):
+    args = g["spec"]["services"][name]["extraPodSpec"]["mainContainer"]["args"]
+    args[args.index("--speedup-ratio") + 1] = "10"
+    args[args.index("--kv-geometry") + 1] = "tiny"
+json.dump(g, sys.stdout)'
+}
+DP=disagg-planner
+dp_ready() { # SERVICE N: N Ready pods of the service
+  ready_count_is "nvidia.com/dynamo-graph=$DP,nvidia.com/dynamo-service=$1" "$2"
+}
+dp_floors() { dp_ready Prefill 1 && dp_ready Decode 1; }
+dp_adapter() { k get dgdsa "$DP-$1" -o 'jsonpath={.spec.replicas}'; }
+
+case_planner_sizes_the_prefill_and_decode_pools_of_a_disaggregated_graph() {
+  local url most=0 p d ok failed t0
+  disagg_planner_graph | k apply -f - >/dev/null
+  wait_for "1 prefill and 1 decode worker Ready" 120 dp_floors
+  url="http://$(k get svc $DP-frontend -o 'jsonpath={.spec.clusterIP}'):$(k get svc $DP-frontend -o 'jsonpath={.spec.ports[0].port}')"
+  wait_for "$DP serves" 120 "$PYTHON" "$CLIENT" first-token "$url" --timeout 5
+  # Prompts of about 3,500 tokens, all new to the decode worker: the frontend sends each to the
+  # prefill pool (isl_bounding), which one prefill worker cannot keep at the TTFT target.
+  rm -f "$WORK/dp.stop"
+  "$PYTHON" "$CLIENT" load "$url" --concurrency 24 --words 1400 --max-tokens 16 \
+    --stop-file "$WORK/dp.stop" --out "$WORK/dp.json" >"$WORK/dp.log" 2>&1 &
+  echo $! >"$WORK/dp.pid"
+  t0=$(now)
+  local deadline=$((SECONDS + 120))
+  while [ $SECONDS -lt $deadline ]; do
+    p="$(dp_adapter prefill)"; d="$(dp_adapter decode)"
+    [ $((p + d)) -le 4 ] || fail "the pools took $p + $d GPUs, past the budget of 4"
+    [ "$p" -gt "$most" ] && most=$p
+    [ "$most" -ge 2 ] && break
+    sleep 0.5
+  done
+  [ "$most" -ge 2 ] || fail "the prefill pool never grew under long prompts (adapter at $most)"
+  figure "disagg planner: long prompts to $most prefill workers wanted in $(since "$t0") s"
+  wait_for "$most prefill workers Ready" 60 dp_ready Prefill "$most"
+  k get dgd $DP -o 'jsonpath={.status.planner.replicas}' | grep -q '"Prefill":[2-9]' ||
+    k get dgd $DP -o 'jsonpath={.status.planner.summary}' | grep -q 'Prefill 1->[2-9]' ||
+    k get dgd $DP >&2
+  sleep 5
+  read -r ok failed < <(stop_load dp)
+  figure "disagg planner: $failed failed of $((ok + failed)) requests while the prefill pool grew and shrank"
+  [ "$failed" -eq 0 ] || fail "$failed requests failed while the planner scaled the pools"
+  [ "$ok" -gt 0 ] || fail "no request completed"
+  t0=$(now)
+  wait_for "both pools back to 1" 120 dp_floors
+  figure "disagg planner: load stopped to 1 + 1 Ready workers in $(since "$t0") s"
+  [ "$(dp_adapter prefill),$(dp_adapter decode)" = 1,1 ] || fail "pools at $(dp_adapter prefill),$(dp_adapter decode), not their floors"
+  k get dgd $DP >&2
+  k describe dgd $DP | grep -q PlannerScaled || fail "no PlannerScaled event"
+  kubectl -n "$OP_NS" logs -l app.kubernetes.io/name=dynamo-operator --tail=-1 2>/dev/null |
+    grep -q "planner sizes the pool with the profile its workers describe" ||
+    fail "the operator's planner did not take the workers' own profiles"
+  k delete dgd $DP --wait=false >/dev/null
+}
+
 case_deleting_the_graph_stops_every_container() {
   k get dgd "$GRAPH" >/dev/null || fail "graph $GRAPH is not there to delete"
   k delete dgd "$GRAPH" --wait=true >/dev/null
@@ -352,6 +416,7 @@ run_case scaling_workers_up_and_down_under_load
 run_case template_change_rolls_under_load
 run_case worker_pod_deleted_under_load
 run_case planner_scales_a_graph_with_an_sla_up_under_load_and_back_down
+run_case planner_sizes_the_prefill_and_decode_pools_of_a_disaggregated_graph
 run_case deleting_the_graph_stops_every_container
 
 log "suite time: $((SECONDS - SUITE_START)) s"
