@@ -346,8 +346,16 @@ case_planner_sizes_the_prefill_and_decode_pools_of_a_disaggregated_graph() {
   [ "$(dp_adapter prefill),$(dp_adapter decode)" = 1,1 ] || fail "pools at $(dp_adapter prefill),$(dp_adapter decode), not their floors"
   k get dgd $DP >&2
   k describe dgd $DP | grep -q PlannerScaled || fail "no PlannerScaled event"
-  kubectl -n "$OP_NS" logs -l app.kubernetes.io/name=dynamo-operator --tail=-1 2>/dev/null |
-    grep -q "planner sizes the pool with the profile its workers describe" ||
+  # Each change the planner made, from its Events: a handful, not a flapping between pools.
+  local changes
+  changes="$(k get events --field-selector "involvedObject.name=$DP,reason=PlannerScaled" -o json | "$PYTHON" -c '
+import json, sys
+print(sum((e.get("series") or {}).get("count") or e.get("count") or 1 for e in json.load(sys.stdin)["items"]))')"
+  figure "disagg planner: $changes scaling actions over the case"
+  [ "$changes" -le 10 ] || fail "$changes scaling actions: the pools flapped"
+  local oplog
+  oplog="$(kubectl -n "$OP_NS" logs -l app.kubernetes.io/name=dynamo-operator --tail=-1 2>/dev/null)"
+  grep -q "planner sizes the pool with the profile its workers describe" <<<"$oplog" ||
     fail "the operator's planner did not take the workers' own profiles"
   k delete dgd $DP --wait=false >/dev/null
 }

@@ -329,6 +329,7 @@ async fn graph_loop(
     let mut cadence = Cadence::new(Duration::from_secs(60), 1.0, std::time::Instant::now());
     let mut stepped_back = String::new();
     let mut first_setup = true;
+    let mut deferred: Option<Replicas> = None;
     loop {
         let tick = setup_state.as_ref().map_or(TICK, |_| cadence.tick());
         tokio::select! {
@@ -419,7 +420,23 @@ async fn graph_loop(
         });
 
         let decision = cadence.decide(&mut s.planner, now, snap, &current);
-        let Some(d) = decision else { continue };
+        let Some(d) = decision else {
+            // Growth a rebalance deferred (the budget's room was still held by leaving pods)
+            // follows as soon as there is room.
+            if let Some(t) = deferred.clone()
+                && owner.is_none()
+                && !s.advisory
+            {
+                match carry_out(s, &t, &current, &adapters, &pods, &name, false).await {
+                    Ok(true) => deferred = None,
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(graph = %name, error = %e, "planner could not scale")
+                    }
+                }
+            }
+            continue;
+        };
 
         let mode = match (&owner, s.advisory) {
             (Some(_), _) => "stepped-back",
@@ -427,9 +444,15 @@ async fn graph_loop(
             (None, false) => "active",
         };
         let act = mode == "active" && d.changed();
-        if act && let Err(e) = carry_out(s, &d, &current, &adapters, &pods, &name).await {
-            tracing::warn!(graph = %name, error = %e, "planner could not scale");
-            continue;
+        deferred = None;
+        if act {
+            match carry_out(s, &d.replicas, &current, &adapters, &pods, &name, true).await {
+                Ok(done) => deferred = (!done).then(|| d.replicas.clone()),
+                Err(e) => {
+                    tracing::warn!(graph = %name, error = %e, "planner could not scale");
+                    continue;
+                }
+            }
         }
         metrics.planner_decision(&name, &s.services, &d, act);
         let mut reason = d.reason.clone();
@@ -548,14 +571,17 @@ fn from_status(l: &PlannerLearned) -> Learned {
 /// only into the room the GPU budget leaves beside the graph's planned pods that still exist
 /// (terminating ones included), so a rebalance never runs more GPUs than the budget. What does
 /// not fit yet is added by a later check, once the pods leaving are gone.
+///
+/// Returns whether every pool got what `target` asks for.
 async fn carry_out(
     s: &Setup,
-    d: &Decision,
+    target: &Replicas,
     current: &Replicas,
     adapters: &Api<DynamoGraphDeploymentScalingAdapter>,
     pods: &Api<Pod>,
     graph: &str,
-) -> Result<(), kube::Error> {
+    announce: bool,
+) -> Result<bool, kube::Error> {
     let scale = |adapter: &str, n: u32| {
         let patch = Patch::Merge(json!({"spec": {"replicas": n}}));
         let adapter = adapter.to_owned();
@@ -567,18 +593,19 @@ async fn carry_out(
         }
     };
     for (pool, adapter) in &s.adapters {
-        if d.replicas.get(*pool) < current.get(*pool) {
-            scale(adapter, d.replicas.get(*pool)).await?;
+        if target.get(*pool) < current.get(*pool) {
+            scale(adapter, target.get(*pool)).await?;
         }
     }
+    let mut complete = true;
     // Replicas each pool is being taken to so far.
-    let mut target: BTreeMap<Pool, u32> = s
+    let mut taking: BTreeMap<Pool, u32> = s
         .adapters
         .keys()
-        .map(|p| (*p, current.get(*p).min(d.replicas.get(*p))))
+        .map(|p| (*p, current.get(*p).min(target.get(*p))))
         .collect();
     for (pool, adapter) in &s.adapters {
-        let (have, want) = (current.get(*pool), d.replicas.get(*pool));
+        let (have, want) = (current.get(*pool), target.get(*pool));
         if want <= have {
             continue;
         }
@@ -599,7 +626,7 @@ async fn carry_out(
                     gangs.entry(*pl).or_default().insert(g);
                 }
             }
-            let used: u32 = target
+            let used: u32 = taking
                 .iter()
                 .map(|(pl, t)| {
                     let alive = gangs.get(pl).map_or(0, |g| g.len() as u32);
@@ -609,15 +636,18 @@ async fn carry_out(
             let per = s.planner.profile(*pool).gpus.max(1);
             n = want.min(have + budget.saturating_sub(used) / per);
             if n < want {
+                complete = false;
+            }
+            if n < want && announce {
                 tracing::info!(graph, adapter = %adapter, want, now = n, budget, "planner grows the pool into the budget's room; the rest once pods leaving are gone");
             }
         }
         if n > have {
             scale(adapter, n).await?;
-            target.insert(*pool, n);
+            taking.insert(*pool, n);
         }
     }
-    Ok(())
+    Ok(complete)
 }
 
 async fn write_decision(

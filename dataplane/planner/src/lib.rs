@@ -320,6 +320,10 @@ pub struct Planner {
     /// no lower (a stabilisation window, so a pool does not shrink at the interval only to grow
     /// again at the next burst).
     recent_peak: Replicas,
+    /// What the last decision took the fleet to: growth it asked for that has not happened yet
+    /// (a rebalance waits for the shrinking pool's workers to leave) keeps its room in the
+    /// budget, so a fast check does not give that room to another pool and undo the decision.
+    target: Option<Replicas>,
 }
 
 /// Bounds of the tuned headroom.
@@ -355,6 +359,7 @@ impl Planner {
             correction: (1.0, 1.0),
             headroom: (config.headroom_ttft, config.headroom_itl),
             recent_peak: Replicas::default(),
+            target: None,
         }
     }
 
@@ -646,6 +651,12 @@ impl Planner {
     /// The decision at the end of an interval; `obs` is `None` when the interval brought no
     /// metrics.
     pub fn on_interval(&mut self, obs: Option<&Observation>, current: &Replicas) -> Decision {
+        let d = self.interval_decision(obs, current);
+        self.target = Some(d.replicas.clone());
+        d
+    }
+
+    fn interval_decision(&mut self, obs: Option<&Observation>, current: &Replicas) -> Decision {
         let Some(obs) = obs else {
             let replicas = self.fit(current);
             let floors: Vec<String> = self.pools().map(|p| self.bounds(p).0.to_string()).collect();
@@ -913,6 +924,12 @@ impl Planner {
     /// when the last few seconds' load needs more of it than run now, or when it is below its
     /// floor. Never scales down. `None`: nothing to do.
     pub fn on_tick(&mut self, obs: Option<&Observation>, current: &Replicas) -> Option<Decision> {
+        let d = self.tick_decision(obs, current)?;
+        self.target = Some(d.replicas.clone());
+        Some(d)
+    }
+
+    fn tick_decision(&mut self, obs: Option<&Observation>, current: &Replicas) -> Option<Decision> {
         let below: Vec<String> = self
             .pools()
             .filter(|p| current.get(*p) < self.bounds(*p).0)
@@ -950,7 +967,15 @@ impl Planner {
                 .set(pool, self.recent_peak.get(pool).max(n));
             want.set(pool, n.max(current.get(pool)));
         }
-        let replicas = self.grow(current, &want);
+        // Growth the last decision asked for and the fleet has not made yet keeps its room.
+        let reserved: Replicas = self
+            .pools()
+            .map(|p| {
+                let pending = self.target.as_ref().map_or(0, |t| t.get(p));
+                (p, current.get(p).max(pending))
+            })
+            .collect();
+        let replicas = self.grow_into(current, &want, &reserved);
         (replicas != *current).then(|| Decision {
             reason: format!(
                 "burst: {:.2} req/s over the last {:.0} s (ISL {:.0}, OSL {:.0}) needs {want} replica(s){}",
@@ -975,11 +1000,16 @@ impl Planner {
     /// `current` grown towards `want` one replica at a time, the pool furthest below what it
     /// wants first, as far as the GPU budget's room allows (nothing shrinks).
     fn grow(&self, current: &Replicas, want: &Replicas) -> Replicas {
+        self.grow_into(current, want, current)
+    }
+
+    /// [`Planner::grow`] with the budget's room left beside `taken` rather than `current`.
+    fn grow_into(&self, current: &Replicas, want: &Replicas, taken: &Replicas) -> Replicas {
         let mut r = current.clone();
         let mut room = self
             .config
             .gpu_budget
-            .map_or(u32::MAX, |b| b.saturating_sub(self.gpus(current)));
+            .map_or(u32::MAX, |b| b.saturating_sub(self.gpus(taken)));
         loop {
             let Some(p) = self
                 .pools()
@@ -1334,10 +1364,31 @@ mod tests {
         short.requests = 1000.0;
         short.remote_requests = 1000.0;
         assert_eq!(p.on_tick(Some(&short), &d.replicas), None);
+        // A fleet below the budget with no growth on its way.
+        p.target = None;
         let small = pools(1, 2);
         let up = p.on_tick(Some(&short), &small).expect("room to grow");
         assert_eq!(p.gpus(&up.replicas), 6, "{}", up.replicas);
         assert!(up.replicas.get(Pool::Prefill) > 1 && up.replicas.get(Pool::Decode) >= 2);
+    }
+
+    #[test]
+    fn a_fast_check_leaves_the_room_of_growth_still_on_its_way() {
+        let mut c = config(Algorithm::Sla);
+        c.gpu_budget = Some(4);
+        let mut p = disagg(c);
+        // The interval gave the decode pool a second worker that has not started yet (the
+        // budget's room is still held by a prefill worker leaving).
+        p.target = Some(pools(2, 2));
+        let mut burst = long_prompts(200.0, 1.0, &pools(2, 1));
+        burst.duration_s = 5.0;
+        burst.requests = 1000.0;
+        burst.remote_requests = 1000.0;
+        assert_eq!(p.on_tick(Some(&burst), &pools(2, 1)), None, "no room left");
+        // Without that growth on its way, the burst takes the room.
+        p.target = None;
+        let d = p.on_tick(Some(&burst), &pools(2, 1)).expect("room to grow");
+        assert_eq!(p.gpus(&d.replicas), 4, "{}", d.replicas);
     }
 
     #[test]

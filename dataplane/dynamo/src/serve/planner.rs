@@ -298,6 +298,7 @@ pub(super) async fn run(
         lp.planner.profile(Pool::Decode).source,
     );
     let mut decisions = 0u64;
+    let mut deferred: Option<Replicas> = None;
     let mut timer = tokio::time::interval(cadence.tick());
     timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -331,6 +332,16 @@ pub(super) async fn run(
         };
         let current = replicas(&lp, &views, |v| v.state != "removing");
         let Some(d) = cadence.decide(&mut lp.planner, now, snap, &current) else {
+            // Growth a rebalance deferred follows as soon as the leaving workers are gone.
+            if let Some(t) = deferred.clone()
+                && !lp.advisory
+            {
+                match act(&lp, &tx, &client, &base, &current, &t, false).await {
+                    None => return,
+                    Some(true) => deferred = None,
+                    Some(false) => {}
+                }
+            }
             continue;
         };
         decisions += 1;
@@ -353,40 +364,62 @@ pub(super) async fn run(
                 d.reason
             );
         }
+        deferred = None;
         if lp.advisory || !d.changed() {
             continue;
         }
-        // Shrinking pools first, so a rebalance never runs more GPUs than the budget: a pool
-        // grows only into the room that workers still draining leave.
-        for (pool, service) in &lp.services {
-            let (have, want) = (current.get(*pool), d.replicas.get(*pool));
-            if want < have {
-                remove(&tx, &client, &base, service, have - want).await;
-            }
-        }
-        for (pool, service) in &lp.services {
-            let (have, want) = (current.get(*pool), d.replicas.get(*pool));
-            if want <= have {
-                continue;
-            }
-            let mut add = want - have;
-            if let Some(budget) = lp.planner.config().gpu_budget {
-                let Some(views) = list(&tx).await else { return };
-                let running = lp.planner.gpus(&replicas(&lp, &views, |_| true));
-                let per = lp.planner.profile(*pool).gpus.max(1);
-                add = add.min(budget.saturating_sub(running) / per);
-                if add < want - have {
-                    eprintln!(
-                        "dynamo serve: planner: {service} grows by {add} of {} now; the rest once the workers leaving have stopped (GPU budget {budget})",
-                        want - have
-                    );
-                }
-            }
-            if !spawn(&tx, service, add).await {
-                return;
-            }
+        match act(&lp, &tx, &client, &base, &current, &d.replicas, true).await {
+            None => return,
+            Some(done) => deferred = (!done).then(|| d.replicas.clone()),
         }
     }
+}
+
+/// Takes the pools from `current` to `target`: shrinking pools first, so a rebalance never runs
+/// more GPUs than the budget; a pool grows only into the room that workers still draining leave.
+/// `None` when serve is shutting down; otherwise whether every pool got what it asked for.
+async fn act(
+    lp: &LocalPlanner,
+    tx: &tokio::sync::mpsc::UnboundedSender<Msg>,
+    client: &reqwest::Client,
+    base: &str,
+    current: &Replicas,
+    target: &Replicas,
+    announce: bool,
+) -> Option<bool> {
+    for (pool, service) in &lp.services {
+        let (have, want) = (current.get(*pool), target.get(*pool));
+        if want < have {
+            remove(tx, client, base, service, have - want).await;
+        }
+    }
+    let mut complete = true;
+    for (pool, service) in &lp.services {
+        let (have, want) = (current.get(*pool), target.get(*pool));
+        if want <= have {
+            continue;
+        }
+        let mut add = want - have;
+        if let Some(budget) = lp.planner.config().gpu_budget {
+            let views = list(tx).await?;
+            let running = lp.planner.gpus(&replicas(lp, &views, |_| true));
+            let per = lp.planner.profile(*pool).gpus.max(1);
+            add = add.min(budget.saturating_sub(running) / per);
+            if add < want - have {
+                complete = false;
+            }
+            if add < want - have && announce {
+                eprintln!(
+                    "dynamo serve: planner: {service} grows by {add} of {} now; the rest once the workers leaving have stopped (GPU budget {budget})",
+                    want - have
+                );
+            }
+        }
+        if !spawn(tx, service, add).await {
+            return None;
+        }
+    }
+    Some(complete)
 }
 
 /// Workers per planned pool among `views` that pass `keep`.
