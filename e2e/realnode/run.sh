@@ -310,6 +310,7 @@ dp_adapter() { k get dgdsa "$DP-$1" -o 'jsonpath={.spec.replicas}'; }
 
 case_planner_sizes_the_prefill_and_decode_pools_of_a_disaggregated_graph() {
   local url most=0 p d ok failed t0
+  kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
   disagg_planner_graph | k apply -f - >/dev/null
   wait_for "1 prefill and 1 decode worker Ready" 120 dp_floors
   url="http://$(k get svc $DP-frontend -o 'jsonpath={.spec.clusterIP}'):$(k get svc $DP-frontend -o 'jsonpath={.spec.ports[0].port}')"
