@@ -350,6 +350,25 @@ pub struct PlannerSpec {
     /// Bounds of a disaggregated graph's decode pool (default: minReplicas and maxReplicas).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decode: Option<PoolBounds>,
+    /// Read the frontend's metrics from Prometheus instead of scraping the frontend pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prometheus: Option<PrometheusSource>,
+}
+
+/// Where the planner reads a graph's frontend metrics when Prometheus scrapes them.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PrometheusSource {
+    /// Base URL of the Prometheus HTTP API, e.g. `http://prometheus.monitoring:9090`.
+    #[schemars(extend("x-kubernetes-validations" = [
+        {"rule": "self.startsWith('http://') || self.startsWith('https://')", "message": "planner.prometheus.url must be an http:// or https:// URL"}
+    ]))]
+    pub url: String,
+    /// PromQL label matchers that pick this graph's frontend series, e.g.
+    /// `namespace="prod",service="llama-frontend"`. Default: the graph's namespace and its
+    /// frontend Service's name (the labels a ServiceMonitor on that Service gives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
 }
 
 /// Fewest and most replicas of one planned pool.

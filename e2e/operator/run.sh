@@ -25,6 +25,7 @@ export CLUSTER_PORT_BASE="${CLUSTER_PORT_BASE:-26700}"
 export REAL_NODE=0
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 OP_BIN="$TARGET/debug/dynamo-operator"
+DYNAMO_BIN="$TARGET/debug/dynamo"
 # `dynamo_frontend::discovery::kube` as a process: prints each worker candidate set as JSON.
 DISCOVER_BIN="$TARGET/debug/examples/discover"
 NS=e2e
@@ -376,6 +377,104 @@ case_planner_plans_prefill_and_decode_apart_and_goes_on_after_a_restart() {
   delete_graph $g
 }
 
+# Prometheus from Debian's package (a real Prometheus, not built here): the binary alone,
+# unpacked into the cache once per version.
+PROM_VERSION=2.42.0+ds-5+deb12u1
+prometheus_bin() {
+  local dir="$CACHE/tools/prometheus-$PROM_VERSION" tmp
+  if [ ! -x "$dir/usr/bin/prometheus" ]; then
+    tmp="$(mktemp -d)"
+    ( cd "$tmp" && { apt-get download "prometheus=$PROM_VERSION" >/dev/null 2>&1 ||
+      { apt-get update -qq >/dev/null 2>&1 && apt-get download "prometheus=$PROM_VERSION" >/dev/null 2>&1; } ||
+      apt-get download prometheus >/dev/null 2>&1; } ) || { rm -rf "$tmp"; return 1; }
+    rm -rf "$dir.part"
+    dpkg -x "$tmp"/prometheus_*.deb "$dir.part" && mv "$dir.part" "$dir"
+    rm -rf "$tmp"
+  fi
+  echo "$dir/usr/bin/prometheus"
+}
+
+prometheus_case_cleanup() { # DIR: stops the load, serve and Prometheus; shows serve's log on failure
+  local dir="$1" pid i
+  touch "$dir/stop"
+  for pid in $(cat "$dir"/*.pid 2>/dev/null); do
+    kill "$pid" 2>/dev/null || continue
+    for i in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "process $pid still running 20 s after SIGTERM; killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  done
+  wait 2>/dev/null || true
+  if [ ! -e "$dir/passed" ] || ! grep -q "dynamo serve: stopped" "$dir/serve.log" 2>/dev/null; then
+    log "dynamo serve's log (tail):"; tail -25 "$dir/serve.log" >&2 || true
+  fi
+}
+
+# The planner reading a graph's frontend metrics from Prometheus (spec.planner.prometheus): a
+# real frontend with built-in-engine workers runs on this host (`dynamo serve`), a real
+# Prometheus scrapes it with the labels a ServiceMonitor on the graph's frontend Service would
+# give, and load on that frontend makes the operator's planner scale the graph's adapter up,
+# then down once the load stops.
+case_planner_reads_prometheus_and_scales_the_adapter_with_the_load() {
+  local dir="$CLUSTER_STATE/prometheus-case" prom api pport=$((METRICS_PORT + 7)) i peak
+  [ -n "$CLUSTER_STATE" ] || fail "no CLUSTER_STATE"
+  rm -rf "$dir" && mkdir -p "$dir/tsdb"
+  prom="$(prometheus_bin)" || fail "could not fetch Debian's prometheus package"
+  # (expanded now: the trap runs after this function's locals are gone)
+  trap "prometheus_case_cleanup '$dir'" EXIT
+  "$DYNAMO_BIN" serve manifests/planner.yaml --planner off --workers 1 --speedup-ratio 10 \
+    --host 127.0.0.1 --port 0 >/dev/null 2>"$dir/serve.log" &
+  echo $! >"$dir/serve.pid"
+  wait_for "a local frontend" 60 grep -q "frontend on http" "$dir/serve.log"
+  api="$(grep -o 'frontend on http://[0-9.:]*' "$dir/serve.log" | head -1 | sed 's/^frontend on //')"
+  printf '%s\n' \
+    'global: {scrape_interval: 1s, evaluation_interval: 1s}' \
+    'scrape_configs:' \
+    '  - job_name: planner-frontend' \
+    '    static_configs:' \
+    "      - targets: [\"${api#http://}\"]" \
+    "        labels: {namespace: \"$NS\", service: \"planner-frontend\"}" >"$dir/prometheus.yml"
+  "$prom" --config.file="$dir/prometheus.yml" --storage.tsdb.path="$dir/tsdb" \
+    --web.listen-address="127.0.0.1:$pport" >"$dir/prometheus.log" 2>&1 &
+  echo $! >"$dir/prometheus.pid"
+  wait_for "Prometheus ready" 60 curl -sf "http://127.0.0.1:$pport/-/ready"
+  # 4,000-token prompts of token ids.
+  { printf '{"model": "tiny", "max_tokens": 20, "ignore_eos": true, "prompt": ['
+    seq 0 3999 | awk '{printf "%s%d", (NR > 1 ? "," : ""), 300 + ($1 * 31) % 7800}'
+    printf ']}'; } >"$dir/request.json"
+  sed -e 's/interval: 60s/interval: 2s/' \
+    -e "s|^    gpuBudget: 10|    gpuBudget: 10\n    prometheus:\n      url: http://127.0.0.1:$pport|" \
+    manifests/planner.yaml | k apply -f - >/dev/null
+  [ "$(jp dgd planner '{.spec.planner.prometheus.url}')" = "http://127.0.0.1:$pport" ] ||
+    fail "the graph has no spec.planner.prometheus.url"
+  wait_for "planner graph placed" 60 state_is planner ready
+  # Prometheus has the idle frontend's counters: interval decisions on them (no load: towards
+  # the floor), not holds.
+  wait_for "the planner decides on what Prometheus holds" 30 planner_is path predictive
+  local loops=()
+  for i in 1 2 3 4 5 6 7 8; do
+    ( while [ ! -e "$dir/stop" ]; do
+        curl -s -o /dev/null -H 'content-type: application/json' -d @"$dir/request.json" \
+          "$api/v1/completions" || sleep 0.1
+      done ) &
+    loops+=($!)
+  done
+  up() { [ "$(jp dgdsa planner-worker '{.spec.replicas}')" -ge 4 ]; }
+  wait_for "the planner scales up on the load Prometheus saw" 60 up
+  peak="$(jp dgdsa planner-worker '{.spec.replicas}')"
+  [ "$peak" -le 8 ] || fail "past maxReplicas: $peak"
+  jp dgd planner '{.status.planner.observed.requestsPerSecond}' | grep -Eq '^[0-9.e+-]+$' ||
+    fail "no observed load in status.planner"
+  log "planner from Prometheus: 2 -> $peak replicas; $(jp dgd planner '{.status.planner.summary}')"
+  touch "$dir/stop"
+  wait "${loops[@]}" || true
+  down() { [ "$(jp dgdsa planner-worker '{.spec.replicas}')" -lt "$peak" ]; }
+  wait_for "the planner scales down once the load stops" 60 down
+  delete_graph planner
+  touch "$dir/passed"
+}
+
 planner_is() { # FIELD VALUE: status.planner.FIELD
   [ "$(jp dgd planner "{.status.planner.$1}")" = "$2" ]
 }
@@ -654,7 +753,7 @@ hack/cluster.sh down >/dev/null 2>&1 || true
 hack/cluster.sh up >/dev/null
 eval "$(hack/cluster.sh env)"
 log "building the operator and the discovery example"
-nice -n 19 cargo build -q -p dynamo-operator -p dynamo-frontend --bin dynamo-operator --example discover
+nice -n 19 cargo build -q -p dynamo-operator -p dynamo-frontend -p dynamo-dataplane --bin dynamo-operator --bin dynamo --example discover
 log "helm install"
 helm upgrade --install dynamo-platform charts/dynamo-platform -n dynamo-system --create-namespace \
   --set replicaCount=0 --wait >/dev/null
@@ -672,6 +771,7 @@ run_case template_change_rolls_without_dropping_below_the_floor
 run_case deleting_the_graph_removes_everything
 run_case planner_holds_without_metrics_keeps_the_floor_and_steps_back_for_an_hpa
 run_case planner_plans_prefill_and_decode_apart_and_goes_on_after_a_restart
+run_case planner_reads_prometheus_and_scales_the_adapter_with_the_load
 run_case kubernetes_discovery_follows_worker_readiness
 run_case operator_killed_mid_reconcile_converges_without_duplicates
 run_case metrics_and_health_are_served

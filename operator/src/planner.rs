@@ -43,6 +43,9 @@ use crate::telemetry::Metrics;
 /// Field manager of the planner's writes (its own, so the controller's status apply and the
 /// planner's `status.planner` never fight).
 pub const MANAGER: &str = "dynamo-planner";
+/// How often a loop asks the graph's frontends for the profiles its workers describe, until
+/// every pool has one.
+const PROFILE_ASK_EVERY: Duration = Duration::from_secs(30);
 /// Key of a profile in its ConfigMap.
 pub const PROFILE_KEY: &str = "profile.json";
 
@@ -330,6 +333,7 @@ async fn graph_loop(
     let mut stepped_back = String::new();
     let mut first_setup = true;
     let mut deferred: Option<Replicas> = None;
+    let mut last_ask: Option<std::time::Instant> = None;
     loop {
         let tick = setup_state.as_ref().map_or(TICK, |_| cadence.tick());
         tokio::select! {
@@ -385,19 +389,37 @@ async fn graph_loop(
         let Some(s) = setup_state.as_mut() else {
             continue;
         };
-        if s.ask_workers
-            && let Some(described) = frontend_get(&pods, &http, &name, "profiles").await
-        {
-            for pool in s.planner.adopt_described(&described) {
-                tracing::info!(graph = %name, service = %s.services[&pool], profile = %s.planner.profile(pool).source, "planner sizes the pool with the profile its workers describe");
-            }
-            s.ask_workers = s
-                .planner
-                .pools()
-                .any(|p| described.get(p.as_str()).is_none());
-        }
         let now = std::time::Instant::now();
-        let snap = scrape(&pods, &http, &name).await;
+        let (snap, answered) = match dgd
+            .spec
+            .planner
+            .as_ref()
+            .and_then(|p| p.prometheus.as_ref())
+        {
+            Some(source) => (from_prometheus(&http, source, &dgd).await, None),
+            None => scrape(&pods, &http, &name).await,
+        };
+        if s.ask_workers {
+            // A frontend that just answered is asked at once; otherwise (metrics from
+            // Prometheus) at most every PROFILE_ASK_EVERY, as an unreachable one costs a timeout.
+            let described = match &answered {
+                Some(base) => get_json(&http, &format!("{base}/profiles")).await,
+                None if last_ask.is_none_or(|t| t.elapsed() >= PROFILE_ASK_EVERY) => {
+                    last_ask = Some(std::time::Instant::now());
+                    frontend_get(&pods, &http, &name, "profiles").await
+                }
+                None => None,
+            };
+            if let Some(described) = described {
+                for pool in s.planner.adopt_described(&described) {
+                    tracing::info!(graph = %name, service = %s.services[&pool], profile = %s.planner.profile(pool).source, "planner sizes the pool with the profile its workers describe");
+                }
+                s.ask_workers = s
+                    .planner
+                    .pools()
+                    .any(|p| described.get(p.as_str()).is_none());
+            }
+        }
         let mut current = Replicas::default();
         for (pool, adapter) in &s.adapters {
             match adapters.get(adapter).await {
@@ -694,18 +716,102 @@ async fn frontend_get(
     path: &str,
 ) -> Option<serde_json::Value> {
     for base in frontends(pods, graph).await {
-        if let Ok(r) = http.get(format!("{base}/{path}")).send().await
-            && let Ok(v) = r.json().await
-        {
+        if let Some(v) = get_json(http, &format!("{base}/{path}")).await {
             return Some(v);
         }
     }
     None
 }
 
-/// The summed counters of the graph's running frontend pods; `None` when none answered.
-async fn scrape(pods: &Api<Pod>, http: &reqwest::Client, graph: &str) -> Option<Counters> {
+async fn get_json(http: &reqwest::Client, url: &str) -> Option<serde_json::Value> {
+    http.get(url).send().await.ok()?.json().await.ok()
+}
+
+/// The label matchers of a graph's frontend series in Prometheus: the source's own, or the
+/// graph's namespace and its frontend Service (what a ServiceMonitor on that Service labels).
+fn prometheus_selector(
+    source: &dynamo_crds::PrometheusSource,
+    dgd: &DynamoGraphDeployment,
+) -> String {
+    source.selector.clone().unwrap_or_else(|| {
+        let frontend = dgd
+            .spec
+            .services
+            .iter()
+            .find(|(_, s)| s.role() == "frontend")
+            .map_or("Frontend", |(n, _)| n.as_str());
+        format!(
+            "namespace=\"{}\",service=\"{}\"",
+            dgd.namespace().unwrap_or_default(),
+            gang::service_name(&dgd.name_any(), frontend)
+        )
+    })
+}
+
+/// The PromQL query of a graph's frontend counters: every `dynamo_frontend_*` series summed per
+/// frontend (`instance`) and per label the planner reads.
+fn prometheus_query(selector: &str) -> String {
+    format!(
+        "sum by (__name__, instance, met, target, role, decision) ({{__name__=~\"dynamo_frontend_.+\",{selector}}})"
+    )
+}
+
+/// An instant-query answer turned back into one exposition text per frontend (`instance`).
+fn prometheus_texts(body: &serde_json::Value) -> Option<BTreeMap<String, String>> {
+    if body["status"] != "success" {
+        return None;
+    }
+    let mut texts: BTreeMap<String, String> = BTreeMap::new();
+    for series in body["data"]["result"].as_array()? {
+        let metric = series["metric"].as_object()?;
+        let name = metric.get("__name__")?.as_str()?;
+        let value = series["value"].get(1)?.as_str()?;
+        let labels: Vec<String> = metric
+            .iter()
+            .filter(|(k, _)| !matches!(k.as_str(), "__name__" | "instance"))
+            .filter_map(|(k, v)| Some(format!("{k}=\"{}\"", v.as_str()?)))
+            .collect();
+        let instance = metric
+            .get("instance")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
+        let text = texts.entry(instance.to_owned()).or_default();
+        text.push_str(&format!("{name}{{{}}} {value}\n", labels.join(",")));
+    }
+    Some(texts)
+}
+
+/// The summed counters of the graph's frontends as Prometheus last scraped them; `None` when
+/// Prometheus did not answer or holds none.
+async fn from_prometheus(
+    http: &reqwest::Client,
+    source: &dynamo_crds::PrometheusSource,
+    dgd: &DynamoGraphDeployment,
+) -> Option<Counters> {
+    let query = prometheus_query(&prometheus_selector(source, dgd));
+    let url = format!("{}/api/v1/query", source.url.trim_end_matches('/'));
+    let body: serde_json::Value = match http.get(&url).query(&[("query", &query)]).send().await {
+        Ok(r) => r.json().await.ok()?,
+        Err(e) => {
+            tracing::debug!(graph = %dgd.name_any(), error = %e, "Prometheus did not answer");
+            return None;
+        }
+    };
+    prometheus_texts(&body)?
+        .values()
+        .filter_map(|t| Counters::parse(t))
+        .reduce(|a, b| a.add(&b))
+}
+
+/// The summed counters of the graph's running frontend pods (`None` when none answered), and
+/// the base URL of one that did.
+async fn scrape(
+    pods: &Api<Pod>,
+    http: &reqwest::Client,
+    graph: &str,
+) -> (Option<Counters>, Option<String>) {
     let mut total: Option<Counters> = None;
+    let mut answered = None;
     for base in frontends(pods, graph).await {
         let url = format!("{base}/metrics");
         let Ok(r) = http.get(&url).send().await else {
@@ -715,8 +821,9 @@ async fn scrape(pods: &Api<Pod>, http: &reqwest::Client, graph: &str) -> Option<
             continue;
         };
         total = Some(total.map_or(c, |t| t.add(&c)));
+        answered.get_or_insert(base);
     }
-    total
+    (total, answered)
 }
 
 #[cfg(test)]
@@ -775,5 +882,60 @@ mod tests {
         two.spec.services.insert("Decode2".into(), decode);
         let e = setup(&two, None).err().expect("refused");
         assert!(e.contains("Decode and Decode2"), "{e}");
+    }
+
+    #[test]
+    fn prometheus_answers_become_the_frontends_counters() {
+        let mut g = graph(
+            &std::fs::read_to_string(format!(
+                "{}/../manifests/planner.yaml",
+                std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR")
+            ))
+            .expect("manifest"),
+        );
+        g.metadata.namespace = Some("prod".into());
+        let source = dynamo_crds::PrometheusSource {
+            url: "http://prometheus:9090".into(),
+            selector: None,
+        };
+        let selector = prometheus_selector(&source, &g);
+        assert_eq!(selector, r#"namespace="prod",service="planner-frontend""#);
+        assert!(
+            prometheus_query(&selector)
+                .contains(r#"__name__=~"dynamo_frontend_.+",namespace="prod""#)
+        );
+        let series = |name: &str, labels: serde_json::Value, v: &str| {
+            let mut m = labels;
+            m["__name__"] = name.into();
+            m["instance"] = "10.0.0.1:8000".into();
+            json!({"metric": m, "value": [1.0, v]})
+        };
+        let body = json!({"status": "success", "data": {"resultType": "vector", "result": [
+            series("dynamo_frontend_requests_total", json!({}), "100"),
+            series("dynamo_frontend_input_sequence_tokens_sum", json!({}), "100000"),
+            series("dynamo_frontend_input_sequence_tokens_count", json!({}), "100"),
+            series("dynamo_frontend_output_sequence_tokens_sum", json!({}), "5000"),
+            series("dynamo_frontend_cached_tokens_sum", json!({}), "0"),
+            series("dynamo_frontend_time_to_first_token_seconds_sum", json!({}), "10"),
+            series("dynamo_frontend_time_to_first_token_seconds_count", json!({}), "100"),
+            series("dynamo_frontend_inter_token_latency_seconds_sum", json!({}), "49"),
+            series("dynamo_frontend_inter_token_latency_seconds_count", json!({}), "4900"),
+            series("dynamo_frontend_sla_requests_total", json!({"met": "true"}), "90"),
+            series("dynamo_frontend_sla_requests_total", json!({"met": "false"}), "10"),
+            series("dynamo_frontend_live_workers", json!({"role": "aggregated"}), "2"),
+        ]}});
+        let texts = prometheus_texts(&body).expect("a vector");
+        assert_eq!(texts.len(), 1);
+        let a = Counters::parse(&texts["10.0.0.1:8000"]).expect("counters");
+        let later = body
+            .to_string()
+            .replace("\"100\"]", "\"200\"]")
+            .replace("\"100000\"", "\"200000\"");
+        let later: serde_json::Value = serde_json::from_str(&later).expect("json");
+        let b = Counters::parse(&prometheus_texts(&later).expect("vector")["10.0.0.1:8000"])
+            .expect("counters");
+        let o = a.observe(&b, Duration::from_secs(10), 1.0);
+        assert_eq!((o.requests, o.isl, o.workers), (100.0, 1000.0, 2));
+        assert!(prometheus_texts(&json!({"status": "error"})).is_none());
     }
 }

@@ -59,6 +59,9 @@ pub struct FleetView {
     pub gpus: i64,
     pub inflight: i64,
     pub pending_prefill_tokens: i64,
+    /// KV blocks the frontend's requests hold on the workers, and the workers' KV blocks.
+    pub kv_blocks_active: i64,
+    pub kv_blocks_total: i64,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -97,6 +100,8 @@ pub struct FrontendMetrics {
     fleet_gpus: Family<RoleLabel, Gauge>,
     fleet_inflight: Family<RoleLabel, Gauge>,
     fleet_pending_prefill: Family<RoleLabel, Gauge>,
+    fleet_kv_active: Family<RoleLabel, Gauge>,
+    fleet_kv_total: Family<RoleLabel, Gauge>,
     sla: Family<MetLabel, Counter>,
     sla_misses: Family<TargetLabel, Counter>,
 }
@@ -238,6 +243,14 @@ impl FrontendMetrics {
             "worker_pending_prefill_tokens",
             "Prompt tokens routed to workers and not yet prefilled, by role (queued prefill)",
         );
+        let fleet_kv_active = fleet(
+            "worker_kv_blocks_active",
+            "KV blocks the requests in flight hold on the workers, as the router booked them, by role",
+        );
+        let fleet_kv_total = fleet(
+            "worker_kv_blocks_total",
+            "KV blocks of the workers the frontend routes to, by role",
+        );
         let sla = Family::<MetLabel, Counter>::default();
         registry.register(
             "sla_requests",
@@ -276,6 +289,8 @@ impl FrontendMetrics {
             fleet_gpus,
             fleet_inflight,
             fleet_pending_prefill,
+            fleet_kv_active,
+            fleet_kv_total,
         }
     }
 
@@ -306,6 +321,10 @@ impl FrontendMetrics {
             self.fleet_pending_prefill
                 .get_or_create(&l)
                 .set(v.pending_prefill_tokens);
+            self.fleet_kv_active
+                .get_or_create(&l)
+                .set(v.kv_blocks_active);
+            self.fleet_kv_total.get_or_create(&l).set(v.kv_blocks_total);
         }
     }
 

@@ -256,6 +256,12 @@ impl WorkerPool {
             v.gpus += i64::from(m.info.gpus.max(1));
             v.inflight += i64::from(m.inflight());
             v.pending_prefill_tokens += i64::try_from(self.pending_prefill(m)).unwrap_or(i64::MAX);
+            let active = self
+                .router(m.role)
+                .and_then(|kv| kv.active_blocks(m.id))
+                .unwrap_or(0);
+            v.kv_blocks_active += i64::try_from(active).unwrap_or(i64::MAX);
+            v.kv_blocks_total += i64::try_from(m.info.kv_blocks_total).unwrap_or(i64::MAX);
         }
         out
     }

@@ -26,6 +26,12 @@ pub struct Counters {
     live_prefill: f64,
     remote: f64,
     remote_tokens: f64,
+    /// Gauges: prompt tokens queued on prefill workers and on the others; KV blocks held and
+    /// total on the workers that serve requests (aggregated or decode).
+    queued_remote: f64,
+    queued: f64,
+    kv_active: f64,
+    kv_total: f64,
 }
 
 /// The sum of every series of the metric `name` in a Prometheus/OpenMetrics text body; `None`
@@ -66,6 +72,11 @@ fn labelled(text: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
+/// The sum of `name`'s series of the workers that serve requests (roles aggregated and decode).
+fn serving(text: &str, name: &str) -> f64 {
+    labelled(text, name, "role=\"aggregated\"") + labelled(text, name, "role=\"decode\"")
+}
+
 impl Counters {
     /// Reads a frontend's `/metrics` text; `None` when it is not a dynamo-rs frontend's.
     pub fn parse(text: &str) -> Option<Counters> {
@@ -98,6 +109,14 @@ impl Counters {
                 &format!("{f}disagg_prompt_tokens_total"),
                 "decision=\"remote\"",
             ),
+            queued_remote: labelled(
+                text,
+                &format!("{f}worker_pending_prefill_tokens"),
+                "role=\"prefill\"",
+            ),
+            queued: serving(text, &format!("{f}worker_pending_prefill_tokens")),
+            kv_active: serving(text, &format!("{f}worker_kv_blocks_active")),
+            kv_total: serving(text, &format!("{f}worker_kv_blocks_total")),
         })
     }
 
@@ -131,6 +150,9 @@ impl Counters {
             itl_attainment: share(d(a.itl_missed, b.itl_missed)),
             workers: b.live as u32,
             prefill_workers: b.live_prefill as u32,
+            queued_remote_tokens: b.queued_remote,
+            queued_tokens: b.queued,
+            kv_usage: (b.kv_total > 0.0).then(|| (b.kv_active / b.kv_total).clamp(0.0, 1.0)),
             remote_requests: d(a.remote, b.remote),
             remote_isl: {
                 let r = d(a.remote, b.remote);
@@ -165,6 +187,11 @@ impl Counters {
             live_prefill: self.live_prefill.max(o.live_prefill),
             remote: self.remote + o.remote,
             remote_tokens: self.remote_tokens + o.remote_tokens,
+            queued_remote: self.queued_remote + o.queued_remote,
+            queued: self.queued + o.queued,
+            // Each frontend books its own requests' blocks on the same workers.
+            kv_active: self.kv_active + o.kv_active,
+            kv_total: self.kv_total.max(o.kv_total),
         }
     }
 }
@@ -278,7 +305,11 @@ mod tests {
                  dynamo_frontend_live_workers{{role=\"decode\"}} 2\n\
                  dynamo_frontend_disagg_decisions_total{{decision=\"remote\",reason=\"isl\"}} {}\n\
                  dynamo_frontend_disagg_decisions_total{{decision=\"local\",reason=\"isl\"}} {}\n\
-                 dynamo_frontend_disagg_prompt_tokens_total{{decision=\"remote\"}} {}\n",
+                 dynamo_frontend_disagg_prompt_tokens_total{{decision=\"remote\"}} {}\n\
+                 dynamo_frontend_worker_pending_prefill_tokens{{role=\"prefill\"}} 3000\n\
+                 dynamo_frontend_worker_pending_prefill_tokens{{role=\"decode\"}} 500\n\
+                 dynamo_frontend_worker_kv_blocks_active{{role=\"decode\"}} 900\n\
+                 dynamo_frontend_worker_kv_blocks_total{{role=\"decode\"}} 1000\n",
                 n * 1000.0,
                 n * 100.0,
                 n * 250.0,
@@ -312,6 +343,9 @@ mod tests {
         assert_eq!((o.workers, o.prefill_workers), (3, 1));
         // Half the requests went to the prefill pool, with prompts of 1,500 tokens.
         assert_eq!((o.remote_requests, o.remote_isl), (50.0, 1500.0));
+        // Gauges: what the later reading says.
+        assert_eq!((o.queued_remote_tokens, o.queued_tokens), (3000.0, 500.0));
+        assert_eq!(o.kv_usage, Some(0.9));
         assert!(
             Counters::parse("vllm:requests 1\n").is_none(),
             "not our frontend"

@@ -209,6 +209,15 @@ pub struct Observation {
     /// Of which prefill workers.
     #[serde(default)]
     pub prefill_workers: u32,
+    /// Prompt tokens queued (routed, not yet prefilled) at the end of the window: on the
+    /// prefill pool, and on the workers that serve requests (aggregated or decode).
+    #[serde(default)]
+    pub queued_remote_tokens: f64,
+    #[serde(default)]
+    pub queued_tokens: f64,
+    /// Share of the serving workers' KV blocks the requests in flight hold.
+    #[serde(default)]
+    pub kv_usage: Option<f64>,
     /// Requests the frontend sent to the prefill pool, and their mean prompt length.
     #[serde(default)]
     pub remote_requests: f64,
@@ -296,6 +305,11 @@ pub struct Learned {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forecast: Option<Load>,
 }
+
+/// KV usage of the serving workers beyond which the fast check adds workers, and the usage it
+/// sizes them back to.
+const KV_FULL: f64 = 0.9;
+const KV_COMFORTABLE: f64 = 0.8;
 
 /// Fewest requests in a window for its latencies to move the corrections.
 const MIN_REQUESTS_FOR_CORRECTION: f64 = 20.0;
@@ -959,10 +973,11 @@ impl Planner {
             demand = self.observed_demand(obs);
         }
         let sized = self.sized(&demand);
+        let live = self.live_signals(obs, current, &demand);
         let mut want = current.clone();
         for pool in self.pools().collect::<Vec<_>>() {
             let (lo, hi) = self.bounds(pool);
-            let n = sized.get(pool).clamp(lo, hi);
+            let n = sized.get(pool).max(live.0.get(pool)).clamp(lo, hi);
             self.recent_peak
                 .set(pool, self.recent_peak.get(pool).max(n));
             want.set(pool, n.max(current.get(pool)));
@@ -978,11 +993,12 @@ impl Planner {
         let replicas = self.grow_into(current, &want, &reserved);
         (replicas != *current).then(|| Decision {
             reason: format!(
-                "burst: {:.2} req/s over the last {:.0} s (ISL {:.0}, OSL {:.0}) needs {want} replica(s){}",
+                "burst: {:.2} req/s over the last {:.0} s (ISL {:.0}, OSL {:.0}){} needs {want} replica(s){}",
                 observed.rate,
                 obs.duration_s,
                 observed.isl,
                 observed.osl,
+                live.1,
                 if replicas != want {
                     format!("; the GPU budget allows {replicas}")
                 } else {
@@ -995,6 +1011,54 @@ impl Planner {
             observed: Some(observed),
             predicted: None,
         })
+    }
+
+    /// What the workers' live state asks for beyond the rate model, per pool, and why: a prompt
+    /// queue the pool cannot drain within the TTFT target (its headroom), and KV blocks so full
+    /// that new requests would wait for room (more than [`KV_FULL`] held: enough workers to bring
+    /// it back to [`KV_COMFORTABLE`]).
+    fn live_signals(
+        &self,
+        obs: &Observation,
+        current: &Replicas,
+        demand: &Demand,
+    ) -> (Replicas, String) {
+        let mut want = Replicas::default();
+        let mut why = Vec::new();
+        let budget_ms = self.config.ttft_ms * self.headroom.0;
+        for pool in self.pools().collect::<Vec<_>>() {
+            let n = current.get(pool).max(1);
+            let (queued, isl) = match pool {
+                Pool::Prefill => (obs.queued_remote_tokens, demand.remote.isl),
+                Pool::Aggregated | Pool::Decode => (obs.queued_tokens, demand.local.isl),
+            };
+            if queued > 0.0 && budget_ms > 0.0 {
+                let isl = isl.max(1.0);
+                let ms_per_token = self.profile(pool).ttft_ms(isl) / isl;
+                let drain_ms = queued * ms_per_token / f64::from(n);
+                if drain_ms > budget_ms {
+                    let need = (queued * ms_per_token / budget_ms).ceil() as u32;
+                    want.set(pool, need);
+                    why.push(format!(
+                        "{} queue of {queued:.0} prompt tokens ({drain_ms:.0} ms each)",
+                        pool.as_str()
+                    ));
+                }
+            }
+            if pool != Pool::Prefill
+                && let Some(usage) = obs.kv_usage.filter(|u| *u > KV_FULL)
+            {
+                let need = (f64::from(n) * usage / KV_COMFORTABLE).ceil() as u32;
+                want.set(pool, want.get(pool).max(need));
+                why.push(format!("{} KV {:.0}% full", pool.as_str(), usage * 100.0));
+            }
+        }
+        let why = if why.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", why.join(", "))
+        };
+        (want, why)
     }
 
     /// `current` grown towards `want` one replica at a time, the pool furthest below what it
@@ -1370,6 +1434,42 @@ mod tests {
         let up = p.on_tick(Some(&short), &small).expect("room to grow");
         assert_eq!(p.gpus(&up.replicas), 6, "{}", up.replicas);
         assert!(up.replicas.get(Pool::Prefill) > 1 && up.replicas.get(Pool::Decode) >= 2);
+    }
+
+    #[test]
+    fn a_queue_or_a_full_cache_scales_up_before_the_rate_says_so() {
+        let mut p = disagg(config(Algorithm::Sla));
+        let fleet = pools(1, 1);
+        // A light rate the model sizes at 1 + 1...
+        let mut calm = long_prompts(0.5, 1.0, &fleet);
+        calm.duration_s = 15.0;
+        calm.requests = 7.5;
+        calm.remote_requests = 7.5;
+        calm.isl = 1000.0;
+        calm.remote_isl = 1000.0;
+        assert_eq!(p.on_tick(Some(&calm), &fleet), None);
+        // ...with 30,000 prompt tokens queued on the prefill worker: more than it prefills within
+        // the TTFT target's headroom (100 ms).
+        let queued = Observation {
+            queued_remote_tokens: 30_000.0,
+            ..calm
+        };
+        let d = p
+            .on_tick(Some(&queued), &fleet)
+            .expect("the queue asks for more");
+        assert!(d.replicas.get(Pool::Prefill) > 1, "{}", d.reason);
+        assert_eq!(d.replicas.get(Pool::Decode), 1);
+        assert!(d.reason.contains("prefill queue of 30000"), "{}", d.reason);
+        // The decode workers' KV blocks 96% held: enough workers to bring it to 80%.
+        let full = Observation {
+            kv_usage: Some(0.96),
+            ..calm
+        };
+        let d = p
+            .on_tick(Some(&full), &pools(1, 4))
+            .expect("a full cache asks for more");
+        assert_eq!(d.replicas.get(Pool::Decode), 5, "{}", d.reason);
+        assert!(d.reason.contains("decode KV 96% full"), "{}", d.reason);
     }
 
     #[test]

@@ -171,11 +171,16 @@ impl Demand {
         }
     }
 
-    /// `all` with the share `remote_share` of its requests, of mean prompt `remote_isl`,
-    /// prefilled by the prefill pool.
+    /// `all` with the share `remote_share` of its requests, of mean prompt `remote_isl` (0:
+    /// unknown, the mean prompt), prefilled by the prefill pool.
     pub fn split(all: Load, remote_share: f64, remote_isl: f64) -> Demand {
         let s = remote_share.clamp(0.0, 1.0);
-        let remote_isl = if s > 0.0 { remote_isl.max(1.0) } else { 0.0 };
+        // Unknown remote prompt length (nothing sent yet): the mean prompt.
+        let remote_isl = match (s > 0.0, remote_isl > 0.0) {
+            (false, _) => 0.0,
+            (true, true) => remote_isl,
+            (true, false) => all.isl.max(1.0),
+        };
         let local_isl = if s < 1.0 {
             ((all.isl - s * remote_isl) / (1.0 - s)).max(1.0)
         } else {

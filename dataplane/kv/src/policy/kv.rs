@@ -550,6 +550,12 @@ impl KvRouter {
             .set(gauge(stats.worker_block_refs));
     }
 
+    /// KV blocks the requests this router sent to `worker` hold (booked until they finish).
+    pub fn active_blocks(&self, worker: WorkerId) -> Option<u64> {
+        self.load_of(worker)
+            .map(|l| l.active_blocks.load(Ordering::Relaxed))
+    }
+
     /// Prompt tokens routed to `worker` and not yet prefilled, as this router booked them.
     pub fn pending_prefill_tokens(&self, worker: WorkerId) -> Option<u64> {
         self.load_of(worker)
