@@ -439,6 +439,10 @@ case_planner_reads_prometheus_and_scales_the_adapter_with_the_load() {
     --web.listen-address="127.0.0.1:$pport" >"$dir/prometheus.log" 2>&1 &
   echo $! >"$dir/prometheus.pid"
   wait_for "Prometheus ready" 60 curl -sf "http://127.0.0.1:$pport/-/ready"
+  # Ours, not one a killed run left on the port (that one would read another frontend).
+  sleep 1
+  kill -0 "$(cat "$dir/prometheus.pid")" 2>/dev/null ||
+    fail "Prometheus exited (is 127.0.0.1:$pport taken?): $(tail -3 "$dir/prometheus.log")"
   # 4,000-token prompts of token ids.
   { printf '{"model": "tiny", "max_tokens": 20, "ignore_eos": true, "prompt": ['
     seq 0 3999 | awk '{printf "%s%d", (NR > 1 ? "," : ""), 300 + ($1 * 31) % 7800}'
