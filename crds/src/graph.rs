@@ -371,6 +371,38 @@ pub struct PrometheusSource {
     pub selector: Option<String>,
 }
 
+/// The replica bounds a [`PlannerSpec`] sets, with its defaults filled in and negative values
+/// read as 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaBounds {
+    /// `minReplicas` (default 1) and `maxReplicas` (default: what the caller says).
+    pub min: u32,
+    pub max: u32,
+    /// `(min, max)` of a disaggregated graph's pools, the ends they leave out taken from above.
+    pub prefill: Option<(u32, u32)>,
+    pub decode: Option<(u32, u32)>,
+    pub gpu_budget: Option<u32>,
+}
+
+impl PlannerSpec {
+    /// The bounds this spec sets; `default_max` when it has no `maxReplicas`.
+    pub fn replica_bounds(&self, default_max: u32) -> ReplicaBounds {
+        let n = |v: Option<i32>, default: u32| v.map_or(default, |v| v.max(0) as u32);
+        let (min, max) = (n(self.min_replicas, 1), n(self.max_replicas, default_max));
+        let pool = |b: &Option<PoolBounds>| {
+            b.as_ref()
+                .map(|b| (n(b.min_replicas, min), n(b.max_replicas, max)))
+        };
+        ReplicaBounds {
+            min,
+            max,
+            prefill: pool(&self.prefill),
+            decode: pool(&self.decode),
+            gpu_budget: self.gpu_budget.map(|b| b.max(0) as u32),
+        }
+    }
+}
+
 /// Fewest and most replicas of one planned pool.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

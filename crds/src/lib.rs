@@ -14,8 +14,8 @@ pub use adapter::{
 pub use graph::{
     BackendFramework, ComponentType, Condition, DynamoGraphDeployment, DynamoGraphDeploymentSpec,
     DynamoGraphDeploymentStatus, EnvVar, ExtraPodSpec, MainContainer, Multinode, PlannerDecision,
-    PlannerLearned, PlannerLoad, PlannerSpec, PoolBounds, PrometheusSource, ResourceItem,
-    Resources, ServiceSpec, ServiceStatus, Sla, SubComponentType, TopologyConstraint,
+    PlannerLearned, PlannerLoad, PlannerSpec, PoolBounds, PrometheusSource, ReplicaBounds,
+    ResourceItem, Resources, ServiceSpec, ServiceStatus, Sla, SubComponentType, TopologyConstraint,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -228,7 +228,6 @@ fn setup(dgd: &DynamoGraphDeployment, profile: Option<Profile>) -> Result<Setup,
         None => Duration::from_secs(60),
     };
     let algorithm: Algorithm = p.algorithm.as_deref().unwrap_or("sla").parse()?;
-    let to_u32 = |v: Option<i32>, d: u32| v.map_or(d, |v| v.max(0) as u32);
     let most = pools
         .values()
         .map(|(_, s)| u32::try_from(s.replicas()).unwrap_or(1))
@@ -236,22 +235,17 @@ fn setup(dgd: &DynamoGraphDeployment, profile: Option<Profile>) -> Result<Setup,
         .unwrap_or(1)
         .max(1)
         * 4;
-    let (min_replicas, max_replicas) = (to_u32(p.min_replicas, 1), to_u32(p.max_replicas, most));
-    let bounds = |b: &Option<dynamo_crds::PoolBounds>| {
-        b.as_ref().map(|b| Bounds {
-            min: to_u32(b.min_replicas, min_replicas),
-            max: to_u32(b.max_replicas, max_replicas),
-        })
-    };
+    let b = p.replica_bounds(most);
+    let pool = |b: Option<(u32, u32)>| b.map(|(min, max)| Bounds { min, max });
     let config = Config {
         algorithm,
         ttft_ms,
         itl_ms,
-        min_replicas,
-        max_replicas,
-        prefill: bounds(&p.prefill),
-        decode: bounds(&p.decode),
-        gpu_budget: p.gpu_budget.map(|b| b.max(0) as u32),
+        min_replicas: b.min,
+        max_replicas: b.max,
+        prefill: pool(b.prefill),
+        decode: pool(b.decode),
+        gpu_budget: b.gpu_budget,
         ..Config::default()
     };
     let (planner, speedup) = match (
