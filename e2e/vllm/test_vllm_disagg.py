@@ -14,13 +14,14 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import urllib.request
 
 import openai
 import pytest
+
+from ports import free_port
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("DYNAMO_BIN", os.path.join(ROOT, "target", "debug", "dynamo"))
@@ -29,12 +30,6 @@ PYTHON = os.environ.get("DYN_VLLM_PYTHON", os.path.join(CACHE, "vllm", "current"
 
 if not os.path.exists(PYTHON):
     pytest.fail(f"vLLM is not installed at {PYTHON}: run hack/vllm.sh", pytrace=False)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url):

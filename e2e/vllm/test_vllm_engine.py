@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -24,6 +23,8 @@ import urllib.request
 
 import openai
 import pytest
+
+from ports import free_port
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("DYNAMO_BIN", os.path.join(ROOT, "target", "debug", "dynamo"))
@@ -36,12 +37,6 @@ if not os.path.exists(PYTHON):
 
 # A prompt of a few 32-token blocks, and others that share its prefix.
 LONG = " ".join(f"word{i}" for i in range(120))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url, timeout=5):

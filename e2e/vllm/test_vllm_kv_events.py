@@ -11,7 +11,6 @@ skipped from its own /metrics.
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.request
@@ -20,6 +19,8 @@ from typing import Any, Optional, Union
 import msgspec
 import pytest
 import zmq
+
+from ports import free_port
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BIN = os.environ.get("DYNAMO_BIN", os.path.join(ROOT, "target", "debug", "dynamo"))
@@ -57,12 +58,6 @@ def event_classes(array_like):
         events: list[Union[BlockStored, BlockRemoved, AllBlocksCleared]]
 
     return KVEventBatch, BlockStored, BlockRemoved, AllBlocksCleared
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(args):

@@ -22,7 +22,10 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     process::Stdio,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
     time::Duration,
 };
 
@@ -324,7 +327,29 @@ fn set_value(args: &mut [String], i: usize, value_at: usize, flag: &str, value: 
     }
 }
 
+/// A port for an engine to listen on, taken from below the kernel's ephemeral range
+/// (`ip_local_port_range`): between the moment it is picked here and the moment the engine binds
+/// it, no socket bound to port 0 (vLLM's own internal sockets, an outgoing connection) can take it,
+/// as one picked from the ephemeral range could (seen: vLLM's replay socket failing with "Address
+/// already in use"). Ports this process handed out are not handed out again until the range wraps.
 fn free_port() -> anyhow::Result<u16> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if ephemeral > LOW + 1_000 {
+        let span = ephemeral - LOW;
+        // Processes started together begin at different places.
+        let start = std::process::id().wrapping_mul(2_654_435_761) % span;
+        for _ in 0..span.min(2_000) {
+            let port = LOW + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+            if std::net::TcpListener::bind(("0.0.0.0", port as u16)).is_ok() {
+                return Ok(port as u16);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("could not find a free port")?;
     Ok(l.local_addr()?.port())
 }
