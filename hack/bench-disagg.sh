@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Aggregated vs disaggregated serving on the Mooncake conversation trace, same total number of
-# workers: `dynamo serve` with 4 aggregated workers, then 2 prefill + 2 decode workers with every
-# prompt disaggregated (--disagg-policy always), then with the conditional policy (isl-bounding).
+# workers: `dynamo serve` with PREFILL + DECODE aggregated workers, then PREFILL prefill + DECODE
+# decode workers (default 2 + 2) with every prompt disaggregated (--disagg-policy always), then
+# with the conditional policy (isl-bounding); POLICIES adds runs of other conditional policies
+# (disagg-<policy>), e.g. POLICIES="isl-bounding prefill-load isl-or-load".
 # Prompts are sent as token ids (`dynamo bench --endpoint completions`). Disaggregated workers hold
 # real KV bytes of $GEOMETRY, moved over shared memory; aggregated workers get the same block count.
 # Writes $OUT/<label>.{json,txt,png} and $OUT/summary.md.
 #
 # usage: hack/bench-disagg.sh
-# env:   N=300 COMP=3 (trace time compression) SPEEDUP=3 GEOMETRY=qwen-0.5b MEMORY=2GiB
+# env:   PREFILL=2 DECODE=2 N=300 COMP=3 (trace time compression) SPEEDUP=3 GEOMETRY=qwen-0.5b MEMORY=2GiB
 #        OUT=$DYNAMO_CACHE/bench/disagg-<date> DYNAMO_BIN (default: this checkout's release build)
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="${DYNAMO_CACHE:-$HOME/.cache/dynamo-rs}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE/target}"
+PREFILL="${PREFILL:-2}" DECODE="${DECODE:-2}" WORKERS=$((PREFILL + DECODE))
 N="${N:-300}" COMP="${COMP:-3}" SPEEDUP="${SPEEDUP:-3}"
 GEOMETRY="${GEOMETRY:-qwen-0.5b}" MEMORY="${MEMORY:-2GiB}"
 OUT="${OUT:-$CACHE/bench/disagg-$(date +%Y%m%d-%H%M)}"
@@ -28,6 +31,8 @@ manifest() { # POLICY
   sed -e "s/\"--disagg-policy\", \"[a-z-]*\"/\"--disagg-policy\", \"$1\"/" \
       -e "s/\"--kv-geometry\", \"[a-z0-9.-]*\"/\"--kv-geometry\", \"$GEOMETRY\"/" \
       -e "s/\"--kv-memory\", \"[0-9A-Za-z]*\"/\"--kv-memory\", \"$MEMORY\"/" \
+      -e "/^    Prefill:/,/replicas:/ s/replicas: [0-9]*/replicas: $PREFILL/" \
+      -e "/^    Decode:/,/replicas:/ s/replicas: [0-9]*/replicas: $DECODE/" \
       "$ROOT/manifests/disagg.yaml" > "$OUT/disagg-$1.yaml"
   echo "$OUT/disagg-$1.yaml"
 }
@@ -62,8 +67,11 @@ run() { # LABEL MANIFEST WORKERS [serve args...]
   stop
 }
 
-run agg "$ROOT/manifests/agg.yaml" 4 --workers 4
-run disagg-always "$(manifest always)" 4
-run disagg-conditional "$(manifest isl-bounding)" 4
+run agg "$ROOT/manifests/agg.yaml" "$WORKERS" --workers "$WORKERS"
+run disagg-always "$(manifest always)" "$WORKERS"
+for policy in ${POLICIES:-isl-bounding}; do
+  label="disagg-$policy"; [ "$policy" = isl-bounding ] && label=disagg-conditional
+  run "$label" "$(manifest "$policy")" "$WORKERS"
+done
 
 python3 "$ROOT/hack/bench_disagg_table.py" "$OUT" | tee "$OUT/summary.md"

@@ -17,7 +17,9 @@ def main(out):
     print("| run | ok | TTFT p50 ms | TTFT p90 ms | ITL p50 ms | ITL p90 ms | ITL p99 ms | ITL p90 / agg | ITL p99 / agg | TTFT p90 / agg |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     base = None
-    for label in ["agg", "disagg-always", "disagg-conditional", "dynamo-agg", "dynamo-disagg"]:
+    labels = ["agg", "disagg-always", "disagg-conditional", "disagg-prefill-load", "disagg-isl-or-load",
+              "dynamo-agg", "dynamo-disagg"]
+    for label in labels:
         path = os.path.join(out, label + ".json")
         if not os.path.exists(path):
             continue

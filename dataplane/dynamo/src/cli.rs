@@ -165,7 +165,7 @@ pub struct FrontendArgs {
     /// to compute...
     #[arg(long, env = "DYN_MAX_LOCAL_PREFILL_TOKENS", default_value_t = 2048)]
     pub max_local_prefill_tokens: u64,
-    /// ...or those are less than this share of the prompt (it holds most of the prompt already).
+    /// ...and those are less than this share of the prompt (it holds most of the prompt already)
     #[arg(long, env = "DYN_MAX_LOCAL_PREFILL_RATIO", default_value_t = 0.7)]
     pub max_local_prefill_ratio: f64,
     /// prefill-load: the prefill pool is busy when its least-loaded worker has this many prompt

@@ -178,29 +178,35 @@ async fn over_tcp_a_decode_worker_pulls_only_the_blocks_it_lacks() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn policy_keeps_short_prompts_local_and_a_dead_prefill_worker_costs_nothing() {
+async fn isl_bounding_keeps_follow_up_turns_local_and_a_dead_prefill_worker_costs_nothing() {
     let model = Arc::new(Model::builtin());
     let prefill = start_worker(&model, "prefill", Role::Prefill, true).await;
     let decode = start_worker(&model, "decode", Role::Decode, true).await;
     let fe = frontend(&model, &[&prefill, &decode], DisaggPolicy::IslBounding).await;
+    let decisions = |decision: &'static str, reason: &'static str| {
+        let fe = &fe;
+        async move {
+            metric(
+                fe,
+                &format!(
+                    "dynamo_frontend_disagg_decisions_total{{decision=\"{decision}\",reason=\"{reason}\"}}"
+                ),
+            )
+            .await
+        }
+    };
+    // Fresh prompts, long or short, are all new to the decode worker: the prefill pool computes
+    // them (Dynamo's isl_bounding keeps a prompt local only when what is new is short *and* a
+    // small share of it).
+    let first = prompt(1, 900);
+    complete(&fe, &first, 3).await;
     complete(&fe, "a short prompt", 3).await;
-    assert_eq!(
-        metric(
-            &fe,
-            "dynamo_frontend_disagg_decisions_total{decision=\"local\",reason=\"isl_bounding\"}"
-        )
-        .await,
-        1.0
-    );
-    complete(&fe, &prompt(1, 900), 3).await;
-    assert_eq!(
-        metric(
-            &fe,
-            "dynamo_frontend_disagg_decisions_total{decision=\"remote\""
-        )
-        .await,
-        1.0
-    );
+    assert_eq!(decisions("remote", "new_prompt").await, 2.0);
+    assert_eq!(decisions("local", "isl_bounding").await, 0.0);
+    // A follow-up turn: the decode worker holds the history and computes the short tail itself.
+    complete(&fe, &format!("{first} and a short follow-up question"), 3).await;
+    assert_eq!(decisions("local", "isl_bounding").await, 1.0);
+    assert_eq!(decisions("remote", "new_prompt").await, 2.0);
     // The prefill worker goes away: the next long prompt is prefilled by the decode worker.
     prefill.shutdown(Duration::ZERO).await;
     let out = complete(&fe, &prompt(2, 900), 4).await;

@@ -41,7 +41,7 @@ pub struct DisaggConfig {
     /// `isl_bounding`: prefill locally when the decode worker has fewer new tokens than this to
     /// compute...
     pub max_local_prefill_tokens: u64,
-    /// ...or they are less than this share of the prompt (it holds most of it already).
+    /// ...and they are less than this share of the prompt (it holds most of it already).
     pub max_local_prefill_ratio: f64,
     /// `prefill_load`: the pool is busy when its least-loaded worker has this many prompt tokens
     /// queued.
@@ -90,8 +90,11 @@ pub struct Situation {
 pub fn decide(c: &DisaggConfig, s: &Situation) -> Decision {
     let new = s.prompt_tokens.saturating_sub(s.decode_cached_tokens);
     // Remote only when the new part is both long and most of the prompt.
+    // Dynamo's `isl_bounding`: the decode worker computes the prompt itself only when what it
+    // lacks is both short and a small share of the prompt, i.e. a follow-up turn whose history it
+    // holds. A fresh prompt, short or long, goes to the prefill pool.
     let short = new < c.max_local_prefill_tokens
-        || (new as f64) < c.max_local_prefill_ratio * s.prompt_tokens as f64;
+        && (new as f64) < c.max_local_prefill_ratio * s.prompt_tokens as f64;
     let busy = s.prefill_min >= c.prefill_busy_tokens;
     let local = match c.policy {
         DisaggPolicy::Never => return Decision::Local("never"),
@@ -112,7 +115,7 @@ pub fn decide(c: &DisaggConfig, s: &Situation) -> Decision {
         }
         None => Decision::Remote(match c.policy {
             DisaggPolicy::Always => "always",
-            _ => "long_prompt",
+            _ => "new_prompt",
         }),
     }
 }
@@ -222,15 +225,17 @@ mod tests {
     }
 
     #[test]
-    fn isl_bounding_keeps_short_or_mostly_cached_prompts_local() {
+    fn isl_bounding_keeps_only_short_mostly_cached_remainders_local() {
         let c = DisaggConfig::default();
-        // Short: local, however new.
-        assert_eq!(decide(&c, &s(1000, 0)), Decision::Local("isl_bounding"));
-        // 5000 new of 8000 (62%): the decode worker holds enough of it.
-        assert_eq!(decide(&c, &s(8000, 3000)), Decision::Local("isl_bounding"));
-        // 6000 new of 8000 (75%), or a long fresh prompt: remote.
-        assert_eq!(decide(&c, &s(8000, 2000)), Decision::Remote("long_prompt"));
-        assert_eq!(decide(&c, &s(3000, 0)), Decision::Remote("long_prompt"));
+        // A follow-up turn: 1000 new of 8000 (12%).
+        assert_eq!(decide(&c, &s(8000, 7000)), Decision::Local("isl_bounding"));
+        // Short but fresh (all of it new), or 5000 new of 8000 (62%, but not short), or a long
+        // fresh prompt: the prefill pool computes it.
+        assert_eq!(decide(&c, &s(1000, 0)), Decision::Remote("new_prompt"));
+        assert_eq!(decide(&c, &s(8000, 3000)), Decision::Remote("new_prompt"));
+        assert_eq!(decide(&c, &s(3000, 0)), Decision::Remote("new_prompt"));
+        // 1500 new of 2000 (75%): short, but most of the prompt.
+        assert_eq!(decide(&c, &s(2000, 500)), Decision::Remote("new_prompt"));
     }
 
     #[test]
@@ -245,7 +250,7 @@ mod tests {
             ..DisaggConfig::default()
         };
         assert_eq!(decide(&c, &busy), Decision::Local("prefill_load"));
-        assert_eq!(decide(&c, &s(8000, 0)), Decision::Remote("long_prompt"));
+        assert_eq!(decide(&c, &s(8000, 0)), Decision::Remote("new_prompt"));
         let c = DisaggConfig {
             policy: DisaggPolicy::IslOrLoad,
             decode_busy_tokens: 4096,
