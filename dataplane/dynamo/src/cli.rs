@@ -40,6 +40,9 @@ pub enum Command {
     /// The ideal fleet for a trace: per planner interval, the fewest replicas the manifest's
     /// profile says meet `spec.sla` at that interval's actual load, and its GPU-seconds.
     Ideal(IdealArgs),
+    /// KV block transfer between two processes over TCP and shared memory, against a
+    /// single-thread memcpy of the same blocks in the same run.
+    BenchTransfer(crate::transfer_bench::BenchTransferArgs),
 }
 
 #[derive(Debug, Clone, Args)]

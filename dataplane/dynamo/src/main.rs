@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use clap::Parser;
 use dynamo_dataplane::{
     cli::{Cli, Command},
-    run, serve,
+    run, serve, transfer_bench,
 };
 
 // The frontend allocates per request and per chunk (JSON, tokenizer, HTTP/2 frames); glibc's
@@ -65,5 +65,10 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(dynamo_bench::profile::main(args)),
         Command::Ideal(args) => serve::planner::ideal(&args),
+        // One thread on each side, as a sidecar moves KV.
+        Command::BenchTransfer(args) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(transfer_bench::run(args)),
     }
 }

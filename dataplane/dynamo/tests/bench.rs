@@ -194,3 +194,58 @@ async fn bench_counts_an_unreachable_server_as_failures() {
     assert_eq!(outcome.report.summary.failed, 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `dynamo bench-transfer` moves real blocks between two processes, checks every byte, reports
+/// each transport against memcpy and leaves no process or socket behind.
+#[test]
+fn bench_transfer_measures_tcp_and_shm_between_two_processes() {
+    let dir = std::env::temp_dir().join(format!("bench-transfer-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let json = dir.join("figures.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamo"))
+        .args(["bench-transfer", "--kv-geometry", "tiny", "--blocks", "8"])
+        .args(["--iterations", "3", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run dynamo bench-transfer");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("parse");
+    for transfer in ["bulk", "one block"] {
+        for method in ["memcpy", "tcp", "shm"] {
+            let row = rows
+                .iter()
+                .find(|r| r["transfer"] == transfer && r["row"]["method"] == method)
+                .unwrap_or_else(|| panic!("no {transfer} {method} row in {rows:?}"));
+            assert!(row["row"]["gb_per_s"].as_f64().expect("gb/s") > 0.0);
+            let blocks = if transfer == "bulk" { 8 } else { 1 };
+            assert_eq!(row["row"]["blocks"], blocks);
+            assert_eq!(row["row"]["bytes"], blocks * 2 * 2 * 2 * 32 * 2 * 64);
+        }
+    }
+    assert!(stdout.contains("vs memcpy"), "{stdout}");
+    std::fs::remove_dir_all(&dir).ok();
+    // The source process is gone with the command.
+    let ps = std::process::Command::new("pgrep")
+        .args(["-f", "bench-transfer --source"])
+        .output()
+        .expect("pgrep");
+    assert!(ps.stdout.is_empty(), "source process left behind");
+}
+
+/// Bad arguments are refused with the reason, before any process starts.
+#[test]
+fn bench_transfer_refuses_an_unknown_geometry() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamo"))
+        .args(["bench-transfer", "--kv-geometry", "huge"])
+        .output()
+        .expect("run dynamo bench-transfer");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--kv-geometry \"huge\""), "{err}");
+}

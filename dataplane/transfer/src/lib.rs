@@ -29,6 +29,8 @@
 //! a single-thread `memcpy` of the same blocks, by TCP loopback (client and server in one process)
 //! at 0.35-0.36x (2026-11) and 0.24x (2026-12-07: memcpy 13.2 ms, TCP 55 ms), below the 0.5x target;
 //! one 8 MiB block costs its `memcpy` plus ~8 µs by shared memory and 2.6 ms against 0.25 ms by TCP.
+//! Between two processes, as a prefill and a decode sidecar move blocks (`dynamo bench-transfer`,
+//! one thread each): TCP 0.30-0.44x memcpy, shared memory 0.81-1.16x (docs/disagg.md).
 //! Striping a block set over 2 connections and 4 MiB socket buffers were tried on 2026-12-07 and
 //! gained nothing measurable on 2 cores (both kernel copies already fill them); not kept. On an NVIDIA H200 (`examples/cuda_bw.rs`,
 //! 1 GiB): device-to-device 2,076 GB/s as one run and 1,214 GB/s as single 8 MiB blocks, pinned
