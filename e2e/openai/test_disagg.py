@@ -165,3 +165,47 @@ def test_killing_a_prefill_worker_under_load_fails_no_request(server, client):
     while health(base)["live_workers"] < 4:
         assert time.time() < deadline, health(base)
         time.sleep(0.5)
+
+
+def test_killing_a_decode_worker_mid_stream_fails_no_request(server, client):
+    """A decode worker SIGKILLed while it streams: its requests migrate to the other decode worker
+    (which computes or pulls what it lacks) and every stream ends with all its tokens."""
+    base, proc = server
+    decode = [pid for pid, argv in children(proc.pid) if "--role" in argv and argv[argv.index("--role") + 1] == "decode"]
+    assert len(decode) == 2, children(proc.pid)
+    migrated = metric_sum(metrics(base), "dynamo_frontend_model_migration_total")
+    started = []
+
+    def one(i):
+        stream = client.completions.create(
+            model="tiny",
+            prompt=long_prompt(200 + i, 600),
+            max_tokens=600,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        usage, text = None, 0
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                text += 1
+                if text == 1:
+                    started.append(i)
+            if chunk.usage:
+                usage = chunk.usage
+        return usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(one, i) for i in range(12)]
+        deadline = time.time() + 60
+        while len(started) < 10:
+            assert time.time() < deadline, f"only {len(started)} streams started"
+            time.sleep(0.01)
+        os.kill(decode[0], signal.SIGKILL)
+        results = [f.result(timeout=180) for f in futures]
+    assert results == [600] * 12
+    assert metric_sum(metrics(base), "dynamo_frontend_model_migration_total") > migrated, "no stream was cut"
+    deadline = time.time() + 60
+    while health(base)["live_workers"] < 4:
+        assert time.time() < deadline, health(base)
+        time.sleep(0.5)
