@@ -251,11 +251,22 @@ healthz() { # port path
 healthz_insecure() { curl -skf --max-time 3 "https://127.0.0.1:$1/healthz" | grep -qx ok; }
 etcd_healthy() { curl -sf --max-time 3 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
 
+# is_up: the control plane runs and its API server is ready. Sets NOT_UP_WHY when it is not.
 is_up() {
-  local name
-  load_ports || return 1
-  for name in "${COMPONENTS[@]}"; do [ -n "$(pid_of "$name")" ] || return 1; done
-  healthz "$APISERVER_PORT" /readyz
+  local name try
+  NOT_UP_WHY=
+  load_ports || { NOT_UP_WHY="no ports.env"; return 1; }
+  for name in "${COMPONENTS[@]}"; do
+    [ -n "$(pid_of "$name")" ] || { NOT_UP_WHY="$name is not running"; return 1; }
+  done
+  # Every component runs: a slow or briefly unready /readyz on a loaded machine is not a reason
+  # to call the cluster down (cmd_up would wipe and rebuild it), so ask a few times.
+  for try in 1 2 3 4 5; do
+    healthz "$APISERVER_PORT" /readyz && return 0
+    sleep 1
+  done
+  NOT_UP_WHY="the API server's /readyz did not answer ok 5 times"
+  return 1
 }
 
 # ---------------------------------------------------------------- nodes
@@ -318,7 +329,7 @@ cmd_up() {
     return 0
   fi
   if [ -d "$STATE" ]; then
-    log "stale or partial cluster state in $STATE: cleaning up first"
+    log "stale or partial cluster state in $STATE (${NOT_UP_WHY:-unknown}): cleaning up first"
     load_ports || true
     node_cleanup
     stop_all
@@ -425,7 +436,7 @@ cmd_status() {
 cmd_add_node() {
   [ $# -ge 3 ] || die "usage: add-node NAME ZONE RACK [GPUS]"
   need_tools
-  is_up || die "cluster is not up (hack/cluster.sh up)"
+  is_up || die "cluster is not up: $NOT_UP_WHY (hack/cluster.sh up)"
   node_yaml "$1" "$2" "$3" "${4:-${GPUS:-8}}" | kc apply -f - >/dev/null
   wait_nodes_ready "node/$1"
   log "node $1 ($ZONE_LABEL=$2, $RACK_LABEL=$3, nvidia.com/gpu=${4:-${GPUS:-8}}) Ready"
@@ -433,7 +444,7 @@ cmd_add_node() {
 
 cmd_sa_kubeconfig() {
   [ $# -ge 3 ] || die "usage: sa-kubeconfig NAMESPACE SA OUTFILE [DURATION, default 24h]"
-  is_up || die "cluster is not up (hack/cluster.sh up)"
+  is_up || die "cluster is not up: $NOT_UP_WHY (hack/cluster.sh up)"
   local ns="$1" sa="$2" out="$3" token
   token="$(kc create token "$sa" -n "$ns" --duration="${4:-24h}")" || die "cannot create a token for serviceaccount $ns/$sa"
   mkdir -p "$(dirname "$out")"

@@ -44,7 +44,8 @@ step "cluster up"
 "$CLUSTER" down >/dev/null 2>&1 || true
 "$CLUSTER" up >/dev/null || fail "hack/cluster.sh up"
 trap cleanup EXIT
-"$CLUSTER" up 2>&1 | grep -q "already up" || fail "second 'up' is not idempotent"
+second_up="$("$CLUSTER" up 2>&1)" || true
+grep -q "already up" <<<"$second_up" || fail "second 'up' is not idempotent; it said: $second_up"
 pass "up is idempotent"
 "$CLUSTER" status >/dev/null || fail "status says not up"
 
