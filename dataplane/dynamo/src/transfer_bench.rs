@@ -121,10 +121,11 @@ async fn source(geometry: &KvGeometry, blocks: u32) -> anyhow::Result<()> {
     let (tcp_pools, shm_pools) = (tcp.pools(), shm.pools());
     let tcp_id = tcp_pools.register(pool.clone())?;
     let shm_id = shm_pools.register(pool.clone())?;
+    let bulk = bulk_blocks(blocks);
     let ready = SourceReady {
-        tcp_bulk: tcp_pools.describe(tcp_id, bulk_blocks(blocks))?,
+        tcp_bulk: tcp_pools.describe(tcp_id, bulk.clone())?,
         tcp_one: tcp_pools.describe(tcp_id, vec![0])?,
-        shm_bulk: shm_pools.describe(shm_id, bulk_blocks(blocks))?,
+        shm_bulk: shm_pools.describe(shm_id, bulk)?,
         shm_one: shm_pools.describe(shm_id, vec![0])?,
     };
     let servers = tokio::spawn({
@@ -207,12 +208,6 @@ async fn destination(args: &BenchTransferArgs, geometry: &KvGeometry) -> anyhow:
     let bulk = bulk_blocks(args.blocks);
     let iterations = args.iterations as usize;
 
-    let memcpy = |blocks: &[u32]| -> anyhow::Result<()> {
-        for (&b, &s) in blocks.iter().zip(&slots) {
-            dst.write(s)?.copy_from_slice(&local_src.read(b)?);
-        }
-        Ok(())
-    };
     let check = |what: &str, blocks: &[u32]| -> anyhow::Result<()> {
         if let Some((slot, offset)) = testing::verify_slots(&dst, CONTENT_SEED, blocks, &slots)? {
             bail!("{what}: slot {slot} differs from its source block at byte {offset}");
@@ -227,7 +222,10 @@ async fn destination(args: &BenchTransferArgs, geometry: &KvGeometry) -> anyhow:
     ] {
         let k = blocks.len();
         let slots = &slots[..k];
-        let mc = time(iterations, || async { memcpy(blocks) }).await?;
+        let mc = time(iterations, || async {
+            Ok(testing::copy_blocks(&local_src, blocks, &dst, slots)?)
+        })
+        .await?;
         check("memcpy", blocks)?;
         let t = time(iterations, || async {
             tcp.read(tcp_desc, &dst, slots).await?;

@@ -89,7 +89,6 @@ pub struct Situation {
 /// The policy (pure).
 pub fn decide(c: &DisaggConfig, s: &Situation) -> Decision {
     let new = s.prompt_tokens.saturating_sub(s.decode_cached_tokens);
-    // Remote only when the new part is both long and most of the prompt.
     // Dynamo's `isl_bounding`: the decode worker computes the prompt itself only when what it
     // lacks is both short and a small share of the prompt, i.e. a follow-up turn whose history it
     // holds. A fresh prompt, short or long, goes to the prefill pool.

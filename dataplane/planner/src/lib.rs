@@ -1034,10 +1034,11 @@ impl Planner {
             };
             if queued > 0.0 && budget_ms > 0.0 {
                 let isl = isl.max(1.0);
-                let ms_per_token = self.profile(pool).ttft_ms(isl) / isl;
-                let drain_ms = queued * ms_per_token / f64::from(n);
+                // Prefill time of the whole queue on one worker, and on the pool as it is.
+                let work_ms = queued * self.profile(pool).ttft_ms(isl) / isl;
+                let drain_ms = work_ms / f64::from(n);
                 if drain_ms > budget_ms {
-                    let need = (queued * ms_per_token / budget_ms).ceil() as u32;
+                    let need = (work_ms / budget_ms).ceil() as u32;
                     want.set(pool, need);
                     why.push(format!(
                         "{} queue of {queued:.0} prompt tokens ({drain_ms:.0} ms each)",

@@ -84,13 +84,6 @@ fn setup(blocks: Vec<u32>) -> Setup {
     }
 }
 
-fn memcpy(src: &BlockPool, blocks: &[u32], dst: &BlockPool, slots: &[u32]) {
-    for (&b, &s) in blocks.iter().zip(slots) {
-        let from = src.read(b).expect("read");
-        dst.write(s).expect("write").copy_from_slice(&from);
-    }
-}
-
 fn group(c: &mut Criterion, name: &str, blocks: Vec<u32>) {
     let slots: Vec<u32> = (0..blocks.len() as u32).collect();
     let s = setup(blocks.clone());
@@ -98,7 +91,9 @@ fn group(c: &mut Criterion, name: &str, blocks: Vec<u32>) {
     g.throughput(Throughput::Bytes(s.tcp_desc.total_bytes()));
     g.sample_size(20);
     g.bench_function(BenchmarkId::from_parameter("memcpy"), |b| {
-        b.iter(|| memcpy(&s.src, black_box(&blocks), &s.dst, &slots));
+        b.iter(|| {
+            testing::copy_blocks(&s.src, black_box(&blocks), &s.dst, &slots).expect("memcpy")
+        });
     });
     g.bench_function(BenchmarkId::from_parameter("tcp_loopback"), |b| {
         b.iter(|| {

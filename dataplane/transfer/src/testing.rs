@@ -64,6 +64,20 @@ pub fn fill_pool(pool: &BlockPool, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// Copies source block `src_blocks[i]` of `src` into slot `dst_slots[i]` of `dst` with one
+/// thread's `memcpy`: the baseline the transports are measured against.
+pub fn copy_blocks(
+    src: &BlockPool,
+    src_blocks: &[u32],
+    dst: &BlockPool,
+    dst_slots: &[u32],
+) -> Result<()> {
+    for (&block, &slot) in src_blocks.iter().zip(dst_slots) {
+        dst.write(slot)?.copy_from_slice(&src.read(block)?);
+    }
+    Ok(())
+}
+
 /// Checks that slot `dst_slots[i]` of `pool` holds source block `src_blocks[i]`'s content; returns
 /// the first `(slot, offset)` that does not.
 pub fn verify_slots(
