@@ -536,6 +536,9 @@ pub struct PlannerLearned {
     pub remote_share: f64,
     #[serde(default)]
     pub remote_isl: f64,
+    /// Share of those prompts' tokens the prefill workers found in their caches.
+    #[serde(default)]
+    pub remote_hit_rate: f64,
     /// The last forecast.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forecast: Option<PlannerLoad>,

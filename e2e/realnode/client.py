@@ -27,9 +27,11 @@ def client(url, timeout=60.0):
     return openai.AsyncOpenAI(base_url=url.rstrip("/") + "/v1", api_key="none", max_retries=0, timeout=timeout)
 
 
-def prompt(i, words=120):
-    # Long enough to fill several KV blocks, distinct per request family.
-    return f"request family {i % 8}: " + " ".join(f"w{(i * 7 + j) % 97}" for j in range(words))
+def prompt(i, words=120, fresh=False):
+    # Long enough to fill several KV blocks, distinct per request family; each worker of a load
+    # comes back to its prompts after 97 requests. `fresh`: no two requests share a first block.
+    head = f"request {i}: " if fresh else f"request family {i % 8}: "
+    return head + " ".join(f"w{(i * 7 + j) % 97}" for j in range(words))
 
 
 async def stream_once(c, text, max_tokens):
@@ -97,7 +99,7 @@ async def check(url):
     return 0
 
 
-async def load(url, concurrency, stop_file, out, max_tokens, words=120):
+async def load(url, concurrency, stop_file, out, max_tokens, words=120, fresh=False):
     c = client(url)
     ok = failed = 0
     errors = []
@@ -108,7 +110,7 @@ async def load(url, concurrency, stop_file, out, max_tokens, words=120):
         i = w
         while not os.path.exists(stop_file):
             try:
-                await stream_once(c, prompt(i, words), max_tokens)
+                await stream_once(c, prompt(i, words, fresh), max_tokens)
                 ok += 1
             except Exception as e:  # noqa: BLE001 - every failure is counted and reported
                 failed += 1
@@ -139,12 +141,13 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--words", type=int, default=120, help="prompt length in words (about 2.5 tokens each)")
+    p.add_argument("--fresh", action="store_true", help="every prompt new to every worker's cache")
     a = ap.parse_args()
     if a.cmd == "first-token":
         return asyncio.run(first_token(a.url, a.timeout))
     if a.cmd == "check":
         return asyncio.run(check(a.url))
-    return asyncio.run(load(a.url, a.concurrency, a.stop_file, a.out, a.max_tokens, a.words))
+    return asyncio.run(load(a.url, a.concurrency, a.stop_file, a.out, a.max_tokens, a.words, a.fresh))
 
 
 if __name__ == "__main__":

@@ -560,6 +560,7 @@ fn to_status(s: &Setup, d: &Decision, mode: &str, reason: String) -> PlannerDeci
             correction_itl: learned.correction_itl,
             remote_share: learned.remote_share,
             remote_isl: learned.remote_isl,
+            remote_hit_rate: learned.remote_hit_rate,
             forecast: learned.forecast.as_ref().map(load),
         }),
     }
@@ -574,6 +575,7 @@ fn from_status(l: &PlannerLearned) -> Learned {
         correction_itl: l.correction_itl,
         remote_share: l.remote_share,
         remote_isl: l.remote_isl,
+        remote_hit_rate: l.remote_hit_rate,
         forecast: l.forecast.as_ref().map(|f| dynamo_planner::Load {
             rate: f.requests_per_second,
             isl: f.isl,

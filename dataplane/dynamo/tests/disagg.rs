@@ -164,13 +164,27 @@ async fn over_tcp_a_decode_worker_pulls_only_the_blocks_it_lacks() {
     let decode = start_worker(&model, "decode", Role::Decode, false).await;
     let fe = frontend(&model, &[&prefill, &decode], DisaggPolicy::Always).await;
     let shared = prompt(0, 600);
-    complete(&fe, &shared, 1).await;
+    let cached = |v: &Value| v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    let a = complete(&fe, &shared, 1).await;
+    assert_eq!(cached(&a), Some(0), "a fresh prompt: {}", a["usage"]);
     let first = metric(&fe, "dynamo_kv_transfer_blocks_total{transport=\"tcp\"}").await;
     assert!(first > 10.0, "first pull: {first} blocks");
     // The same long prefix and a short new tail: only the tail's blocks move.
-    complete(&fe, &format!("{shared} and then some more words here"), 2).await;
+    let b = complete(&fe, &format!("{shared} and then some more words here"), 2).await;
     let second = metric(&fe, "dynamo_kv_transfer_blocks_total{transport=\"tcp\"}").await - first;
     assert!(second <= 1.0, "second pull moved {second} blocks");
+    // Its cached tokens are the prefill worker's hit (the prefix's full blocks), which the
+    // planner reads as the prefill pool's.
+    let hit = cached(&b).expect("cached_tokens");
+    let prompt_tokens = a["usage"]["prompt_tokens"].as_u64().expect("prompt_tokens");
+    assert!(
+        hit > 0 && hit <= prompt_tokens && prompt_tokens - hit < 64,
+        "cached {hit} of the shared {prompt_tokens}"
+    );
+    assert_eq!(
+        metric(&fe, "dynamo_frontend_disagg_prefill_cached_tokens_total").await,
+        hit as f64
+    );
     fe.shutdown(Duration::ZERO).await;
     for w in [prefill, decode] {
         w.shutdown(Duration::ZERO).await;

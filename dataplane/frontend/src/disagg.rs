@@ -121,12 +121,12 @@ pub fn decide(c: &DisaggConfig, s: &Situation) -> Decision {
 
 impl AppState {
     /// The prefill leg of a new request bound for `decode`: decides, and for a remote prefill
-    /// returns the prefill worker's transfer parameters. `None`: the decode worker prefills.
+    /// returns what the prefill worker did. `None`: the decode worker prefills.
     pub(crate) async fn prefill_leg(
         &self,
         request: &proto::GenerateRequest,
         decode: &mut Lease,
-    ) -> Option<Vec<u8>> {
+    ) -> Option<RemotePrefill> {
         let pool = self.pool();
         let (prefill_min, prefill_total) = pool.prefill_pool_load()?;
         let bs = u64::from(decode.worker.info.block_size.max(1));
@@ -158,12 +158,15 @@ impl AppState {
             };
             let started = Instant::now();
             match run_prefill(&lease, prefill.clone()).await {
-                Ok(params) => {
+                Ok(done) => {
                     lease.first_token();
                     self.metrics
                         .prefill_leg
                         .observe(started.elapsed().as_secs_f64());
-                    return Some(params);
+                    self.metrics
+                        .disagg_prefill_cached
+                        .inc_by(u64::from(done.cached_tokens));
+                    return Some(done);
                 }
                 Err(status) => {
                     tracing::warn!(worker = %lease.worker.url, %status, request = %request.request_id, "prefill worker failed; trying another");
@@ -194,16 +197,32 @@ impl AppState {
     }
 }
 
+/// A prompt the prefill pool prefilled.
+pub(crate) struct RemotePrefill {
+    /// Where the decode worker pulls the prompt's KV from.
+    pub params: Vec<u8>,
+    /// Prompt tokens the prefill worker found in its cache: the request's cached tokens (what
+    /// its decode worker pulls was computed for it all the same).
+    pub cached_tokens: u32,
+}
+
 /// Sends a prefill-only request and waits for its transfer parameters.
 async fn run_prefill(
     lease: &Lease,
     request: proto::GenerateRequest,
-) -> Result<Vec<u8>, tonic::Status> {
+) -> Result<RemotePrefill, tonic::Status> {
     let mut client = lease.worker.client.clone();
     let mut stream = client.generate(request).await?.into_inner();
+    let mut cached_tokens = 0;
     while let Some(msg) = stream.message().await? {
+        if let Some(c) = msg.cached_tokens {
+            cached_tokens = c;
+        }
         if !msg.kv_transfer_params.is_empty() {
-            return Ok(msg.kv_transfer_params);
+            return Ok(RemotePrefill {
+                params: msg.kv_transfer_params,
+                cached_tokens,
+            });
         }
     }
     Err(tonic::Status::unavailable(

@@ -139,8 +139,9 @@ pub(crate) struct Upstream {
     failed: Vec<WorkerId>,
     /// Moves made so far (before and after the first token).
     moves: u32,
-    /// The stream now is not the first attempt's: its `cached_tokens` is not the request's.
-    moved_mid_stream: bool,
+    /// The request's `cached_tokens` is known (its prompt was prefilled elsewhere, or the
+    /// stream now is not the first attempt's): later reports are not the request's.
+    cached_known: bool,
 }
 
 impl Upstream {
@@ -152,7 +153,12 @@ impl Upstream {
     ) -> Result<(Upstream, GenerateResponse), ApiError> {
         let mut failed = Vec::new();
         let mut moves = 0;
-        let (lease, first, stream) = dispatch(
+        let Attempt {
+            lease,
+            first,
+            stream,
+            cached_known,
+        } = dispatch(
             &state,
             &request,
             &mut failed,
@@ -168,7 +174,7 @@ impl Upstream {
             stream,
             failed,
             moves,
-            moved_mid_stream: false,
+            cached_known,
         };
         up.generated.extend_from_slice(&first.token_ids);
         Ok((up, first))
@@ -181,7 +187,7 @@ impl Upstream {
             let why = match self.stream.message().await {
                 Ok(Some(mut msg)) => {
                     self.generated.extend_from_slice(&msg.token_ids);
-                    if self.moved_mid_stream {
+                    if self.cached_known {
                         msg.cached_tokens = None;
                     }
                     return Ok(msg);
@@ -217,7 +223,12 @@ impl Upstream {
                 resumed_tokens: generated,
                 ..self.request.clone()
             };
-            let (lease, first, stream) = dispatch(
+            let Attempt {
+                lease,
+                first,
+                stream,
+                ..
+            } = dispatch(
                 &self.state,
                 &resumed,
                 &mut self.failed,
@@ -234,7 +245,7 @@ impl Upstream {
             tracing::info!(request = %self.request.request_id, from = %why, to = %lease.worker.url, generated, "request migrated");
             self.lease = lease;
             self.stream = stream;
-            self.moved_mid_stream = true;
+            self.cached_known = true;
             self.generated.extend_from_slice(&first.token_ids);
             if !first.token_ids.is_empty() || first.finish_reason != 0 {
                 return Ok(GenerateResponse {
@@ -244,6 +255,15 @@ impl Upstream {
             }
         }
     }
+}
+
+/// A worker that took a request, with its first message.
+struct Attempt {
+    lease: Lease,
+    first: GenerateResponse,
+    stream: Streaming<GenerateResponse>,
+    /// `first` says the request's cached tokens for good (see [`Upstream::cached_known`]).
+    cached_known: bool,
 }
 
 /// Sends `request` to a worker not in `failed` and waits for its first message. A worker that
@@ -256,13 +276,15 @@ async fn dispatch(
     failed: &mut Vec<WorkerId>,
     moves: &mut u32,
     kind: MigrationType,
-) -> Result<(Lease, GenerateResponse, Streaming<GenerateResponse>), ApiError> {
+) -> Result<Attempt, ApiError> {
     let mut counted = kind == MigrationType::NewRequest;
     // A new request in a disaggregated graph: its prompt may be prefilled by the prefill pool, once
     // (a decode worker that fails before answering gets the same parameters; what it cannot pull
     // it computes).
     let mut disagg = kind == MigrationType::NewRequest && state.pool().has_prefill();
     let mut request = std::borrow::Cow::Borrowed(request);
+    // Cached tokens of a prompt the prefill pool prefilled: the prefill worker's.
+    let mut prefill_cached = None;
     loop {
         let Some(mut lease) = state
             .pool()
@@ -278,9 +300,10 @@ async fn dispatch(
             counted = true;
         }
         if std::mem::take(&mut disagg)
-            && let Some(params) = state.prefill_leg(&request, &mut lease).await
+            && let Some(done) = state.prefill_leg(&request, &mut lease).await
         {
-            request.to_mut().kv_transfer_params = params;
+            request.to_mut().kv_transfer_params = done.params;
+            prefill_cached = Some(done.cached_tokens);
         }
         let mut client = lease.worker.client.clone();
         let attempt = async {
@@ -296,12 +319,20 @@ async fn dispatch(
             }
         };
         match attempt.await {
-            Ok((first, stream)) => {
+            Ok((mut first, stream)) => {
                 lease.first_token();
                 if let Some(report) = &first.kv_transfer {
                     state.record_transfer(report);
                 }
-                return Ok((lease, first, stream));
+                if prefill_cached.is_some() {
+                    first.cached_tokens = prefill_cached;
+                }
+                return Ok(Attempt {
+                    lease,
+                    first,
+                    stream,
+                    cached_known: prefill_cached.is_some(),
+                });
             }
             Err(status) => match status.code() {
                 Code::InvalidArgument => {

@@ -88,6 +88,7 @@ pub struct FrontendMetrics {
     /// Disaggregation: where prompts were prefilled and why; prefills that fell back to local.
     disagg: Family<DecisionLabels, Counter>,
     disagg_tokens: Family<DecisionLabel, Counter>,
+    pub disagg_prefill_cached: Counter,
     prefill_fallbacks: Family<ReasonLabel, Counter>,
     /// What decode workers pulled (`dynamo_kv_transfer_*{transport}`).
     transfer_bytes: Family<TransportLabel, Counter>,
@@ -161,6 +162,12 @@ impl FrontendMetrics {
             "disagg_prompt_tokens",
             "Prompt tokens of the requests counted in disagg_decisions, by where they were prefilled (the planner sizes the prefill pool from them)",
             disagg_tokens.clone(),
+        );
+        let disagg_prefill_cached = Counter::default();
+        registry.register(
+            "disagg_prefill_cached_tokens",
+            "Prompt tokens of the remote prefills that the prefill workers found in their caches (of disagg_prompt_tokens{decision=\"remote\"}; the planner sizes the prefill pool on the rest)",
+            disagg_prefill_cached.clone(),
         );
         let prefill_fallbacks = Family::<ReasonLabel, Counter>::default();
         registry.register(
@@ -280,6 +287,7 @@ impl FrontendMetrics {
             tokenize,
             disagg,
             disagg_tokens,
+            disagg_prefill_cached,
             prefill_fallbacks,
             transfer_bytes,
             transfer_blocks,

@@ -26,6 +26,8 @@ pub struct Counters {
     live_prefill: f64,
     remote: f64,
     remote_tokens: f64,
+    /// Prompt tokens of the remote requests the prefill workers found cached.
+    remote_cached: f64,
     /// Gauges: prompt tokens queued on prefill workers and on the others; KV blocks held and
     /// total on the workers that serve requests (aggregated or decode).
     queued_remote: f64,
@@ -109,6 +111,7 @@ impl Counters {
                 &format!("{f}disagg_prompt_tokens_total"),
                 "decision=\"remote\"",
             ),
+            remote_cached: m("disagg_prefill_cached_tokens_total").unwrap_or(0.0),
             queued_remote: labelled(
                 text,
                 &format!("{f}worker_pending_prefill_tokens"),
@@ -162,6 +165,14 @@ impl Counters {
                     0.0
                 }
             },
+            remote_hit_rate: {
+                let tokens = d(a.remote_tokens, b.remote_tokens);
+                if tokens > 0.0 {
+                    (d(a.remote_cached, b.remote_cached) / tokens).clamp(0.0, 1.0)
+                } else {
+                    0.0
+                }
+            },
         }
     }
 
@@ -187,6 +198,7 @@ impl Counters {
             live_prefill: self.live_prefill.max(o.live_prefill),
             remote: self.remote + o.remote,
             remote_tokens: self.remote_tokens + o.remote_tokens,
+            remote_cached: self.remote_cached + o.remote_cached,
             queued_remote: self.queued_remote + o.queued_remote,
             queued: self.queued + o.queued,
             // Each frontend books its own requests' blocks on the same workers.
@@ -306,6 +318,7 @@ mod tests {
                  dynamo_frontend_disagg_decisions_total{{decision=\"remote\",reason=\"isl\"}} {}\n\
                  dynamo_frontend_disagg_decisions_total{{decision=\"local\",reason=\"isl\"}} {}\n\
                  dynamo_frontend_disagg_prompt_tokens_total{{decision=\"remote\"}} {}\n\
+                 dynamo_frontend_disagg_prefill_cached_tokens_total {}\n\
                  dynamo_frontend_worker_pending_prefill_tokens{{role=\"prefill\"}} 3000\n\
                  dynamo_frontend_worker_pending_prefill_tokens{{role=\"decode\"}} 500\n\
                  dynamo_frontend_worker_kv_blocks_active{{role=\"decode\"}} 900\n\
@@ -322,6 +335,7 @@ mod tests {
                 n / 2.0,
                 n / 2.0,
                 n / 2.0 * 1500.0,
+                n / 2.0 * 300.0,
             )
         };
         let a = Counters::parse(&text(10.0, 10.0)).expect("parses");
@@ -343,6 +357,8 @@ mod tests {
         assert_eq!((o.workers, o.prefill_workers), (3, 1));
         // Half the requests went to the prefill pool, with prompts of 1,500 tokens.
         assert_eq!((o.remote_requests, o.remote_isl), (50.0, 1500.0));
+        // The prefill workers had 300 of each 1,500 cached.
+        assert!((o.remote_hit_rate - 0.2).abs() < 1e-12);
         // Gauges: what the later reading says.
         assert_eq!((o.queued_remote_tokens, o.queued_tokens), (3000.0, 500.0));
         assert_eq!(o.kv_usage, Some(0.9));

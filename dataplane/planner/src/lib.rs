@@ -37,7 +37,7 @@ pub mod profile;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-pub use model::{Demand, Latency, Load, Targets};
+pub use model::{Demand, Latency, Load, Split, Targets};
 use predict::{Predictor, PredictorKind};
 pub use profile::{DecodePoint, PrefillPoint, Profile, ProfileError};
 
@@ -223,6 +223,9 @@ pub struct Observation {
     pub remote_requests: f64,
     #[serde(default)]
     pub remote_isl: f64,
+    /// Share of those prompts' tokens the prefill workers found in their caches.
+    #[serde(default)]
+    pub remote_hit_rate: f64,
 }
 
 impl Observation {
@@ -245,6 +248,15 @@ impl Observation {
             (self.remote_requests / self.requests).clamp(0.0, 1.0)
         } else {
             0.0
+        }
+    }
+
+    /// Where the window's prompts were prefilled.
+    pub fn split(&self) -> Split {
+        Split {
+            share: self.remote_share(),
+            isl: self.remote_isl,
+            hit_rate: self.remote_hit_rate,
         }
     }
 }
@@ -302,6 +314,8 @@ pub struct Learned {
     pub remote_share: f64,
     #[serde(default)]
     pub remote_isl: f64,
+    #[serde(default)]
+    pub remote_hit_rate: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub forecast: Option<Load>,
 }
@@ -323,9 +337,8 @@ pub struct Planner {
     rate: Predictor,
     isl: Predictor,
     osl: Predictor,
-    /// Share of requests the prefill pool prefills and their mean prompt (smoothed; disaggregated
-    /// graphs).
-    split: (f64, f64),
+    /// Where prompts are prefilled (smoothed; disaggregated graphs).
+    split: Split,
     /// Observed over predicted mean TTFT and ITL (smoothed).
     correction: (f64, f64),
     /// Fractions of the TTFT and ITL targets the corrected mean latencies are held to.
@@ -338,7 +351,14 @@ pub struct Planner {
     /// (a rebalance waits for the shrinking pool's workers to leave) keeps its room in the
     /// budget, so a fast check does not give that room to another pool and undo the decision.
     target: Option<Replicas>,
+    /// Intervals in a row each pool had fewer live workers than its replicas.
+    joining: Replicas,
 }
+
+/// Intervals a pool whose new workers have not all joined is kept from shrinking: its window was
+/// served by fewer workers than it has, so its latencies say nothing yet of the pool's size. After
+/// this many the planner stops waiting (a worker that never joins does not pin the pool).
+const JOINING_HOLD: u32 = 3;
 
 /// Bounds of the tuned headroom.
 const HEADROOM_MIN: f64 = 0.2;
@@ -369,10 +389,11 @@ impl Planner {
             rate: Predictor::new(kind),
             isl: Predictor::new(kind),
             osl: Predictor::new(kind),
-            split: (1.0, 0.0),
+            split: Split::all_remote(0.0),
             correction: (1.0, 1.0),
             headroom: (config.headroom_ttft, config.headroom_itl),
             recent_peak: Replicas::default(),
+            joining: Replicas::default(),
             target: None,
         }
     }
@@ -532,7 +553,7 @@ impl Planner {
     /// prompt where it decodes it).
     pub fn demand(&self, load: Load) -> Demand {
         if self.disaggregated_graph() {
-            Demand::split(load, self.split.0, self.split.1)
+            Demand::split(load, self.split)
         } else {
             Demand::aggregated(load)
         }
@@ -613,7 +634,7 @@ impl Planner {
 
     fn observed_demand(&self, obs: &Observation) -> Demand {
         if self.disaggregated_graph() {
-            Demand::split(obs.load(), obs.remote_share(), obs.remote_isl)
+            Demand::split(obs.load(), obs.split())
         } else {
             Demand::aggregated(obs.load())
         }
@@ -626,8 +647,9 @@ impl Planner {
             headroom_itl: self.headroom.1,
             correction_ttft: self.correction.0,
             correction_itl: self.correction.1,
-            remote_share: self.split.0,
-            remote_isl: self.split.1,
+            remote_share: self.split.share,
+            remote_isl: self.split.isl,
+            remote_hit_rate: self.split.hit_rate,
             forecast: self.rate.forecast().map(|rate| Load {
                 rate,
                 isl: self.isl.forecast().unwrap_or(0.0),
@@ -651,7 +673,11 @@ impl Planner {
             ok(l.correction_itl, 0.5, 3.0, 1.0),
         );
         if l.remote_isl > 0.0 {
-            self.split = (ok(l.remote_share, 0.0, 1.0, 1.0), l.remote_isl);
+            self.split = Split {
+                share: ok(l.remote_share, 0.0, 1.0, 1.0),
+                isl: l.remote_isl,
+                hit_rate: ok(l.remote_hit_rate, 0.0, 1.0, 0.0),
+            };
         }
         if let Some(f) = l.forecast
             && self.rate.forecast().is_none()
@@ -692,18 +718,20 @@ impl Planner {
             self.isl.observe(obs.isl);
             self.osl.observe(obs.osl);
             if obs.remote_requests > 0.0 {
-                let share = obs.remote_share();
-                self.split = if self.split.1 > 0.0 {
-                    (
-                        0.5 * self.split.0 + 0.5 * share,
-                        0.5 * self.split.1 + 0.5 * obs.remote_isl,
-                    )
+                let seen = obs.split();
+                let mix = |a: f64, b: f64| 0.5 * a + 0.5 * b;
+                self.split = if self.split.isl > 0.0 {
+                    Split {
+                        share: mix(self.split.share, seen.share),
+                        isl: mix(self.split.isl, seen.isl),
+                        hit_rate: mix(self.split.hit_rate, seen.hit_rate),
+                    }
                 } else {
-                    (share, obs.remote_isl)
+                    seen
                 };
             } else if obs.prefill_workers > 0 {
                 // Prefill workers were there and got nothing: the frontend kept every prompt.
-                self.split.0 *= 0.5;
+                self.split.share *= 0.5;
             }
         } else {
             self.rate.observe(0.0);
@@ -788,10 +816,20 @@ impl Planner {
             self.headroom.1,
         );
         let missed = |share: Option<f64>| share.is_some_and(|a| a < goal);
+        let live = self.observed_workers(obs);
         let mut want = Replicas::default();
         let mut notes = Vec::new();
         for pool in self.pools().collect::<Vec<_>>() {
             let cur = current.get(pool);
+            let joining = live.get(pool) < cur && self.joining.get(pool) < JOINING_HOLD;
+            self.joining.set(
+                pool,
+                if live.get(pool) < cur {
+                    self.joining.get(pool) + 1
+                } else {
+                    0
+                },
+            );
             let f = want_forecast.get(pool);
             let (lo, hi) = self.bounds(pool);
             let label = if self.disaggregated_graph() {
@@ -814,6 +852,12 @@ impl Planner {
             } else if blocked {
                 notes.push(format!(
                     "{label}{cur}: requests missed the SLA; not scaling down"
+                ));
+                cur
+            } else if joining {
+                notes.push(format!(
+                    "{label}{cur}: {} of {cur} worker(s) serving yet; not scaling down before the rest join",
+                    live.get(pool)
                 ));
                 cur
             } else {
@@ -1196,6 +1240,28 @@ mod tests {
         let d = p.on_interval(Some(&window(1.0, 12, 1.0)), &agg(12));
         assert_eq!(d.replicas.get(A), 9, "a quarter at a time: {}", d.reason);
         let d = p.on_interval(Some(&window(1.0, 9, 0.9)), &agg(9));
+        assert_eq!(d.replicas.get(A), 9, "{}", d.reason);
+    }
+
+    #[test]
+    fn a_pool_does_not_shrink_before_its_new_workers_join() {
+        let mut p = Planner::new(config(Algorithm::Sla), engine());
+        // Scaled to 12 a moment ago; 4 serve yet, and the window they served was light.
+        for i in 0..JOINING_HOLD {
+            let d = p.on_interval(Some(&window(1.0, 4, 1.0)), &agg(12));
+            assert_eq!(d.replicas.get(A), 12, "interval {i}: {}", d.reason);
+            assert!(
+                d.reason.contains("4 of 12 worker(s) serving yet"),
+                "{}",
+                d.reason
+            );
+        }
+        // Workers that never join do not pin the pool: after the hold it shrinks as usual.
+        let d = p.on_interval(Some(&window(1.0, 4, 1.0)), &agg(12));
+        assert_eq!(d.replicas.get(A), 9, "{}", d.reason);
+        // Every worker serving: no hold at all.
+        let mut p = Planner::new(config(Algorithm::Sla), engine());
+        let d = p.on_interval(Some(&window(1.0, 12, 1.0)), &agg(12));
         assert_eq!(d.replicas.get(A), 9, "{}", d.reason);
     }
 

@@ -149,6 +149,29 @@ pub fn aggregated_replicas(
         .unwrap_or(max.max(1))
 }
 
+/// Where a disaggregated graph's prompts are prefilled: the share of requests the prefill pool
+/// prefills, their mean prompt length, and the share of those prompts' tokens the prefill
+/// workers found in their caches (the decode workers' hits say nothing of the prefill pool's
+/// work: a fresh prompt goes remote, a follow-up turn whose history its decode worker holds stays).
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Split {
+    pub share: f64,
+    pub isl: f64,
+    #[serde(default)]
+    pub hit_rate: f64,
+}
+
+impl Split {
+    /// Every prompt to the prefill pool, of `isl` tokens, none cached.
+    pub fn all_remote(isl: f64) -> Split {
+        Split {
+            share: 1.0,
+            isl,
+            hit_rate: 0.0,
+        }
+    }
+}
+
 /// A load split by where its prompts are prefilled (a disaggregated graph's frontend sends some
 /// to the prefill pool and lets the decode worker prefill the rest).
 #[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize, serde::Deserialize)]
@@ -171,31 +194,48 @@ impl Demand {
         }
     }
 
-    /// `all` with the share `remote_share` of its requests, of mean prompt `remote_isl` (0:
-    /// unknown, the mean prompt), prefilled by the prefill pool.
-    pub fn split(all: Load, remote_share: f64, remote_isl: f64) -> Demand {
-        let s = remote_share.clamp(0.0, 1.0);
+    /// `all` divided as `split` says: the share `split.share` of its requests, of mean prompt
+    /// `split.isl` (0: unknown, the mean prompt) with `split.hit_rate` of it in the prefill
+    /// workers' caches, prefilled by the prefill pool; the rest by their decode workers, with
+    /// what is left of `all`'s cache hits.
+    pub fn split(all: Load, split: Split) -> Demand {
+        let s = split.share.clamp(0.0, 1.0);
         // Unknown remote prompt length (nothing sent yet): the mean prompt.
-        let remote_isl = match (s > 0.0, remote_isl > 0.0) {
+        let remote_isl = match (s > 0.0, split.isl > 0.0) {
             (false, _) => 0.0,
-            (true, true) => remote_isl,
+            (true, true) => split.isl,
             (true, false) => all.isl.max(1.0),
+        };
+        let remote_hit = if s > 0.0 {
+            split.hit_rate.clamp(0.0, 1.0)
+        } else {
+            0.0
         };
         let local_isl = if s < 1.0 {
             ((all.isl - s * remote_isl) / (1.0 - s)).max(1.0)
         } else {
             all.isl
         };
+        // The cached tokens of a mean request, less those of the remote prompts, over the local
+        // prompts' tokens.
+        let local_hit = if s < 1.0 {
+            let cached = all.isl * all.hit_rate.clamp(0.0, 1.0) - s * remote_isl * remote_hit;
+            (cached / ((1.0 - s) * local_isl)).clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
         Demand {
             all,
             remote: Load {
                 rate: all.rate * s,
                 isl: remote_isl,
+                hit_rate: remote_hit,
                 ..all
             },
             local: Load {
                 rate: all.rate * (1.0 - s),
                 isl: local_isl,
+                hit_rate: local_hit,
                 ..all
             },
         }
@@ -373,7 +413,7 @@ mod tests {
             ttft_ms: 300.0,
             itl_ms: 20.0,
         };
-        let demand = Demand::split(all, 1.0, 3000.0);
+        let demand = Demand::split(all, Split::all_remote(3000.0));
         let (np, nd) = disaggregated_replicas((&p, &p), &demand, t, (1.0, 1.0), (32, 32));
         let meets = |np, nd| {
             disaggregated((&p, &p), &demand, np, nd)
@@ -385,11 +425,11 @@ mod tests {
         let agg = aggregated_replicas(&p, &all, t, (1.0, 1.0), 64);
         assert!(nd < agg, "{nd} vs {agg}");
         // More prompt tokens: more prefill engines, the same decode pool.
-        let longer = Demand::split(Load { isl: 6000.0, ..all }, 1.0, 6000.0);
+        let longer = Demand::split(Load { isl: 6000.0, ..all }, Split::all_remote(6000.0));
         let (np2, nd2) = disaggregated_replicas((&p, &p), &longer, t, (1.0, 1.0), (32, 32));
         assert!(np2 > np && nd2 >= nd, "{np2} {nd2}");
         // Nothing sent to the prefill pool: it needs no engine, and decode prefills it all.
-        let local = Demand::split(all, 0.0, 0.0);
+        let local = Demand::split(all, Split::default());
         let (np3, nd3) = disaggregated_replicas((&p, &p), &local, t, (1.0, 1.0), (32, 32));
         assert_eq!(np3, 0);
         assert_eq!(nd3, agg);
@@ -403,11 +443,52 @@ mod tests {
             osl: 50.0,
             hit_rate: 0.0,
         };
-        let d = Demand::split(all, 0.25, 3000.0);
+        let d = Demand::split(
+            all,
+            Split {
+                share: 0.25,
+                isl: 3000.0,
+                hit_rate: 0.0,
+            },
+        );
         assert_eq!(d.remote.rate, 2.5);
         // 0.25 x 3000 + 0.75 x local = 1000.
         assert!((d.local.isl - 1000.0 / 3.0).abs() < 1e-9);
         assert_eq!(d.remote_share(), 0.25);
         assert_eq!(Demand::aggregated(all).local, all);
+    }
+
+    #[test]
+    fn a_split_gives_the_decode_workers_the_cache_hits_the_prefill_pool_did_not_have() {
+        // Half the requests are follow-up turns their decode worker holds (kept local); the other
+        // half are fresh prompts the prefill workers compute in full: 50% hit overall.
+        let all = Load {
+            rate: 10.0,
+            isl: 3000.0,
+            osl: 50.0,
+            hit_rate: 0.5,
+        };
+        let fresh = Split {
+            share: 0.5,
+            isl: 3000.0,
+            hit_rate: 0.0,
+        };
+        let d = Demand::split(all, fresh);
+        assert_eq!(d.remote.hit_rate, 0.0);
+        assert_eq!(d.remote.new_tokens(), 3000.0);
+        assert!((d.local.hit_rate - 1.0).abs() < 1e-9);
+        // Every prompt remote with 40% in the prefill workers' caches.
+        let d = Demand::split(
+            Load {
+                hit_rate: 0.4,
+                ..all
+            },
+            Split {
+                hit_rate: 0.4,
+                ..Split::all_remote(3000.0)
+            },
+        );
+        assert!((d.remote.new_tokens() - 1800.0).abs() < 1e-9);
+        assert_eq!(d.local.hit_rate, 0.0);
     }
 }

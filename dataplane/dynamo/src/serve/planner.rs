@@ -221,7 +221,7 @@ pub fn ideal(args: &crate::cli::IdealArgs) -> anyhow::Result<()> {
         let demand = if lp.planner.pools().any(|p| p == Pool::Aggregated) {
             Demand::aggregated(load)
         } else {
-            Demand::split(load, 1.0, load.isl)
+            Demand::split(load, dynamo_planner::Split::all_remote(load.isl))
         };
         let r = lp.planner.ideal(&demand);
         let gpus = lp.planner.gpus(&r);
