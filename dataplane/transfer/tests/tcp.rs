@@ -70,19 +70,28 @@ fn client(io_timeout: Duration) -> TcpTransport {
 async fn tcp_delivers_random_block_sets_byte_exact() -> TestResult {
     let (block_bytes, seed) = (64 * 1024 + 24, 0x5eed);
     let server = serve(TcpServerConfig::default()).await;
-    let pool = server
-        .pools
-        .register(Arc::new(filled_pool(block_bytes, 48, seed, false)))?;
-    let dst = BlockPool::new(block_bytes, 64)?;
-    let transport = client(Duration::from_secs(10));
-    let mut rng = rng(1);
-    for n in [1, 7, 48, 64, 3] {
-        let (blocks, slots) = random_set(&mut rng, 48, 64, n);
-        let desc = server.pools.describe(pool, blocks.clone())?;
-        let done = timeout(DEADLINE, transport.read(&desc, &dst, &slots)).await??;
-        assert_eq!(done.blocks, n);
-        assert_eq!(done.bytes, (n * block_bytes) as u64);
-        assert_delivered(&dst, seed, &blocks, &slots);
+    // The sidecar serves memfd-backed pools; both kinds are served alike.
+    for shared in [true, false] {
+        let pool = server
+            .pools
+            .register(Arc::new(filled_pool(block_bytes, 48, seed, shared)))?;
+        let dst = BlockPool::new(block_bytes, 64)?;
+        let transport = client(Duration::from_secs(10));
+        let mut rng = rng(1);
+        let mut sets: Vec<_> = [1, 7, 48, 64, 3]
+            .into_iter()
+            .map(|n| random_set(&mut rng, 48, 64, n))
+            .collect();
+        // Runs of blocks adjacent in the pool, out of order.
+        sets.push((vec![10, 11, 12, 13, 2, 3, 47], vec![0, 1, 2, 3, 4, 5, 6]));
+        for (blocks, slots) in sets {
+            let n = blocks.len();
+            let desc = server.pools.describe(pool, blocks.clone())?;
+            let done = timeout(DEADLINE, transport.read(&desc, &dst, &slots)).await??;
+            assert_eq!(done.blocks, n);
+            assert_eq!(done.bytes, (n * block_bytes) as u64);
+            assert_delivered(&dst, seed, &blocks, &slots);
+        }
     }
     server.stop().await;
     Ok(())
@@ -279,7 +288,7 @@ async fn tcp_connection_dropped_mid_stream_fails_naming_the_block() -> TestResul
     let server = serve(TcpServerConfig::default()).await;
     let pool = server
         .pools
-        .register(Arc::new(filled_pool(block_bytes, 8, seed, false)))?;
+        .register(Arc::new(filled_pool(block_bytes, 8, seed, true)))?;
     let desc = server.pools.describe(pool, vec![7, 6, 5, 4, 3])?;
     let slots = [0, 1, 2, 3, 4];
     let cut_at = PREAMBLE + 2 * block_bytes + block_bytes / 2;
@@ -314,7 +323,7 @@ async fn tcp_peer_silent_mid_stream_times_out_naming_the_block() -> TestResult {
     let server = serve(TcpServerConfig::default()).await;
     let pool = server
         .pools
-        .register(Arc::new(filled_pool(block_bytes, 4, 5, false)))?;
+        .register(Arc::new(filled_pool(block_bytes, 4, 5, true)))?;
     let desc = server.pools.describe(pool, vec![0, 1, 2, 3])?;
     let addr = proxy(server.addr, PREAMBLE + block_bytes + 100, Cut::Stall).await;
     let dst = BlockPool::new(block_bytes, 4)?;
@@ -349,7 +358,7 @@ async fn tcp_server_shut_down_mid_stream_fails_the_transfer() -> TestResult {
     .await;
     let pool = server
         .pools
-        .register(Arc::new(filled_pool(block_bytes, 16, seed, false)))?;
+        .register(Arc::new(filled_pool(block_bytes, 16, seed, true)))?;
     let blocks: Vec<u32> = (0..16).rev().collect();
     let slots: Vec<u32> = (0..16).collect();
     let desc = server.pools.describe(pool, blocks.clone())?;
