@@ -353,6 +353,10 @@ pub struct Planner {
     target: Option<Replicas>,
     /// Intervals in a row each pool had fewer live workers than its replicas.
     joining: Replicas,
+    /// What the last interval found each pool needs: a pool shrinks no lower than the larger of
+    /// this and the present need (a two-interval stabilisation window, so a load wavering around
+    /// a pool's margin does not add and remove a worker at every other interval).
+    last_need: Option<Replicas>,
 }
 
 /// Intervals a pool whose new workers have not all joined is kept from shrinking: its window was
@@ -394,6 +398,7 @@ impl Planner {
             headroom: (config.headroom_ttft, config.headroom_itl),
             recent_peak: Replicas::default(),
             joining: Replicas::default(),
+            last_need: None,
             target: None,
         }
     }
@@ -818,6 +823,7 @@ impl Planner {
         let missed = |share: Option<f64>| share.is_some_and(|a| a < goal);
         let live = self.observed_workers(obs);
         let mut want = Replicas::default();
+        let mut need = Replicas::default();
         let mut notes = Vec::new();
         for pool in self.pools().collect::<Vec<_>>() {
             let cur = current.get(pool);
@@ -832,6 +838,11 @@ impl Planner {
             );
             let f = want_forecast.get(pool);
             let (lo, hi) = self.bounds(pool);
+            let peak = self.recent_peak.get(pool);
+            let needed = f.max(want_observed.get(pool)).max(peak).clamp(lo, hi);
+            need.set(pool, needed);
+            // No last interval (the planner just started): this one's need alone.
+            let needed_before = self.last_need.as_ref().map_or(needed, |l| l.get(pool));
             let label = if self.disaggregated_graph() {
                 format!("{} ", pool.as_str())
             } else {
@@ -861,18 +872,22 @@ impl Planner {
                 ));
                 cur
             } else {
-                let peak = self.recent_peak.get(pool);
                 let step = (cur / 4).max(1);
-                let n = f
-                    .max(want_observed.get(pool))
+                let n = needed
+                    .max(needed_before)
                     .max(cur.saturating_sub(step))
-                    .max(peak)
                     .min(cur)
                     .clamp(lo, hi);
+                let seen = f.max(want_observed.get(pool));
                 notes.push(format!(
-                    "{label}{n} replica(s) meet the targets at the forecast and the observed load{}",
-                    if peak > f.max(want_observed.get(pool)) {
+                    "{label}{n} replica(s) meet the targets at the forecast and the observed load{}{}",
+                    if peak > seen {
                         format!(" and the last interval's bursts (up to {peak})")
+                    } else {
+                        String::new()
+                    },
+                    if needed_before > needed && n > needed {
+                        format!(" and at the last interval's ({needed_before})")
                     } else {
                         String::new()
                     }
@@ -896,6 +911,7 @@ impl Planner {
             );
         }
         self.recent_peak = Replicas::default();
+        self.last_need = Some(need);
         Decision {
             replicas,
             previous: current.clone(),
@@ -1244,6 +1260,54 @@ mod tests {
     }
 
     #[test]
+    fn a_load_wavering_at_a_pools_margin_does_not_flap_it() {
+        let unjudged = |rate, n| Observation {
+            attainment: None,
+            ttft_attainment: None,
+            itl_attainment: None,
+            ..window(rate, n, 1.0)
+        };
+        let p0 = Planner::new(config(Algorithm::Sla), engine());
+        let ideal = |rate: f64| {
+            p0.ideal(&Demand::aggregated(window(rate, 1, 1.0).load()))
+                .get(A)
+        };
+        let hi = 40.0;
+        let n = ideal(hi);
+        // The lightest load that still needs n - 1.
+        let lo = (1..400)
+            .map(|i| hi - f64::from(i) * 0.1)
+            .take_while(|&r| ideal(r) >= n - 1)
+            .last()
+            .expect("a load one replica lighter");
+        assert_eq!(ideal(lo), n - 1);
+        let mut p = p0.clone();
+        for _ in 0..4 {
+            p.on_interval(Some(&unjudged(hi, n)), &agg(n));
+        }
+        // High and low in turn: the last interval always needed n.
+        for i in 0..8 {
+            let rate = if i % 2 == 0 { lo } else { hi };
+            let d = p.on_interval(Some(&unjudged(rate, n)), &agg(n));
+            assert_eq!(
+                d.replicas.get(A),
+                n,
+                "interval {i} at {rate} req/s: {}",
+                d.reason
+            );
+        }
+        // Low for good: down by one once two intervals in a row agree.
+        let mut m = n;
+        for _ in 0..4 {
+            m = p
+                .on_interval(Some(&unjudged(lo, m)), &agg(m))
+                .replicas
+                .get(A);
+        }
+        assert_eq!(m, n - 1);
+    }
+
+    #[test]
     fn a_pool_does_not_shrink_before_its_new_workers_join() {
         let mut p = Planner::new(config(Algorithm::Sla), engine());
         // Scaled to 12 a moment ago; 4 serve yet, and the window they served was light.
@@ -1259,7 +1323,7 @@ mod tests {
         // Workers that never join do not pin the pool: after the hold it shrinks as usual.
         let d = p.on_interval(Some(&window(1.0, 4, 1.0)), &agg(12));
         assert_eq!(d.replicas.get(A), 9, "{}", d.reason);
-        // Every worker serving: no hold at all.
+        // Every worker serving: no hold.
         let mut p = Planner::new(config(Algorithm::Sla), engine());
         let d = p.on_interval(Some(&window(1.0, 12, 1.0)), &agg(12));
         assert_eq!(d.replicas.get(A), 9, "{}", d.reason);
