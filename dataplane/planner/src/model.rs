@@ -32,6 +32,14 @@ impl Load {
         }
     }
 
+    /// This load's requests so far apart that none waits for another.
+    pub fn idle(&self) -> Load {
+        Load {
+            rate: self.rate.min(1e-6),
+            ..*self
+        }
+    }
+
     /// Prompt tokens each request computes (what the cache does not hold); at least one.
     pub fn new_tokens(&self) -> f64 {
         (self.isl * (1.0 - self.hit_rate.clamp(0.0, 1.0))).max(1.0)
@@ -128,7 +136,8 @@ pub struct Targets {
 }
 
 /// The fewest aggregated engines, up to `max`, whose predicted latencies (each multiplied by its
-/// correction) stay within `targets` at `load`; `max` when none does. 0 for no load.
+/// correction) stay within `targets` at `load`; `max` when none does, unless even an idle engine
+/// misses them ([`fewest`]). 0 for no load.
 pub fn aggregated_replicas(
     profile: &Profile,
     load: &Load,
@@ -139,14 +148,35 @@ pub fn aggregated_replicas(
     if load.rate <= 0.0 {
         return 0;
     }
-    (1..=max.max(1))
-        .find(|&n| {
-            aggregated(profile, &load.per(n)).is_some_and(|l| {
-                l.ttft_ms * correction.0 <= targets.ttft_ms
-                    && l.itl_ms * correction.1 <= targets.itl_ms
-            })
+    let score = |load: &Load| {
+        aggregated(profile, load).map(|l| {
+            (l.ttft_ms * correction.0 / targets.ttft_ms)
+                .max(l.itl_ms * correction.1 / targets.itl_ms)
         })
-        .unwrap_or(max.max(1))
+    };
+    fewest(max, |n| score(&load.per(n)), score(&load.idle()))
+}
+
+/// Within this share of an idle engine's latency, more engines are not worth adding to a pool
+/// whose target even an idle engine misses.
+const NO_BETTER: f64 = 1.1;
+
+/// The fewest engines, 1 to `max`, whose `score` (the worst of the corrected latencies over their
+/// targets; `None`: the engines cannot keep up) is at most 1; `max` when none is. Unless `idle`
+/// (the score of an engine with next to no load) is above 1: then no count meets the target (a
+/// prompt alone takes longer than the TTFT target), engines added past the point where the
+/// queue is gone change nothing, and the pool gets the fewest within [`NO_BETTER`] of `idle`.
+fn fewest(max: u32, score: impl Fn(u32) -> Option<f64>, idle: Option<f64>) -> u32 {
+    let max = max.max(1);
+    if let Some(n) = (1..=max).find(|&n| score(n).is_some_and(|s| s <= 1.0)) {
+        return n;
+    }
+    match idle {
+        Some(floor) if floor > 1.0 => (1..=max)
+            .find(|&n| score(n).is_some_and(|s| s <= floor * NO_BETTER))
+            .unwrap_or(max),
+        _ => max,
+    }
 }
 
 /// Where a disaggregated graph's prompts are prefilled: the share of requests the prefill pool
@@ -282,7 +312,8 @@ pub fn disaggregated(
 /// The fewest (prefill, decode) engines, up to `max` each, that keep the corrected mean latencies
 /// within `targets`: the decode pool sized first on the ITL (and on the TTFT of the prompts it
 /// prefills itself), then the prefill pool on the TTFT of the rest. A pool that no count
-/// satisfies gets its maximum; a pool with nothing to do gets 0.
+/// satisfies gets its maximum, unless even an idle engine misses its target ([`fewest`]); a pool
+/// with nothing to do gets 0.
 pub fn disaggregated_replicas(
     profiles: (&Profile, &Profile),
     demand: &Demand,
@@ -293,23 +324,34 @@ pub fn disaggregated_replicas(
     if demand.all.rate <= 0.0 {
         return (0, 0);
     }
-    let decode = (1..=max.1.max(1))
-        .find(|&n| {
-            engine(profiles.1, &demand.all.per(n), &demand.local.per(n)).is_some_and(|l| {
-                l.itl_ms * correction.1 <= targets.itl_ms
-                    && (demand.local.rate <= 0.0 || l.ttft_ms * correction.0 <= targets.ttft_ms)
-            })
+    let decode_score = |all: &Load, local: &Load| {
+        engine(profiles.1, all, local).map(|l| {
+            let itl = l.itl_ms * correction.1 / targets.itl_ms;
+            if demand.local.rate > 0.0 {
+                itl.max(l.ttft_ms * correction.0 / targets.ttft_ms)
+            } else {
+                itl
+            }
         })
-        .unwrap_or(max.1.max(1));
+    };
+    let decode = fewest(
+        max.1,
+        |n| decode_score(&demand.all.per(n), &demand.local.per(n)),
+        decode_score(&demand.all.idle(), &demand.local.idle()),
+    );
     if demand.remote.rate <= 0.0 {
         return (0, decode);
     }
-    let prefill = (1..=max.0.max(1))
-        .find(|&n| {
-            disaggregated(profiles, demand, n, decode)
-                .is_some_and(|l| l.ttft_ms * correction.0 <= targets.ttft_ms)
-        })
-        .unwrap_or(max.0.max(1));
+    let prefill_score = |demand: &Demand, n: u32| {
+        disaggregated(profiles, demand, n, decode)
+            .map(|l| l.ttft_ms * correction.0 / targets.ttft_ms)
+    };
+    let idle = Demand {
+        all: demand.all.idle(),
+        remote: demand.remote.idle(),
+        local: demand.local.idle(),
+    };
+    let prefill = fewest(max.0, |n| prefill_score(demand, n), prefill_score(&idle, 1));
     (prefill, decode)
 }
 
@@ -433,6 +475,38 @@ mod tests {
         let (np3, nd3) = disaggregated_replicas((&p, &p), &local, t, (1.0, 1.0), (32, 32));
         assert_eq!(np3, 0);
         assert_eq!(nd3, agg);
+    }
+
+    #[test]
+    fn a_target_no_engine_count_meets_gets_the_fewest_that_do_as_well_as_any() {
+        let p = engine();
+        let t = Targets {
+            ttft_ms: 300.0,
+            itl_ms: 20.0,
+        };
+        // A trickle of prompts so long that one alone misses the TTFT target: more engines do not
+        // help, so one it is (not the maximum).
+        let trickle = Load {
+            rate: 0.01,
+            isl: 30_000.0,
+            osl: 100.0,
+            hit_rate: 0.0,
+        };
+        assert!(aggregated(&p, &trickle).expect("keeps up").ttft_ms > t.ttft_ms);
+        assert_eq!(aggregated_replicas(&p, &trickle, t, (1.0, 1.0), 16), 1);
+        let demand = Demand::split(trickle, Split::all_remote(30_000.0));
+        assert_eq!(
+            disaggregated_replicas((&p, &p), &demand, t, (1.0, 1.0), (16, 16)),
+            (1, 1)
+        );
+        // Heavy load of those prompts: more engines keep shortening the queue; far more than one.
+        // (A target missed only for want of engines still gets them all: see the tests above.)
+        let heavy = Load {
+            rate: 2.0,
+            ..trickle
+        };
+        let n = aggregated_replicas(&p, &heavy, t, (1.0, 1.0), 16);
+        assert!(n > 4, "{n}");
     }
 
     #[test]
