@@ -827,15 +827,10 @@ impl Planner {
         let mut notes = Vec::new();
         for pool in self.pools().collect::<Vec<_>>() {
             let cur = current.get(pool);
-            let joining = live.get(pool) < cur && self.joining.get(pool) < JOINING_HOLD;
-            self.joining.set(
-                pool,
-                if live.get(pool) < cur {
-                    self.joining.get(pool) + 1
-                } else {
-                    0
-                },
-            );
+            let short = live.get(pool) < cur;
+            let joining = short && self.joining.get(pool) < JOINING_HOLD;
+            self.joining
+                .set(pool, if short { self.joining.get(pool) + 1 } else { 0 });
             let f = want_forecast.get(pool);
             let (lo, hi) = self.bounds(pool);
             let peak = self.recent_peak.get(pool);

@@ -271,6 +271,15 @@ impl Demand {
         }
     }
 
+    /// The same split with its requests so far apart that none waits for another.
+    pub fn idle(&self) -> Demand {
+        Demand {
+            all: self.all.idle(),
+            remote: self.remote.idle(),
+            local: self.local.idle(),
+        }
+    }
+
     /// Share of requests the prefill pool prefills.
     pub fn remote_share(&self) -> f64 {
         if self.all.rate > 0.0 {
@@ -346,12 +355,11 @@ pub fn disaggregated_replicas(
         disaggregated(profiles, demand, n, decode)
             .map(|l| l.ttft_ms * correction.0 / targets.ttft_ms)
     };
-    let idle = Demand {
-        all: demand.all.idle(),
-        remote: demand.remote.idle(),
-        local: demand.local.idle(),
-    };
-    let prefill = fewest(max.0, |n| prefill_score(demand, n), prefill_score(&idle, 1));
+    let prefill = fewest(
+        max.0,
+        |n| prefill_score(demand, n),
+        prefill_score(&demand.idle(), 1),
+    );
     (prefill, decode)
 }
 
