@@ -214,8 +214,16 @@ def test_killing_an_engine_mid_stream_moves_the_request_and_the_client_sees_no_e
         if chunk.choices and chunk.choices[0].text:
             tokens += 1
         if killed is None and tokens == 20:
-            running = {w: metric(f"http://127.0.0.1:{p}", "vllm:num_requests_running") for w, (p, _) in engines.items()}
-            victim = max(running, key=running.get)
+            # vLLM updates its gauges when it records a step's stats, not as a request starts: ask
+            # again for a moment (the engine goes on generating meanwhile) until one shows it.
+            deadline = time.time() + 5
+            while True:
+                running = {w: metric(f"http://127.0.0.1:{p}", "vllm:num_requests_running")
+                           for w, (p, _) in engines.items()}
+                victim = max(running, key=running.get)
+                if running[victim] == 1 or time.time() > deadline:
+                    break
+                time.sleep(0.05)
             assert running[victim] == 1, running
             killed = engines[victim][1]
             os.killpg(killed, signal.SIGKILL)
